@@ -1,0 +1,3 @@
+from stackrlhf.cli import main
+
+main()

@@ -1,0 +1,131 @@
+"""Configuration: one dataclass per stage, loadable from YAML, every field overridable on the command line.
+
+Precedence, lowest first: the dataclass defaults, the YAML file (``--config``), the command-line options.
+A YAML file may hold a single stage's fields, or a whole pipeline with one section per stage
+(``data:``, ``sft:`` ...); :func:`load_config` picks the stage's section when it is there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import yaml
+
+from stackrlhf.errors import StackRLHFError
+
+C = TypeVar("C")
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _field_kind(tp: Any) -> tuple[Any, bool]:
+    """(scalar type, is_list) of a dataclass field annotation."""
+    tp = _unwrap_optional(tp)
+    if typing.get_origin(tp) in (list, tuple):
+        inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
+        return _unwrap_optional(inner), True
+    return tp, False
+
+
+def config_options(cls: type) -> typing.Callable:
+    """Decorate a click command with ``--config FILE`` and one option per field of the dataclass ``cls``.
+
+    Options default to ``None`` (or an empty tuple for lists) so that "not given on the command line"
+    can be told apart from "given", and a YAML value is only overridden by an explicit option.
+    """
+    hints = typing.get_type_hints(cls)
+
+    def decorate(func: typing.Callable) -> typing.Callable:
+        for f in reversed(dataclasses.fields(cls)):
+            if f.metadata.get("cli") is False:
+                continue
+            scalar, is_list = _field_kind(hints[f.name])
+            name = "--" + f.name.replace("_", "-")
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+            help_text = f.metadata.get("help", "")
+            help_text = f"{help_text} [default: {default!r}]" if help_text else f"[default: {default!r}]"
+            if scalar is bool and not is_list:
+                opt = click.option(f"{name}/--no-{name[2:]}", f.name, default=None, help=help_text)
+            else:
+                ctype = {int: int, float: float, str: str}.get(scalar, str)
+                choices = f.metadata.get("choices")
+                if choices:
+                    ctype = click.Choice(list(choices))
+                opt = click.option(name, f.name, type=ctype, default=None, multiple=is_list, help=help_text)
+            func = opt(func)
+        return click.option(
+            "--config", "config_file", type=click.Path(dir_okay=False), default=None,
+            help="YAML file with the settings (a stage's fields, or a pipeline file with a section per stage).",
+        )(func)
+
+    return decorate
+
+
+def load_config(cls: type[C], config_file: str | os.PathLike | None = None, section: str | None = None,
+                **overrides: Any) -> C:
+    """Build a ``cls`` from defaults, then ``config_file``, then ``overrides`` that are not None / empty."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise StackRLHFError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise StackRLHFError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from exc
+        if not isinstance(data, dict):
+            raise StackRLHFError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
+        if section and isinstance(data.get(section), dict):
+            data = data[section]
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(k for k in data if k not in names)
+        if unknown and not (section and section in data):
+            raise StackRLHFError(
+                f"config file {path}: unknown setting(s) {', '.join(unknown)} for {cls.__name__}; "
+                f"valid: {', '.join(sorted(names))}")
+        values.update({k: v for k, v in data.items() if k in names})
+    for key, value in overrides.items():
+        if value is None or (isinstance(value, tuple) and len(value) == 0):
+            continue
+        values[key] = list(value) if isinstance(value, tuple) else value
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise StackRLHFError(f"bad settings for {cls.__name__}: {exc}") from exc
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the exact settings a stage ran with (``config.yaml`` in its artifact directory)."""
+    write_text_atomic(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file and a rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,1 @@
+"""Stack Exchange dump -> datasets: reading, cleaning, scoring, pairing, splitting, fetching."""
