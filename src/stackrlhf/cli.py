@@ -10,6 +10,7 @@ import click
 from stackrlhf import __version__
 from stackrlhf.config import config_options, load_config
 from stackrlhf.data.config import DataConfig
+from stackrlhf.train.config import PretrainConfig, SFTConfig
 from stackrlhf.errors import StackRLHFError
 
 
@@ -68,6 +69,66 @@ def data_fetch(site, cache_dir, base_url, retries, progress) -> None:
     folder = fetch_site(normalise_site(site), Path(cache_dir) if cache_dir else None,
                         base_url or DEFAULT_BASE_URL, retries=retries, progress=progress)
     click.echo(str(folder))
+
+
+@cli.command("pretrain")
+@config_options(PretrainConfig)
+@user_errors
+def pretrain_cmd(config_file, **options) -> None:
+    """Make the offline base model: a BPE tokenizer and a GPT-2-style LM trained on the dump text.
+
+    Example: stackrlhf pretrain --data outputs/data --out outputs/base --size small
+    """
+    from stackrlhf.train.pretrain import pretrain
+
+    pretrain(load_config(PretrainConfig, config_file, section="pretrain", **options))
+
+
+@cli.command("sft")
+@config_options(SFTConfig)
+@user_errors
+def sft_cmd(config_file, **options) -> None:
+    """Supervised fine-tuning on question -> answer (loss on the answer only).
+
+    Example: stackrlhf sft --model outputs/base --data outputs/data --out outputs/sft
+    """
+    from stackrlhf.train.sft import sft
+
+    sft(load_config(SFTConfig, config_file, section="sft", **options))
+
+
+@cli.command("ask")
+@click.argument("model")
+@click.argument("question")
+@click.option("--title", default="", help="The question's title; QUESTION is then its body.")
+@click.option("--max-new-tokens", default=200, show_default=True, help="Most tokens to generate.")
+@click.option("--temperature", default=0.7, show_default=True, help="Sampling temperature (0: greedy).")
+@click.option("--top-k", default=0, show_default=True, help="Sample among the k most likely tokens (0: off).")
+@click.option("--top-p", default=0.95, show_default=True, help="Nucleus sampling mass (1: off).")
+@click.option("--repetition-penalty", default=1.0, show_default=True, help="Penalty for repeated tokens.")
+@click.option("--seed", default=None, type=int, help="Seed for reproducible sampling.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda if available]")
+@user_errors
+def ask_cmd(model, question, title, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+            device) -> None:
+    """Answer QUESTION with MODEL (a model directory or hub id), streamed token by token."""
+    import torch
+    import transformers
+    from transformers import TextStreamer
+
+    transformers.utils.logging.disable_progress_bar()  # stdout carries the answer alone
+
+    from stackrlhf.models.generation import SamplingConfig, generate
+    from stackrlhf.models.loading import load_causal_lm
+    from stackrlhf.prompts import format_prompt
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lm, tok = load_causal_lm(model, device=device)
+    prompt = format_prompt(title, question)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty)
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    generate(lm, tok, [prompt], sampling, batch_size=1, seed=seed, streamer=streamer)
 
 
 def main() -> None:

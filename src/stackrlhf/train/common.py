@@ -1,0 +1,115 @@
+"""What every Trainer-based stage shares: TrainingArguments from a config, resume, the NaN guard,
+a time budget, token counting, and the artifact directory (model, config.yaml, metrics.json)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from stackrlhf.config import save_config, write_text_atomic
+from stackrlhf.errors import StackRLHFError
+from stackrlhf.train.config import TrainConfig
+
+
+def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool, **extra) -> TrainingArguments:
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.cuda.is_available()
+                                         and torch.cuda.is_bf16_supported())
+    eval_strategy = ("steps" if cfg.eval_steps else "epoch") if has_eval else "no"
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        report_to=[r for r in cfg.report_to.split(",") if r not in ("none", "tensorboard", "")],
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps in transformers 5
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        eval_strategy=eval_strategy,
+        eval_steps=cfg.eval_steps or None,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=bf16,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        include_num_input_tokens_seen="non_padding",
+        **extra,
+    )
+
+
+def logging_callbacks(cfg: TrainConfig, out: Path) -> list:
+    """TensorBoard into ``OUT/runs`` (the Trainer's own choice of folder is not configurable in v5)."""
+    if "tensorboard" not in cfg.report_to.split(","):
+        return []
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return [TensorBoardCallback(SummaryWriter(log_dir=str(out / "runs")))]
+
+
+def last_checkpoint(out: Path, resume: bool) -> str | None:
+    folder = out / "checkpoints"
+    if not resume or not folder.is_dir():
+        return None
+    return get_last_checkpoint(str(folder))
+
+
+class GuardCallback(TrainerCallback):
+    """Stops on a NaN / inf loss with a clear message (the last checkpoint stays good), and stops
+    cleanly, with a checkpoint, once ``max_minutes`` of training time are spent."""
+
+    def __init__(self, max_minutes: float = 0.0):
+        self.max_seconds = max_minutes * 60
+        self.start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "eval_loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value):
+                raise StackRLHFError(
+                    f"training diverged: {key} is {value} at step {state.global_step}; lower the learning rate. "
+                    f"The last good checkpoint is kept in {args.output_dir}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.max_seconds and self.start is not None and time.monotonic() - self.start > self.max_seconds:
+            control.should_training_stop = True
+            control.should_save = True
+        return control
+
+
+def throughput(trainer, runtime_s: float) -> dict:
+    """Real (non-padding) training tokens and tokens per second, from the Trainer's own count."""
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return {"train_tokens": tokens, "train_tokens_per_second": tokens / max(runtime_s, 1e-9)}
+
+
+def write_metrics(out: Path, metrics: dict) -> None:
+    clean = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+    write_text_atomic(out / "metrics.json", json.dumps(clean, indent=2) + "\n")
+
+
+def save_stage(out: Path, model, tokenizer, cfg, metrics: dict) -> None:
+    """The artifact: ``save_pretrained`` model + tokenizer, the exact config, and metrics.json last
+    (its presence marks a finished stage)."""
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    save_config(cfg, out / "config.yaml")
+    write_metrics(out, metrics)

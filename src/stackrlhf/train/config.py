@@ -1,0 +1,81 @@
+"""Settings of the training stages (kept free of torch imports, so the CLI starts fast)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# offline base model sizes: name -> (layers, width, heads, context, vocabulary)
+SIZES = {
+    "tiny": (4, 256, 4, 512, 8000),
+    "small": (6, 384, 6, 512, 8000),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by the training stages."""
+
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training split."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (-1: epochs decide)."})
+    max_minutes: float = field(default=0.0, metadata={"help": "Stop (and save) after this much training time (0: off)."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per device per micro-batch."})
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Sequences per device in evaluation."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps with linear warm-up."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warm-up."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: at the end of each epoch)."})
+    save_steps: int = field(default=200, metadata={"help": "Checkpoint every N steps (for resume)."})
+    logging_steps: int = field(default=10, metadata={"help": "Log metrics every N steps."})
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on a capable GPU, else fp32), float32, bfloat16."})
+    report_to: str = field(default="tensorboard", metadata={"help": "Where metrics go: tensorboard (OUT/runs), wandb, both (tensorboard,wandb), or none."})
+    resume: bool = field(default=True, metadata={"help": "Resume from the last checkpoint in OUT/checkpoints."})
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    data: str = field(default="", metadata={"help": "A `stackrlhf data build` output directory."})
+    out: str = field(default="outputs/base", metadata={"help": "Output model directory."})
+    size: str = field(default="small", metadata={"choices": tuple(SIZES), "help": "Model size."})
+    block_size: int = field(default=256, metadata={"help": "Tokens per packed training block."})
+    vocab_size: int = field(default=0, metadata={"help": "BPE vocabulary (0: the size's default)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Blocks per micro-batch."})
+    warmup_ratio: float = field(default=0.02, metadata={"help": "Share of steps with linear warm-up."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
+    max_minutes: float = field(default=9.0, metadata={"help": "Stop (and save) after this much training (0: off)."})
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ValueError("--data is required: a `stackrlhf data build` output directory")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    model: str = field(default="", metadata={"help": "Base model: a local directory or a hub id (gpt2, ...)."})
+    data: str = field(default="", metadata={"help": "A `stackrlhf data build` output directory."})
+    out: str = field(default="outputs/sft", metadata={"help": "Output model directory."})
+    max_length: int = field(default=512, metadata={"help": "Most tokens per example (the question is cut first)."})
+    max_prompt_length: int = field(default=256, metadata={"help": "Most prompt tokens when the answer needs room."})
+    packing: bool = field(default=False, metadata={"help": "Pack several examples per sequence (no padding)."})
+    group_by_length: bool = field(default=True, metadata={
+        "help": "Batch examples of similar length together (less padding, same data)."})
+    num_layers_unfrozen: int = field(default=-1, metadata={"help": "Train only the top k blocks + head (-1: all)."})
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead (peft)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    max_train_samples: int = field(default=0, metadata={"help": "Use at most this many training rows (0: all)."})
+    max_eval_samples: int = field(default=0, metadata={"help": "Use at most this many held-out rows (0: all)."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("--model is required: a model directory (e.g. from `stackrlhf pretrain`) or a hub id")
+        if not self.data:
+            raise ValueError("--data is required: a `stackrlhf data build` output directory")
+        if self.lora and self.num_layers_unfrozen >= 0:
+            raise ValueError("choose --lora or --num-layers-unfrozen, not both")

@@ -1,0 +1,108 @@
+"""``stackrlhf pretrain``: the offline base model. A byte-level BPE tokenizer and a GPT-2-style LM
+trained from scratch (causal LM loss, packed blocks) on the dump text of a ``data build`` output.
+
+Only training splits are read (finetune/train, reward/train, rl/train): held-out questions and answers
+stay unseen, so later held-out perplexities and rewards are honest.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from torch.utils.data import Dataset
+from transformers import AutoTokenizer, GPT2LMHeadModel, Trainer
+
+from stackrlhf.data.load import load_split
+from stackrlhf.errors import StackRLHFError
+from stackrlhf.models.base import make_model, train_tokenizer
+from stackrlhf.models.freezing import count_parameters
+from stackrlhf.train.config import SIZES, PretrainConfig
+from stackrlhf.train.common import (GuardCallback, last_checkpoint, logging_callbacks, save_stage, throughput,
+                                    training_arguments)
+
+console = Console(stderr=True)
+
+
+def documents(data_dir: Path, splits: list[tuple[str, str]]) -> Iterator[str]:
+    """Each question once (with its answer when it has one in the split), each answer once."""
+    seen: set[tuple[str, int]] = set()
+    for dataset, split in splits:
+        for row in load_split(data_dir, dataset, split):
+            if dataset == "finetune":
+                yield row["prompt"] + row["completion"]
+            elif dataset == "rl":
+                yield row["prompt"]
+            else:
+                for side in ("j", "k"):
+                    key = (row["site"], row[f"answer_id_{side}"])
+                    if key not in seen:
+                        seen.add(key)
+                        yield row["prompt"] + row[f"response_{side}"]
+
+
+TRAIN_SPLITS = [("finetune", "train"), ("reward", "train"), ("rl", "train")]
+HELDOUT_SPLITS = [("finetune", "eval")]
+
+
+class PackedBlocks(Dataset):
+    """Documents tokenized, joined with EOS, cut into equal blocks (the LM loss is on every token)."""
+
+    def __init__(self, tok, texts: Iterator[str], block_size: int):
+        ids: list[int] = []
+        for text in texts:
+            ids.extend(tok(text, add_special_tokens=False)["input_ids"])
+            ids.append(tok.eos_token_id)
+        n = len(ids) // block_size
+        self.tokens = len(ids)
+        self.blocks = torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict:
+        block = self.blocks[i]
+        return {"input_ids": block, "labels": block, "attention_mask": torch.ones_like(block)}
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    data, out = Path(cfg.data), Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    vocab = cfg.vocab_size or SIZES[cfg.size][4]
+    if (out / "tokenizer.json").is_file():
+        tok = AutoTokenizer.from_pretrained(str(out))  # resuming: the vocabulary must not change
+    else:
+        t0 = time.perf_counter()
+        tok = train_tokenizer(documents(data, TRAIN_SPLITS), vocab)
+        tok.save_pretrained(str(out))
+        console.print(f"tokenizer: {len(tok)} tokens, trained in {time.perf_counter() - t0:.1f}s")
+    train_set = PackedBlocks(tok, documents(data, TRAIN_SPLITS), cfg.block_size)
+    eval_set = PackedBlocks(tok, documents(data, HELDOUT_SPLITS), cfg.block_size)
+    if len(train_set) == 0:
+        raise StackRLHFError(f"{data}: no training text (need finetune/reward/rl rows)")
+    console.print(f"pretraining {cfg.size} on {train_set.tokens:,} tokens ({len(train_set)} blocks of "
+                  f"{cfg.block_size}); held out: {eval_set.tokens:,} tokens")
+    model: GPT2LMHeadModel = make_model(cfg.size, tok)
+    trainable, total = count_parameters(model)
+    console.print(f"model: {model.config.n_layer} layers x {model.config.n_embd}, {total:,} parameters")
+    args = training_arguments(cfg, out, has_eval=len(eval_set) > 0)
+    trainer = Trainer(model=model, args=args, train_dataset=train_set,
+                      eval_dataset=eval_set if len(eval_set) else None, callbacks=[GuardCallback(cfg.max_minutes), *logging_callbacks(cfg, out)])
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(out, cfg.resume))
+    metrics = {"train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"],
+               "steps": trainer.state.global_step, "parameters": total, "vocab_size": len(tok),
+               "train_corpus_tokens": train_set.tokens}
+    metrics.update(throughput(trainer, result.metrics["train_runtime"]))
+    if len(eval_set):
+        ev = trainer.evaluate()
+        metrics["eval_loss"] = ev["eval_loss"]
+        metrics["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50))
+    save_stage(out, trainer.model, tok, cfg, metrics)
+    console.print(f"[green]wrote {out}[/]: eval loss {metrics.get('eval_loss', float('nan')):.3f}, "
+                  f"{metrics['train_tokens_per_second']:.0f} tokens/s")
+    return metrics

@@ -1,0 +1,139 @@
+"""``stackrlhf sft``: supervised fine-tuning on question -> answer, loss on the answer tokens only.
+
+Built on transformers' Trainer: warm-up + cosine schedule, gradient accumulation and clipping, held-out
+evaluation, checkpoints and resume, TensorBoard, and `accelerate launch` (DDP) unchanged.
+``num_layers_unfrozen`` trains only the top blocks and the head; ``--lora`` trains peft adapters.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from torch.utils.data import Dataset
+from transformers import Trainer
+
+from stackrlhf.data.load import load_split
+from stackrlhf.errors import StackRLHFError
+from stackrlhf.models.freezing import apply_lora, describe_trainable, freeze_bottom
+from stackrlhf.models.loading import load_causal_lm
+from stackrlhf.prompts import fit_prompt_ids
+from stackrlhf.train.config import SFTConfig
+from stackrlhf.train.common import (GuardCallback, last_checkpoint, logging_callbacks, save_stage, throughput,
+                                    training_arguments)
+
+console = Console(stderr=True)
+IGNORE = -100
+
+
+def encode_example(tok, prompt: str, completion: str, max_length: int, max_prompt_length: int) -> dict:
+    """Token ids and labels of one example: the prompt's labels are IGNORE, the answer's (and EOS) are kept."""
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    if len(p) + len(c) > max_length:
+        # the prompt keeps what the answer leaves, but at least min(max_prompt_length, half the length)
+        p = fit_prompt_ids(p, min(len(p), max(max_length - len(c), min(max_prompt_length, max_length // 2))))
+        c = c[: max_length - len(p)]
+    return {"input_ids": p + c, "labels": [IGNORE] * len(p) + c}
+
+
+class SFTDataset(Dataset):
+    def __init__(self, tok, rows, cfg: SFTConfig, limit: int = 0):
+        n = len(rows) if not limit else min(limit, len(rows))
+        self.examples = [encode_example(tok, rows[i]["prompt"], rows[i]["completion"], cfg.max_length,
+                                        cfg.max_prompt_length) for i in range(n)]
+        if cfg.packing:
+            self.examples = pack(self.examples, cfg.max_length)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(e["input_ids"]) for e in self.examples)
+
+
+def pack(examples: list[dict], max_length: int) -> list[dict]:
+    """Greedy packing in order: examples are concatenated until the next one would not fit."""
+    packed, ids, labels = [], [], []
+    for e in examples:
+        if ids and len(ids) + len(e["input_ids"]) > max_length:
+            packed.append({"input_ids": ids, "labels": labels})
+            ids, labels = [], []
+        ids = ids + e["input_ids"]
+        labels = labels + e["labels"]
+    if ids:
+        packed.append({"input_ids": ids, "labels": labels})
+    return packed
+
+
+class SFTCollator:
+    """Right-pads a batch for training; padding has attention 0 and label IGNORE."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict]) -> dict:
+        width = max(len(e["input_ids"]) for e in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, e in enumerate(batch):
+            n = len(e["input_ids"])
+            ids[i, :n] = torch.tensor(e["input_ids"])
+            labels[i, :n] = torch.tensor(e["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def sft(cfg: SFTConfig) -> dict:
+    data, out = Path(cfg.data), Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model, tok = load_causal_lm(cfg.model, cfg.dtype)
+    train_rows = load_split(data, "finetune", "train")
+    eval_rows = load_split(data, "finetune", "eval")
+    train_set = SFTDataset(tok, train_rows, cfg, cfg.max_train_samples)
+    eval_set = SFTDataset(tok, eval_rows, SFTConfig(**{**vars(cfg), "packing": False}), cfg.max_eval_samples)
+    if len(train_set) == 0:
+        raise StackRLHFError(f"{data}: the finetune/train split is empty")
+    if cfg.lora:
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    else:
+        freeze_bottom(model, cfg.num_layers_unfrozen)
+    console.print(describe_trainable(model))
+    console.print(f"SFT on {len(train_rows) if not cfg.max_train_samples else len(train_set)} examples "
+                  f"({train_set.tokens:,} tokens{', packed' if cfg.packing else ''}), "
+                  f"held out: {len(eval_set)} examples")
+    sampling = {"train_sampling_strategy": "group_by_length"} if cfg.group_by_length and not cfg.packing else {}
+    trainer = Trainer(model=model, args=training_arguments(cfg, out, has_eval=len(eval_set) > 0, **sampling),
+                      train_dataset=train_set, eval_dataset=eval_set if len(eval_set) else None,
+                      data_collator=SFTCollator(tok.pad_token_id),
+                      callbacks=[GuardCallback(cfg.max_minutes), *logging_callbacks(cfg, out)])
+    metrics: dict = {}
+    resume_from = last_checkpoint(out, cfg.resume)
+    if len(eval_set) and resume_from is None:
+        metrics["eval_loss_start"] = trainer.evaluate()["eval_loss"]
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    runtime = result.metrics["train_runtime"]
+    metrics.update({"train_loss": result.training_loss, "train_runtime_s": runtime,
+                    "steps": trainer.state.global_step, **throughput(trainer, runtime)})
+    if len(eval_set):
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+    final = trainer.model
+    if cfg.lora:
+        final.save_pretrained(str(out / "adapter"))
+        final = final.merge_and_unload()
+    for p in final.parameters():
+        p.requires_grad_(True)
+    save_stage(out, final, tok, cfg, metrics)
+    console.print(f"[green]wrote {out}[/]: held-out answer loss {metrics.get('eval_loss_start', float('nan')):.3f}"
+                  f" -> {metrics.get('eval_loss', float('nan')):.3f}, "
+                  f"{metrics['train_tokens_per_second']:.0f} tokens/s")
+    return metrics
