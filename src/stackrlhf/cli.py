@@ -10,7 +10,7 @@ import click
 from stackrlhf import __version__
 from stackrlhf.config import config_options, load_config
 from stackrlhf.data.config import DataConfig
-from stackrlhf.train.config import PretrainConfig, SFTConfig
+from stackrlhf.train.config import PretrainConfig, RMConfig, SFTConfig
 from stackrlhf.errors import StackRLHFError
 
 
@@ -129,6 +129,39 @@ def ask_cmd(model, question, title, max_new_tokens, temperature, top_k, top_p, r
                               repetition_penalty=repetition_penalty)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     generate(lm, tok, [prompt], sampling, batch_size=1, seed=seed, streamer=streamer)
+
+
+@cli.command("rm")
+@config_options(RMConfig)
+@user_errors
+def rm_cmd(config_file, **options) -> None:
+    """Train a reward model on answer pairs (Bradley-Terry), from one or more pair datasets.
+
+    Example: stackrlhf rm --data outputs/data --data outputs/feedback --out outputs/rm
+    """
+    from stackrlhf.train.reward import train_reward_model
+
+    train_reward_model(load_config(RMConfig, config_file, section="rm", **options))
+
+
+@cli.command("score")
+@click.argument("rm_dir")
+@click.argument("question")
+@click.argument("answer")
+@click.option("--title", default="", help="The question's title; QUESTION is then its body.")
+@click.option("--normalize/--raw", default=False, show_default=True,
+              help="Normalise with the mean/std of the RM's training answers.")
+@user_errors
+def score_cmd(rm_dir, question, answer, title, normalize) -> None:
+    """Print the reward RM_DIR gives ANSWER to QUESTION."""
+    import transformers
+
+    from stackrlhf.models.reward import RewardModel
+    from stackrlhf.prompts import format_prompt
+
+    transformers.utils.logging.disable_progress_bar()
+    rm = RewardModel.from_pretrained(rm_dir)
+    click.echo(f"{rm.score([format_prompt(title, question)], [answer], normalize=normalize)[0]:.4f}")
 
 
 def main() -> None:

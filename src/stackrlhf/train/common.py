@@ -21,7 +21,7 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool, **extra) -> 
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.cuda.is_available()
                                          and torch.cuda.is_bf16_supported())
     eval_strategy = ("steps" if cfg.eval_steps else "epoch") if has_eval else "no"
-    return TrainingArguments(
+    settings = dict(
         output_dir=str(out / "checkpoints"),
         report_to=[r for r in cfg.report_to.split(",") if r not in ("none", "tensorboard", "")],
         learning_rate=cfg.learning_rate,
@@ -48,8 +48,9 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool, **extra) -> 
         remove_unused_columns=False,
         disable_tqdm=False,
         include_num_input_tokens_seen="non_padding",
-        **extra,
     )
+    settings.update(extra)  # a stage may override any of the above (the RM saves per epoch, say)
+    return TrainingArguments(**settings)
 
 
 def logging_callbacks(cfg: TrainConfig, out: Path) -> list:

