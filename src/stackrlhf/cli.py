@@ -12,6 +12,7 @@ from stackrlhf.config import config_options, load_config
 from stackrlhf.data.config import DataConfig
 from stackrlhf.train.config import PretrainConfig, RMConfig, SFTConfig
 from stackrlhf.errors import StackRLHFError
+from stackrlhf.rl.config import PPOConfig
 
 
 def user_errors(func):
@@ -162,6 +163,19 @@ def score_cmd(rm_dir, question, answer, title, normalize) -> None:
     transformers.utils.logging.disable_progress_bar()
     rm = RewardModel.from_pretrained(rm_dir)
     click.echo(f"{rm.score([format_prompt(title, question)], [answer], normalize=normalize)[0]:.4f}")
+
+
+@cli.command("ppo")
+@config_options(PPOConfig)
+@user_errors
+def ppo_cmd(config_file, **options) -> None:
+    """Online RLHF: PPO on the rl prompts, reward = RM score - beta * KL to the frozen reference.
+
+    Example: stackrlhf ppo --policy outputs/sft --reward outputs/rm --data outputs/data --out outputs/ppo
+    """
+    from stackrlhf.rl.ppo import train_ppo
+
+    train_ppo(load_config(PPOConfig, config_file, section="ppo", **options))
 
 
 def main() -> None:

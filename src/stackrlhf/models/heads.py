@@ -1,0 +1,129 @@
+"""The PPO policy: a causal LM with a value head on its trunk, and the frozen reference it is held to.
+
+Three reference modes (``num_layers_unfrozen`` = k, ``lora``):
+- k > 0 (trlx's "hydra"): frozen copies of only the top k blocks, the final norm and the LM head, run on the
+  hidden state the shared (frozen) trunk already computed for the policy; no second model is held or run.
+- LoRA: the same model with its adapters disabled.
+- k = -1 without LoRA: a full frozen copy.
+At step 0 the reference logits equal the policy's exactly in every mode.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from stackrlhf.models.freezing import final_norm, freeze_bottom, transformer_blocks
+
+
+def _hidden(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+class HydraReference(nn.Module):
+    """Frozen copies of the top k blocks (+ final norm + head). A forward pre-hook on the first policy block
+    of the branch captures its inputs (the trunk's hidden state and the block's mask / position arguments)
+    during the policy's forward; :meth:`logits` replays them through the frozen copies."""
+
+    def __init__(self, lm: nn.Module, k: int):
+        super().__init__()
+        blocks = transformer_blocks(lm)
+        norm = final_norm(lm)
+        head = lm.get_output_embeddings()
+        self.blocks = nn.ModuleList(copy.deepcopy(b) for b in list(blocks)[len(blocks) - k:])
+        self.norm = copy.deepcopy(norm) if norm is not None else None
+        self.head = copy.deepcopy(head)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+        entry = blocks[len(blocks) - k] if k > 0 else (norm if norm is not None else head)
+        entry.register_forward_pre_hook(self._capture, with_kwargs=True)
+        self._captured = None
+
+    def _capture(self, module, args, kwargs):
+        self._captured = (args, dict(kwargs))
+
+    @torch.no_grad()
+    def logits(self) -> torch.Tensor:
+        if self._captured is None:
+            raise RuntimeError("run the policy forward first: the reference reuses its trunk")
+        args, kwargs = self._captured
+        self._captured = None
+        if args:
+            h, rest = args[0], list(args[1:])
+        else:
+            h, rest = kwargs.pop("hidden_states"), []
+        if len(rest) >= 1:
+            rest[0] = None  # no KV cache in the reference branch
+        kwargs.pop("cache", None)
+        kwargs.pop("past_key_values", None)
+        kwargs["use_cache"] = False
+        h = h.detach()
+        for block in self.blocks:
+            h = _hidden(block(h, *rest, **kwargs))
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.head(h)
+
+
+class PolicyWithValue(nn.Module):
+    """``lm`` (trainable as ``num_layers_unfrozen`` / LoRA say) + a scalar value head on the final hidden state.
+
+    By default the value loss trains the value head alone (its input is detached): letting it also move the
+    shared top blocks couples the critic's large early errors into the policy, which then drifts however
+    large beta is. ``value_grad_to_trunk=True`` restores the fully shared trunk (as trlx does)."""
+
+    def __init__(self, lm: nn.Module, num_layers_unfrozen: int = -1, lora: bool = False,
+                 value_grad_to_trunk: bool = False):
+        super().__init__()
+        self.lm = lm
+        self.value_grad_to_trunk = value_grad_to_trunk
+        self.mode = "lora" if lora else ("hydra" if num_layers_unfrozen >= 0 else "copy")
+        for module in lm.modules():  # dropout would make the log-probs of a rollout differ from its update's
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        if not lora:
+            freeze_bottom(lm, num_layers_unfrozen)
+        hidden = lm.get_output_embeddings().weight.shape[1]
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.value_head.bias)
+        self.value_head.to(next(lm.parameters()).device, dtype=next(lm.parameters()).dtype)
+        self.hydra = HydraReference(lm, num_layers_unfrozen) if self.mode == "hydra" else None
+        self.ref_copy = None
+        if self.mode == "copy":
+            self.ref_copy = copy.deepcopy(lm).eval()
+            for p in self.ref_copy.parameters():
+                p.requires_grad_(False)
+        self._last_hidden = None
+        lm.get_output_embeddings().register_forward_pre_hook(self._capture_hidden)
+
+    def _capture_hidden(self, module, args):
+        self._last_hidden = args[0]
+
+    def forward(self, input_ids, attention_mask, position_ids=None, with_reference: bool = False):
+        """(logits, values, reference logits or None) for every position."""
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        hidden = self._last_hidden if self.value_grad_to_trunk else self._last_hidden.detach()
+        values = self.value_head(hidden).squeeze(-1)
+        self._last_hidden = None
+        ref = self.reference_logits(input_ids, attention_mask, position_ids) if with_reference else None
+        if self.hydra is not None and not with_reference:
+            self.hydra._captured = None
+        return out.logits, values, ref
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        if self.mode == "hydra":
+            return self.hydra.logits()
+        if self.mode == "lora":
+            with self.lm.disable_adapter():
+                return self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).logits
+        return self.ref_copy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).logits
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]

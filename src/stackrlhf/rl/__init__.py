@@ -1,0 +1,1 @@
+"""Reinforcement learning on language: PPO (online, reward model + KL penalty)."""

@@ -1,0 +1,73 @@
+"""PPO settings (all hyperparameters in one dataclass, as CleanRL does; free of torch imports)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PPOConfig:
+    policy: str = field(default="", metadata={"help": "The SFT model directory (or any causal LM id)."})
+    reward: str = field(default="", metadata={"help": "The reward-model directory (`stackrlhf rm` output)."})
+    data: str = field(default="", metadata={"help": "A `stackrlhf data build` output (its rl split gives prompts)."})
+    out: str = field(default="outputs/ppo", metadata={"help": "Output directory."})
+    steps: int = field(default=100, metadata={"help": "PPO iterations (rollout + update)."})
+    batch_size: int = field(default=32, metadata={"help": "Prompts per rollout (per process)."})
+    mini_batch_size: int = field(default=8, metadata={"help": "Sequences per gradient step."})
+    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout."})
+    learning_rate: float = field(default=1e-5, metadata={"help": "Adam learning rate (constant)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    # generation
+    min_new_tokens: int = field(default=32, metadata={"help": "Each rollout's length limit is drawn from [min, max]."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Most tokens per response."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (also used for log-probs)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1: off)."})
+    max_prompt_tokens: int = field(default=256, metadata={"help": "Longer prompts are cut in the middle."})
+    # reward
+    score_clip: float = field(default=0.0, metadata={"help": "Clip the normalised RM score to +-this (0: off)."})
+    missing_eos_penalty: float = field(default=0.0, metadata={
+        "help": "Subtracted from the score of a response that never ends (0: off)."})
+    # KL
+    kl_estimator: str = field(default="k1", metadata={"choices": ("k1", "k3"), "help": "Per-token KL estimator."})
+    init_kl_coef: float = field(default=0.05, metadata={"help": "Initial beta."})
+    adaptive_kl: bool = field(default=True, metadata={"help": "Adapt beta toward target_kl (Ziegler et al.)."})
+    target_kl: float = field(default=6.0, metadata={"help": "Target KL per response for the adaptive controller."})
+    kl_horizon: int = field(default=10000, metadata={"help": "Horizon of the adaptive controller (episodes)."})
+    # advantages and losses
+    gamma: float = field(default=1.0, metadata={"help": "Discount."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Value loss weight."})
+    whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages per rollout."})
+    max_approx_kl: float = field(default=0.0, metadata={
+        "help": "Stop an update's epochs early once the approximate KL to the rollout policy exceeds this (0: off)."})
+    # model
+    num_layers_unfrozen: int = field(default=2, metadata={
+        "help": "Train the top k blocks + head + value head; the reference shares the frozen trunk (-1: all, "
+                "full frozen copy as reference)."})
+    value_grad_to_trunk: bool = field(default=False, metadata={
+        "help": "Let the value loss also train the policy's unfrozen blocks (shared critic, as trlx)."})
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters; the reference is adapters-off."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    # operation
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+    log_every: int = field(default=1, metadata={"help": "Log metrics every N steps."})
+    sample_every: int = field(default=10, metadata={"help": "Log a table of samples every N steps (0: off)."})
+    save_every: int = field(default=10, metadata={"help": "Checkpoint every N steps."})
+    resume: bool = field(default=True, metadata={"help": "Resume from the last checkpoint in OUT/checkpoints."})
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, both, or none."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+
+    def __post_init__(self) -> None:
+        for name in ("policy", "data"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required")
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError("batch_size must be a multiple of mini_batch_size")
+        if not 0 < self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError("need 0 < min_new_tokens <= max_new_tokens")
+        if self.lora and self.num_layers_unfrozen >= 0:
+            self.num_layers_unfrozen = -1  # LoRA decides what trains

@@ -1,0 +1,431 @@
+"""PPO for language models (Ziegler et al. 2019; "The N Implementation Details of RLHF with PPO", Huang et al.
+2023), on torch + transformers + accelerate.
+
+One iteration, top to bottom (:meth:`PPOTrainer.step`):
+  1. rollout: sample answers to a batch of prompts (KV cache, a length limit drawn per rollout, stop at EOS)
+  2. score: the reward model reads the decoded text with its own tokenizer; normalised with its saved stats
+  3. forward once, no grad: log-probs and values of the policy, log-probs of the frozen reference
+  4. rewards: -beta * KL_t on every response token, + the score on the last one
+  5. advantages: GAE(gamma, lambda), whitened; returns = advantages + values
+  6. ppo_epochs x minibatches: clipped policy loss + vf_coef * clipped value loss, gradient clipping,
+     early stop when the approximate KL to the rollout policy exceeds max_approx_kl
+  7. adapt beta (Ziegler's proportional controller), log, checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from stackrlhf.config import save_config, write_text_atomic
+from stackrlhf.data.load import load_split
+from stackrlhf.errors import StackRLHFError
+from stackrlhf.models.freezing import apply_lora, describe_trainable
+from stackrlhf.models.generation import SamplingConfig, generate
+from stackrlhf.models.heads import PolicyWithValue
+from stackrlhf.models.loading import load_causal_lm
+from stackrlhf.rl.config import PPOConfig
+
+console = Console(stderr=True)
+Scorer = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+
+
+# ---------------------------------------------------------------- small helpers, each one idea
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log p(token) under softmax(logits / temperature), the distribution the tokens were sampled from."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_of(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return out if shift_mean else out + mean
+
+
+def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """k1 = log p - log q (unbiased, can be negative); k3 = (q/p - 1) - log(q/p) (unbiased, >= 0)."""
+    if estimator == "k3":
+        log_ratio = ref_logp - logp
+        return log_ratio.exp() - 1 - log_ratio
+    return logp - ref_logp
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over response tokens; positions after the end have no value."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros(rewards.shape[0], device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        last = last * mask[:, t]
+        advantages[:, t] = last
+    return advantages, advantages + values
+
+
+class AdaptiveKLController:
+    """Ziegler et al.: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon."""
+
+    def __init__(self, beta: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        error = float(np.clip(kl / self.target - 1, -0.2, 0.2))
+        self.value *= 1 + error * n / self.horizon
+
+
+class FixedKLController:
+    def __init__(self, beta: float):
+        self.value = beta
+
+    def update(self, kl: float, n: int) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- the trainer
+
+class PPOTrainer:
+    def __init__(self, cfg: PPOConfig, scorer: Scorer | None = None):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.accelerator = Accelerator()
+        torch.manual_seed(cfg.seed + self.accelerator.process_index)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        lm, self.tok = load_causal_lm(cfg.policy, device=self.accelerator.device)
+        if cfg.lora:
+            lm = apply_lora(lm, cfg.lora_r, cfg.lora_alpha)
+        self.policy = PolicyWithValue(lm, cfg.num_layers_unfrozen, lora=cfg.lora,
+                                      value_grad_to_trunk=cfg.value_grad_to_trunk).to(self.accelerator.device)
+        console.print(f"PPO policy ({self.policy.mode} reference): {describe_trainable(self.policy)}")
+        self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.learning_rate, eps=1e-5)
+        self.model, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
+        self.scorer, self.normalize = (scorer, False) if scorer is not None else (self._load_rm(), True)
+        self.kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
+                       else FixedKLController(cfg.init_kl_coef))
+        rows = load_split(cfg.data, "rl", "train")
+        self.prompts = list(rows["prompt"])
+        if len(self.prompts) < cfg.batch_size:
+            raise StackRLHFError(f"{cfg.data}: the rl split has {len(self.prompts)} prompts, fewer than "
+                                 f"batch_size={cfg.batch_size}")
+        self.step_index = 0
+        self.history: list[dict] = []
+        self.warned_negative_kl = False
+        self.writer = None
+        if self.accelerator.is_main_process and "tensorboard" in cfg.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.out / "runs"))
+
+    def _load_rm(self):
+        from stackrlhf.models.reward import RewardModel
+
+        if not self.cfg.reward:
+            raise StackRLHFError("--reward is required: a reward-model directory (`stackrlhf rm` output)")
+        rm = RewardModel.from_pretrained(self.cfg.reward, device=self.accelerator.device)
+        return lambda questions, answers: rm.score(list(questions), list(answers), normalize=True)
+
+    # ------------------------------------------------------------ one iteration
+
+    def batch_prompts(self, step: int) -> list[str]:
+        """Prompts of a step: a seeded permutation per pass over the rl split, offset per process."""
+        per_step = self.cfg.batch_size * self.accelerator.num_processes
+        steps_per_pass = len(self.prompts) // per_step
+        order = list(range(len(self.prompts)))
+        random.Random(self.cfg.seed + step // max(steps_per_pass, 1)).shuffle(order)
+        start = (step % max(steps_per_pass, 1)) * per_step + self.accelerator.process_index * self.cfg.batch_size
+        return [self.prompts[i] for i in order[start:start + self.cfg.batch_size]]
+
+    def step(self) -> dict:
+        cfg, device = self.cfg, self.accelerator.device
+        policy = self.accelerator.unwrap_model(self.model)
+        t0 = time.perf_counter()
+
+        # 1. rollout
+        prompts = self.batch_prompts(self.step_index)
+        limit = int(torch.randint(cfg.min_new_tokens, cfg.max_new_tokens + 1, (1,)))
+        sampling = SamplingConfig(max_new_tokens=limit, temperature=cfg.temperature, top_k=cfg.top_k,
+                                  top_p=cfg.top_p, max_prompt_tokens=cfg.max_prompt_tokens)
+        rollout = generate(policy.lm, self.tok, prompts, sampling, batch_size=len(prompts))
+        t_gen = time.perf_counter() - t0
+
+        # 2. score the decoded text (the RM has its own tokenizer)
+        scores = torch.tensor(list(self.scorer(prompts, rollout.texts)), dtype=torch.float, device=device)
+        if not torch.isfinite(scores).all():
+            raise StackRLHFError(f"step {self.step_index}: the reward model returned NaN/inf; stopping (the last "
+                                 f"checkpoint in {self.out / 'checkpoints'} is good)")
+        if cfg.score_clip:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+        finished = torch.tensor(rollout.finished, device=device)
+        if cfg.missing_eos_penalty:
+            scores = torch.where(finished, scores, scores - cfg.missing_eos_penalty)
+
+        # 3. one forward pass without grad: old log-probs, values, reference log-probs
+        batch = self.pack(rollout.prompt_ids, rollout.response_ids)
+        with torch.no_grad():
+            logits, values, ref_logits = policy(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                                                with_reference=True)
+            old_logp = logprobs_of(self.response_part(logits, batch), batch["responses"], cfg.temperature)
+            ref_logp = logprobs_of(self.response_part(ref_logits, batch), batch["responses"], cfg.temperature)
+            old_values = self.response_part(values, batch)
+        mask = batch["response_mask"]
+
+        # 4. per-token rewards: -beta * KL_t everywhere, + the score on the last response token
+        kl = kl_per_token(old_logp, ref_logp, cfg.kl_estimator) * mask
+        rewards = -self.kl_ctl.value * kl
+        last = mask.sum(1).long() - 1
+        rewards[torch.arange(len(last)), last] += scores
+
+        # 5. advantages
+        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        advantages = advantages * mask
+
+        # 6. PPO epochs over minibatches
+        stats = self.update(batch, old_logp, old_values, advantages, returns, mask)
+
+        # 7. KL controller, bookkeeping
+        mean_kl = float(kl.sum(1).mean())
+        if mean_kl < 0 and not self.warned_negative_kl:
+            warnings.warn("mean KL is negative: the sampling settings (top-k/top-p, temperature) bias the samples "
+                          "away from the distribution the log-probs are computed under", stacklevel=2)
+            self.warned_negative_kl = True
+        beta = self.kl_ctl.value
+        self.kl_ctl.update(mean_kl, cfg.batch_size * self.accelerator.num_processes)
+        seconds = time.perf_counter() - t0
+        n_tokens = float(mask.sum())
+        metrics = {
+            "step": self.step_index + 1, "reward/score_mean": float(scores.mean()),
+            "reward/score_std": float(scores.std()) if len(scores) > 1 else 0.0,
+            "reward/total_mean": float((rewards * mask).sum(1).mean()), "kl/mean": mean_kl, "kl/beta": beta,
+            "response/length": float(mask.sum(1).mean()), "response/ended": float(finished.float().mean()),
+            "time/tokens_per_s": n_tokens / seconds, "time/episodes_per_s": len(prompts) / seconds,
+            "time/generate_s": t_gen, "time/step_s": seconds, **stats,
+        }
+        self.step_index += 1
+        return metrics | {"_samples": list(zip(prompts, rollout.texts, scores.tolist()))}
+
+    def pack(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> dict:
+        """[left-padded prompt | right-padded response] with attention mask and position ids."""
+        device = self.accelerator.device
+        pad = self.tok.pad_token_id
+        P = max(len(p) for p in prompt_ids)
+        R = max(max(len(r) for r in response_ids), 1)
+        ids = torch.full((len(prompt_ids), P + R), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+            ids[i, P - len(p):P] = torch.tensor(p)
+            attn[i, P - len(p):P] = 1
+            if r:
+                ids[i, P:P + len(r)] = torch.tensor(r)
+                attn[i, P:P + len(r)] = 1
+        position_ids = (attn.cumsum(1) - 1).clamp(min=0)
+        return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "position_ids": position_ids.to(device),
+                "responses": ids[:, P:].to(device), "response_mask": attn[:, P:].float().to(device), "P": P}
+
+    @staticmethod
+    def response_part(x: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The outputs at positions P-1 .. P+R-2: those that predict (or value) the response tokens."""
+        P, R = batch["P"], batch["responses"].shape[1]
+        return x[:, P - 1:P - 1 + R]
+
+    def update(self, batch, old_logp, old_values, advantages, returns, mask) -> dict:
+        cfg = self.cfg
+        n = len(old_logp)
+        totals: dict[str, list[float]] = {k: [] for k in ("loss/policy", "loss/value", "policy/clipfrac",
+                                                           "policy/approx_kl", "policy/entropy", "value/clipfrac")}
+        epochs_done = 0
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(n)
+            epoch_kl = []
+            for start in range(0, n, cfg.mini_batch_size):
+                idx = order[start:start + cfg.mini_batch_size]
+                m = mask[idx]
+                logits, values, _ = self.model(batch["input_ids"][idx], batch["attention_mask"][idx],
+                                               batch["position_ids"][idx])
+                logits = self.response_part(logits, batch)
+                vpred = self.response_part(values, batch)
+                logp = logprobs_of(logits, batch["responses"][idx], cfg.temperature)
+                # clipped value loss
+                vclipped = old_values[idx] + (vpred - old_values[idx]).clamp(-cfg.cliprange_value, cfg.cliprange_value)
+                vf_losses = torch.max((vpred - returns[idx]) ** 2, (vclipped - returns[idx]) ** 2)
+                vf_loss = 0.5 * masked_mean(vf_losses, m)
+                # clipped policy loss
+                log_ratio = logp - old_logp[idx]
+                ratio = log_ratio.exp()
+                pg_losses = torch.max(-advantages[idx] * ratio,
+                                      -advantages[idx] * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
+                pg_loss = masked_mean(pg_losses, m)
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                if not torch.isfinite(loss):
+                    raise StackRLHFError(f"step {self.step_index}: the PPO loss is NaN/inf; stopping (the last "
+                                         f"checkpoint in {self.out / 'checkpoints'} is good). Lower the learning rate.")
+                self.optimizer.zero_grad()
+                self.accelerator.backward(loss)
+                if cfg.max_grad_norm:
+                    self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                with torch.no_grad():
+                    approx_kl = masked_mean((ratio - 1) - log_ratio, m)
+                    totals["loss/policy"].append(float(pg_loss))
+                    totals["loss/value"].append(float(vf_loss))
+                    totals["policy/clipfrac"].append(float(masked_mean(((ratio - 1).abs() > cfg.cliprange).float(), m)))
+                    totals["policy/approx_kl"].append(float(approx_kl))
+                    totals["policy/entropy"].append(float(masked_mean(entropy_of(logits, cfg.temperature), m)))
+                    totals["value/clipfrac"].append(float(masked_mean(((vpred - old_values[idx]).abs()
+                                                                       > cfg.cliprange_value).float(), m)))
+                    epoch_kl.append(float(approx_kl))
+            epochs_done += 1
+            if cfg.max_approx_kl and float(np.mean(epoch_kl)) > cfg.max_approx_kl:
+                break
+        out = {k: float(np.mean(v)) for k, v in totals.items() if v}
+        out["policy/epochs"] = epochs_done
+        return out
+
+    # ------------------------------------------------------------ checkpoints
+
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save_checkpoint(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        folder = self.checkpoint_dir() / f"step-{self.step_index}"
+        tmp = folder.with_name(folder.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        trainable = {n: p.detach().cpu() for n, p in self.policy.named_parameters() if p.requires_grad}
+        torch.save({"trainable": trainable, "optimizer": self.optimizer.state_dict(), "kl_coef": self.kl_ctl.value,
+                    "step": self.step_index, "history": self.history, "warned_negative_kl": self.warned_negative_kl,
+                    "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                            "torch": torch.get_rng_state()}}, tmp / "state.pt")
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+        for old in sorted(self.checkpoint_dir().glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+
+    def maybe_resume(self) -> None:
+        folder = self.checkpoint_dir()
+        done = sorted((p for p in folder.glob("step-*") if (p / "state.pt").is_file()),
+                      key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []
+        if not done or not self.cfg.resume:
+            return
+        state = torch.load(done[-1] / "state.pt", weights_only=False)
+        missing = self.policy.load_state_dict(state["trainable"], strict=False)
+        if missing.unexpected_keys:
+            raise StackRLHFError(f"{done[-1]}: checkpoint does not match this model ({missing.unexpected_keys[:3]})")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_ctl.value = state["kl_coef"]
+        self.step_index = state["step"]
+        self.history = state["history"]
+        self.warned_negative_kl = state["warned_negative_kl"]
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        console.print(f"resumed from {done[-1]} (step {self.step_index})")
+
+    # ------------------------------------------------------------ the loop
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.maybe_resume()
+        bar = tqdm(total=cfg.steps, initial=self.step_index, desc="ppo", disable=not cfg.progress)
+        start = time.perf_counter()
+        episodes = 0
+        while self.step_index < cfg.steps:
+            metrics = self.step()
+            samples = metrics.pop("_samples")
+            episodes += cfg.batch_size
+            self.history.append(metrics)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['kl/mean']:.2f}")
+            if self.writer is not None and self.step_index % cfg.log_every == 0:
+                for key, value in metrics.items():
+                    self.writer.add_scalar(key, value, self.step_index)
+            if cfg.sample_every and self.step_index % cfg.sample_every == 0:
+                self.log_samples(samples)
+            if cfg.save_every and self.step_index % cfg.save_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        return self.finish(episodes / max(time.perf_counter() - start, 1e-9))
+
+    def log_samples(self, samples: list[tuple[str, str, float]], n: int = 3) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        table = Table(title=f"step {self.step_index} samples", show_lines=True)
+        for col in ("question", "response", "reward"):
+            table.add_column(col)
+        text = []
+        for q, r, s in samples[:n]:
+            table.add_row(q[-200:], r[:300], f"{s:.3f}")
+            text.append(f"| {q[-200:]!r} | {r[:300]!r} | {s:.3f} |")
+        console.print(table)
+        if self.writer is not None:
+            self.writer.add_text("samples", "| question | response | reward |\n|---|---|---|\n" + "\n".join(text),
+                                 self.step_index)
+
+    def finish(self, episodes_per_s: float) -> dict:
+        history = self.history
+        metrics = {"steps": self.step_index, "episodes_per_s": episodes_per_s,
+                   "reward_first": history[0]["reward/score_mean"] if history else None,
+                   "reward_last": history[-1]["reward/score_mean"] if history else None,
+                   "kl_last": history[-1]["kl/mean"] if history else None,
+                   "beta_last": self.kl_ctl.value, "reference": self.policy.mode}
+        if self.accelerator.is_main_process:
+            self.save_checkpoint()
+            lm = self.policy.lm
+            if self.policy.mode == "lora":
+                lm.save_pretrained(str(self.out / "adapter"))
+                lm = lm.merge_and_unload()
+            lm.save_pretrained(str(self.out), safe_serialization=True)
+            self.tok.save_pretrained(str(self.out))
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in self.policy.value_head.state_dict().items()},
+                      str(self.out / "value_head.safetensors"))
+            save_config(self.cfg, self.out / "config.yaml")
+            write_text_atomic(self.out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+            write_text_atomic(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            if self.writer is not None:
+                self.writer.close()
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+
+def train_ppo(cfg: PPOConfig, scorer: Scorer | None = None) -> dict:
+    metrics = PPOTrainer(cfg, scorer).train()
+    console.print(f"[green]wrote {cfg.out}[/]: reward {metrics['reward_first']:.3f} -> {metrics['reward_last']:.3f}, "
+                  f"KL {metrics['kl_last']:.2f}, {metrics['episodes_per_s']:.2f} episodes/s")
+    return metrics

@@ -1,0 +1,163 @@
+"""PPO: reference modes, learning on a synthetic reward, the KL leash, resume equality, the NaN guard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from stackrlhf.data.build import build_dataset
+from stackrlhf.data.config import DataConfig
+from stackrlhf.data.load import load_split
+from stackrlhf.errors import StackRLHFError
+from stackrlhf.models.base import make_model, train_tokenizer
+from stackrlhf.models.freezing import apply_lora
+from stackrlhf.models.heads import PolicyWithValue
+from stackrlhf.models.loading import load_causal_lm
+from stackrlhf.rl.config import PPOConfig
+from stackrlhf.rl.ppo import PPOTrainer, gae, kl_per_token, train_ppo
+
+TARGET = "e"
+
+
+@pytest.fixture(scope="module")
+def beer_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("beer") / "data"
+    build_dataset(DataConfig(dump=["beer"], out=str(out), progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(beer_data, tmp_path_factory) -> Path:
+    """A randomly initialised tiny GPT-2 (2 layers) with a small BPE vocabulary from the beer prompts."""
+    out = tmp_path_factory.mktemp("policy") / "tiny"
+    texts = list(load_split(beer_data, "rl", "train")["prompt"]) * 3
+    tok = train_tokenizer(texts, vocab_size=400)
+    torch.manual_seed(0)
+    model = make_model("tiny", tok)
+    model.transformer.h = model.transformer.h[:2]
+    model.config.n_layer = 2
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def target_fraction(tok=None):
+    """The synthetic reward, computed from the decoded text: the share of its characters that are TARGET."""
+
+    def scorer(questions, answers):
+        return [a.count(TARGET) / max(len(a), 1) for a in answers]
+
+    return scorer
+
+
+def config(tiny_policy, beer_data, out, **kw) -> PPOConfig:
+    base = dict(policy=str(tiny_policy), data=str(beer_data), out=str(out), batch_size=16, mini_batch_size=8,
+                ppo_epochs=2, min_new_tokens=12, max_new_tokens=12, learning_rate=3e-3, num_layers_unfrozen=1,
+                report_to="none", progress=False, sample_every=0, save_every=0, init_kl_coef=0.01,
+                adaptive_kl=False, seed=0)
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+@pytest.mark.parametrize("mode", ["hydra", "lora", "copy"])
+def test_reference_equals_policy_at_step_0(tiny_policy, mode):
+    lm, tok = load_causal_lm(str(tiny_policy))
+    if mode == "lora":
+        lm = apply_lora(lm, r=4)
+    policy = PolicyWithValue(lm, num_layers_unfrozen={"hydra": 1, "lora": -1, "copy": -1}[mode], lora=mode == "lora")
+    assert policy.mode == mode
+    batch = tok(["Question: is it hoppy?\n\nAnswer: yes", "Question: what?\n\nAnswer: no idea at all"],
+                return_tensors="pt", padding=True)
+    logits, values, ref = policy(batch["input_ids"], batch["attention_mask"], with_reference=True)
+    assert torch.equal(logits, ref)
+    assert values.shape == batch["input_ids"].shape
+    if mode == "hydra":  # only the top block, head and value head train
+        trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+        assert trainable and all(n.startswith(("lm.transformer.h.1.", "lm.transformer.ln_f.", "lm.lm_head.",
+                                               "value_head.")) for n in trainable)
+
+
+def test_hydra_reference_stays_frozen_after_updates(tiny_policy):
+    lm, tok = load_causal_lm(str(tiny_policy))
+    policy = PolicyWithValue(lm, num_layers_unfrozen=1)
+    batch = tok(["Question: x\n\nAnswer: y"], return_tensors="pt")
+    _, _, ref_before = policy(batch["input_ids"], batch["attention_mask"], with_reference=True)
+    opt = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
+    logits, _, _ = policy(batch["input_ids"], batch["attention_mask"])
+    logits.sum().backward()
+    opt.step()
+    logits, _, ref_after = policy(batch["input_ids"], batch["attention_mask"], with_reference=True)
+    assert torch.equal(ref_before, ref_after) and not torch.equal(logits, ref_after)
+
+
+def test_gae_and_kl_estimators():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.5, 0.5, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert torch.allclose(adv, torch.tensor([[0.5, 0.5, 0.5, 0.0]]))  # Monte Carlo return 1 minus value 0.5
+    assert torch.allclose(ret[:, :3], torch.ones(1, 3))
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    assert torch.allclose(kl_per_token(logp, ref, "k1"), torch.tensor([0.5, -1.0]))
+    assert (kl_per_token(logp, ref, "k3") >= 0).all()
+
+
+def test_ppo_raises_a_synthetic_reward_and_keeps_kl_bounded(tiny_policy, beer_data, tmp_path):
+    _, tok = load_causal_lm(str(tiny_policy))
+    metrics = train_ppo(config(tiny_policy, beer_data, tmp_path / "ppo", steps=30, learning_rate=1e-3),
+                        scorer=target_fraction(tok))
+    history = [json.loads(line) for line in (tmp_path / "ppo" / "history.jsonl").read_text().splitlines()]
+    start = sum(h["reward/score_mean"] for h in history[:3]) / 3
+    end = sum(h["reward/score_mean"] for h in history[-3:]) / 3
+    assert end > 2 * start and end > start + 0.1, (start, end)
+    assert 0 < history[-1]["kl/mean"] < 40  # nats per response; beta is only 0.01 here
+    assert metrics["steps"] == 30 and (tmp_path / "ppo" / "model.safetensors").is_file()
+    assert (tmp_path / "ppo" / "value_head.safetensors").is_file()
+    for key in ("reward/score_mean", "reward/score_std", "kl/mean", "kl/beta", "policy/entropy", "loss/policy",
+                "loss/value", "policy/clipfrac", "policy/approx_kl", "response/length", "time/tokens_per_s"):
+        assert key in history[-1]
+
+
+def test_large_fixed_beta_keeps_the_policy_close(tiny_policy, beer_data, tmp_path):
+    _, tok = load_causal_lm(str(tiny_policy))
+    # At this learning rate the same run with beta=0.01 drifts to several nats; beta=5 holds it near the reference.
+    train_ppo(config(tiny_policy, beer_data, tmp_path / "leash", steps=14, init_kl_coef=5.0, learning_rate=3e-4),
+              scorer=target_fraction(tok))
+    history = [json.loads(line) for line in (tmp_path / "leash" / "history.jsonl").read_text().splitlines()]
+    start = sum(h["reward/score_mean"] for h in history[:3]) / 3
+    end = sum(h["reward/score_mean"] for h in history[-3:]) / 3
+    assert end < start + 0.05
+    assert max(abs(h["kl/mean"]) for h in history) < 1.5
+
+
+def test_resume_gives_the_same_next_step(tiny_policy, beer_data, tmp_path):
+    _, tok = load_causal_lm(str(tiny_policy))
+    scorer = target_fraction(tok)
+    straight = PPOTrainer(config(tiny_policy, beer_data, tmp_path / "a", steps=3), scorer).train()
+    assert straight["steps"] == 3
+    PPOTrainer(config(tiny_policy, beer_data, tmp_path / "b", steps=2, save_every=2), scorer).train()
+    resumed = PPOTrainer(config(tiny_policy, beer_data, tmp_path / "b", steps=3, save_every=2), scorer)
+    resumed.maybe_resume()
+    assert resumed.step_index == 2
+    resumed.train()
+    a = [json.loads(x) for x in (tmp_path / "a" / "history.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b" / "history.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == 3
+    for key in a[2]:
+        if not key.startswith("time/"):
+            assert a[2][key] == pytest.approx(b[2][key], rel=1e-5, abs=1e-6), key
+
+
+def test_nan_reward_stops_with_a_clear_error(tiny_policy, beer_data, tmp_path):
+    calls = {"n": 0}
+
+    def scorer(questions, answers):
+        calls["n"] += 1
+        return [float("nan") if calls["n"] > 2 else 0.1] * len(answers)
+
+    with pytest.raises(StackRLHFError, match="NaN"):
+        train_ppo(config(tiny_policy, beer_data, tmp_path / "nan", steps=5, save_every=1), scorer=scorer)
+    assert (tmp_path / "nan" / "checkpoints" / "step-2" / "state.pt").is_file()
