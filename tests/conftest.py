@@ -37,6 +37,17 @@ def built_all(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def beer_data(tmp_path_factory) -> Path:
+    """``data build`` of the beer dump alone, once per session (the training stages' tests use it)."""
+    from stackrlhf.data.build import build_dataset
+    from stackrlhf.data.config import DataConfig
+
+    out = tmp_path_factory.mktemp("beer") / "data"
+    build_dataset(DataConfig(dump=["beer"], out=str(out), progress=False))
+    return out
+
+
 def read_parquet_rows(root: Path, dataset: str, split: str) -> list[dict]:
     import pyarrow.parquet as pq
 

@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from stackrlhf.data.build import build_dataset
-from stackrlhf.data.config import DataConfig
 from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.models.base import make_model, train_tokenizer
@@ -20,13 +18,6 @@ from stackrlhf.rl.config import PPOConfig
 from stackrlhf.rl.ppo import PPOTrainer, gae, kl_per_token, train_ppo
 
 TARGET = "e"
-
-
-@pytest.fixture(scope="module")
-def beer_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("beer") / "data"
-    build_dataset(DataConfig(dump=["beer"], out=str(out), progress=False))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +65,12 @@ def test_reference_equals_policy_at_step_0(tiny_policy, mode):
     logits, values, ref = policy(batch["input_ids"], batch["attention_mask"], with_reference=True)
     assert torch.equal(logits, ref)
     assert values.shape == batch["input_ids"].shape
+    with torch.no_grad():  # as in a rollout: only the positions that predict the response
+        kept, kept_values, kept_ref = policy(batch["input_ids"], batch["attention_mask"], with_reference=True, keep=3)
+    # (bit-identical over the full sequence; on the kept slice, equal to float32 rounding: BLAS may block the
+    # two heads' (non-contiguous) inputs differently)
+    assert torch.allclose(kept, kept_ref, atol=1e-5) and torch.allclose(kept, logits[:, -3:], atol=1e-5)
+    assert torch.allclose(kept_values, values[:, -3:], atol=1e-5)
     if mode == "hydra":  # only the top block, head and value head train
         trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
         assert trainable and all(n.startswith(("lm.transformer.h.1.", "lm.transformer.ln_f.", "lm.lm_head.",

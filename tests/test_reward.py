@@ -168,3 +168,13 @@ def test_score_cli(planted_rm):
     result = CliRunner().invoke(cli, ["score", str(out), "malt question", "an excellent answer"])
     assert result.exit_code == 0, result.output
     float(result.stdout.strip())
+
+
+def test_lora_reward_model(tmp_path):
+    data = write_pairs(tmp_path / "pairs", 32, 8)
+    metrics = train_reward_model(RMConfig(data=[str(data)], out=str(tmp_path / "rm"), max_steps=2, lora=True,
+                                          lora_r=4, **FAST))
+    assert metrics["eval_pairs"] == 8
+    rm = RewardModel.from_pretrained(tmp_path / "rm")
+    assert not any("lora" in n for n, _ in rm.model.named_parameters())
+    assert len(rm.score(["q"], ["a"])) == 1

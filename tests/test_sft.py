@@ -11,8 +11,6 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from stackrlhf.cli import cli
-from stackrlhf.data.build import build_dataset
-from stackrlhf.data.config import DataConfig
 from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.models.freezing import apply_lora, freeze_bottom, snapshot, transformer_blocks
@@ -24,13 +22,6 @@ from stackrlhf.train.pretrain import pretrain
 from stackrlhf.train.sft import IGNORE, encode_example, sft
 
 QUIET = {"report_to": "none", "logging_steps": 5, "save_steps": 1000}
-
-
-@pytest.fixture(scope="module")
-def beer_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("beer") / "data"
-    build_dataset(DataConfig(dump=["beer"], out=str(out), progress=False))
-    return out
 
 
 @pytest.fixture(scope="module")

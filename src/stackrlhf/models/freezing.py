@@ -83,8 +83,10 @@ def describe_trainable(model: nn.Module) -> str:
 
 
 def apply_lora(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 0.05,
-               target_modules: list[str] | None = None) -> nn.Module:
-    """Wrap ``model`` with peft LoRA adapters on its attention / MLP projections; only adapters train."""
+               target_modules: list[str] | None = None, task_type: str = "CAUSAL_LM",
+               modules_to_save: list[str] | None = None) -> nn.Module:
+    """Wrap ``model`` with peft LoRA adapters on its attention / MLP projections; only adapters (and
+    ``modules_to_save``, e.g. a reward head) train."""
     from peft import LoraConfig, get_peft_model
 
     if not target_modules:
@@ -92,9 +94,9 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 
                  type(m).__name__ == "Conv1D"}
         preferred = ["c_attn", "c_proj", "c_fc", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                      "down_proj", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
-        target_modules = [n for n in preferred if n in names] or sorted(names - {"lm_head"})
+        target_modules = [n for n in preferred if n in names] or sorted(names - {"lm_head", "classifier", "score"})
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                        task_type="CAUSAL_LM", bias="none")
+                        task_type=task_type, bias="none", modules_to_save=modules_to_save)
     return get_peft_model(model, config)
 
 

@@ -46,7 +46,7 @@ class HydraReference(nn.Module):
         self._captured = (args, dict(kwargs))
 
     @torch.no_grad()
-    def logits(self) -> torch.Tensor:
+    def logits(self, keep: int = 0) -> torch.Tensor:
         if self._captured is None:
             raise RuntimeError("run the policy forward first: the reference reuses its trunk")
         args, kwargs = self._captured
@@ -65,6 +65,8 @@ class HydraReference(nn.Module):
             h = _hidden(block(h, *rest, **kwargs))
         if self.norm is not None:
             h = self.norm(h)
+        if keep:  # after the norm, in the policy's order, so the two stay bit-identical
+            h = h[:, -keep:]
         return self.head(h)
 
 
@@ -103,27 +105,31 @@ class PolicyWithValue(nn.Module):
     def _capture_hidden(self, module, args):
         self._last_hidden = args[0]
 
-    def forward(self, input_ids, attention_mask, position_ids=None, with_reference: bool = False):
-        """(logits, values, reference logits or None) for every position."""
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    def forward(self, input_ids, attention_mask, position_ids=None, with_reference: bool = False, keep: int = 0):
+        """(logits, values, reference logits or None) for the last ``keep`` positions (0: every position).
+
+        PPO needs only the positions that predict the response: with a long prompt, computing the
+        vocabulary-wide logits of the prompt positions is most of the memory of a step."""
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                      logits_to_keep=keep)
         hidden = self._last_hidden if self.value_grad_to_trunk else self._last_hidden.detach()
         values = self.value_head(hidden).squeeze(-1)
         self._last_hidden = None
-        ref = self.reference_logits(input_ids, attention_mask, position_ids) if with_reference else None
+        ref = self.reference_logits(input_ids, attention_mask, position_ids, keep) if with_reference else None
         if self.hydra is not None and not with_reference:
             self.hydra._captured = None
         return out.logits, values, ref
 
     @torch.no_grad()
-    def reference_logits(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+    def reference_logits(self, input_ids, attention_mask, position_ids=None, keep: int = 0) -> torch.Tensor:
         if self.mode == "hydra":
-            return self.hydra.logits()
+            return self.hydra.logits(keep)
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False, logits_to_keep=keep)
         if self.mode == "lora":
             with self.lm.disable_adapter():
-                return self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).logits
-        return self.ref_copy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).logits
+                return self.lm(**kwargs).logits
+        return self.ref_copy(**kwargs).logits
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

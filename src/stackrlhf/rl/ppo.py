@@ -15,7 +15,6 @@ One iteration, top to bottom (:meth:`PPOTrainer.step`):
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 import warnings
@@ -190,7 +189,7 @@ class PPOTrainer:
         batch = self.pack(rollout.prompt_ids, rollout.response_ids)
         with torch.no_grad():
             logits, values, ref_logits = policy(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                                                with_reference=True)
+                                                with_reference=True, keep=batch["keep"])
             old_logp = logprobs_of(self.response_part(logits, batch), batch["responses"], cfg.temperature)
             ref_logp = logprobs_of(self.response_part(ref_logits, batch), batch["responses"], cfg.temperature)
             old_values = self.response_part(values, batch)
@@ -248,13 +247,13 @@ class PPOTrainer:
                 attn[i, P:P + len(r)] = 1
         position_ids = (attn.cumsum(1) - 1).clamp(min=0)
         return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "position_ids": position_ids.to(device),
-                "responses": ids[:, P:].to(device), "response_mask": attn[:, P:].float().to(device), "P": P}
+                "responses": ids[:, P:].to(device), "response_mask": attn[:, P:].float().to(device),
+                "keep": R + 1}
 
     @staticmethod
     def response_part(x: torch.Tensor, batch: dict) -> torch.Tensor:
-        """The outputs at positions P-1 .. P+R-2: those that predict (or value) the response tokens."""
-        P, R = batch["P"], batch["responses"].shape[1]
-        return x[:, P - 1:P - 1 + R]
+        """Of the last R+1 positions the model kept (P-1 .. P+R-1), the R that predict (or value) the response."""
+        return x[:, :batch["responses"].shape[1]]
 
     def update(self, batch, old_logp, old_values, advantages, returns, mask) -> dict:
         cfg = self.cfg
@@ -269,7 +268,7 @@ class PPOTrainer:
                 idx = order[start:start + cfg.mini_batch_size]
                 m = mask[idx]
                 logits, values, _ = self.model(batch["input_ids"][idx], batch["attention_mask"][idx],
-                                               batch["position_ids"][idx])
+                                               batch["position_ids"][idx], keep=batch["keep"])
                 logits = self.response_part(logits, batch)
                 vpred = self.response_part(values, batch)
                 logp = logprobs_of(logits, batch["responses"][idx], cfg.temperature)

@@ -165,11 +165,9 @@ def train_reward_model(cfg: RMConfig) -> dict:
     eval_pairs = load_pairs(cfg.data, "eval", cfg.max_eval_pairs, cfg.seed)
     train_set, eval_set = PairDataset(tok, train_pairs, cfg), PairDataset(tok, eval_pairs, cfg)
     if cfg.lora:
-        from peft import TaskType
-
-        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
-        model.peft_config["default"].task_type = TaskType.SEQ_CLS
-        _unfreeze_head(model)
+        heads = sorted({n.split(".")[0] for n, _ in model.named_parameters() if n.split(".")[0] in HEAD_NAMES})
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, task_type="SEQ_CLS",
+                           modules_to_save=heads)
     elif cfg.num_layers_unfrozen >= 0:
         freeze_bottom(model, cfg.num_layers_unfrozen)
         _unfreeze_head(model)

@@ -1,0 +1,164 @@
+"""Benchmark: our PPO beside TRL 1.12.0's `trl.experimental.ppo.PPOTrainer` (TRL's last release with PPO), on
+the same tiny GPT-2 (4 layers x 256, vocabulary 8000), reward model, prompts (the beer dump's rl split),
+32 prompts x 64 new tokens per step, 4 PPO epochs, minibatches of 8, learning rate 1e-5.
+
+Each run is a fresh process (peak RSS is its own: os.wait4); TRL runs in its own virtual environment, which
+this script creates on first use in benchmarks/.venvs/trl-1.12 (pip install torch==2.13.0 trl==1.12.0).
+TRL's current RLOOTrainer is not measured yet (see the README). Last line:
+``episodes_per_s_ratio=<ours / TRL PPO> peak_rss_ratio=<ours / TRL PPO> rloo_episodes_per_s_ratio=nan``.
+
+    python benchmarks/ppo_vs_trl.py [--steps 4] [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TRL_VENV = HERE / ".venvs" / "trl-1.12"
+BATCH, MINI, EPOCHS, NEW_TOKENS, LR = 32, 8, 4, 64, 1e-5
+
+
+def ensure_trl_venv() -> Path:
+    python = TRL_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "trl==1.12.0", "psutil"], check=True)
+    return python
+
+
+def prepare(root: Path) -> dict:
+    """The shared inputs: data (beer), a tiny GPT-2 policy and a tiny GPT-2 reward model, same tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from stackrlhf.data.build import build_dataset
+    from stackrlhf.data.config import DataConfig
+    from stackrlhf.data.load import load_split
+    from stackrlhf.models.base import make_model, train_tokenizer
+
+    data = root / "data"
+    build_dataset(DataConfig(dump=["beer"], out=str(data), progress=False))
+    prompts = list(load_split(data, "rl", "train")["prompt"])
+    tok = train_tokenizer(prompts * 4 + list(load_split(data, "finetune", "train")["completion"]), 8000)
+    torch.manual_seed(0)
+    policy = make_model("tiny", tok)
+    policy.save_pretrained(str(root / "policy"))
+    tok.save_pretrained(str(root / "policy"))
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=256, n_layer=4, n_head=4, num_labels=1,
+                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    rm = GPT2ForSequenceClassification(cfg)
+    rm.save_pretrained(str(root / "rm"))
+    tok.save_pretrained(str(root / "rm"))
+    (root / "prompts.json").write_text(json.dumps(prompts))
+    return {"root": str(root)}
+
+
+def worker_ours(root: Path, steps: int, k: int) -> dict:
+    from stackrlhf.models.reward import RewardModel
+    from stackrlhf.rl.config import PPOConfig
+    from stackrlhf.rl.ppo import PPOTrainer
+
+    rm = RewardModel.from_pretrained(root / "rm")
+    cfg = PPOConfig(policy=str(root / "policy"), data=str(root / "data"), out=str(root / f"ours-{k}-{time.time()}"),
+                    steps=steps, batch_size=BATCH, mini_batch_size=MINI, ppo_epochs=EPOCHS, learning_rate=LR,
+                    min_new_tokens=NEW_TOKENS, max_new_tokens=NEW_TOKENS, num_layers_unfrozen=k, report_to="none",
+                    progress=False, sample_every=0, save_every=0, temperature=1.0)
+    trainer = PPOTrainer(cfg, scorer=lambda q, a: rm.score(list(q), list(a)))
+    start = time.perf_counter()
+    trainer.train()
+    return {"episodes_per_s": steps * BATCH / (time.perf_counter() - start)}
+
+
+def worker_trl(root: Path, steps: int) -> dict:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(str(root / "policy"))
+    tok.padding_side = "left"
+    prompts = json.loads((root / "prompts.json").read_text())
+    ds = datasets.Dataset.from_dict({"input_ids": [tok(p, add_special_tokens=False)["input_ids"][-256:]
+                                                   for p in prompts]})
+    args = PPOConfig(output_dir=str(root / f"trl-{time.time()}"), per_device_train_batch_size=MINI,
+                     gradient_accumulation_steps=BATCH // MINI, num_mini_batches=BATCH // MINI,
+                     num_ppo_epochs=EPOCHS, learning_rate=LR, response_length=NEW_TOKENS, total_episodes=steps * BATCH,
+                     local_rollout_forward_batch_size=BATCH, temperature=1.0, report_to=[], save_strategy="no",
+                     num_sample_generations=0, stop_token="eos", seed=0, use_cpu=True, bf16=False)
+    trainer = PPOTrainer(args=args, processing_class=tok,
+                         model=AutoModelForCausalLM.from_pretrained(str(root / "policy")),
+                         ref_model=AutoModelForCausalLM.from_pretrained(str(root / "policy")),
+                         reward_model=AutoModelForSequenceClassification.from_pretrained(str(root / "rm"), num_labels=1),
+                         value_model=AutoModelForSequenceClassification.from_pretrained(str(root / "rm"), num_labels=1),
+                         train_dataset=ds)
+    start = time.perf_counter()
+    trainer.train()
+    return {"episodes_per_s": steps * BATCH / (time.perf_counter() - start)}
+
+
+def run(python: str, args: list[str]) -> dict:
+    out = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
+    proc = subprocess.Popen([python, __file__, *args, "--result", out], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"worker {args} failed:\n{proc.stderr.read().decode()[-3000:]}")
+    result = json.loads(Path(out).read_text())
+    result["peak_rss_mib"] = usage.ru_maxrss / 1024
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--worker", choices=["ours", "trl"])
+    ap.add_argument("--root")
+    ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--result")
+    args = ap.parse_args()
+    if args.worker:
+        import torch
+
+        torch.manual_seed(0)
+        result = (worker_ours(Path(args.root), args.steps, args.k) if args.worker == "ours"
+                  else worker_trl(Path(args.root), args.steps))
+        Path(args.result).write_text(json.dumps(result))
+        return
+    trl_python = str(ensure_trl_venv())
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        prepare(root)
+        runs: dict[str, list[dict]] = {"TRL 1.12 PPOTrainer": [], "ours, num_layers_unfrozen=2 (hydra)": [],
+                                       "ours, num_layers_unfrozen=-1 (full copy)": []}
+        for _ in range(args.repeats):
+            common = ["--root", str(root), "--steps", str(args.steps)]
+            runs["TRL 1.12 PPOTrainer"].append(run(trl_python, ["--worker", "trl", *common]))
+            runs["ours, num_layers_unfrozen=2 (hydra)"].append(run(sys.executable, ["--worker", "ours", "--k", "2", *common]))
+            runs["ours, num_layers_unfrozen=-1 (full copy)"].append(
+                run(sys.executable, ["--worker", "ours", "--k", "-1", *common]))
+    med = {name: (statistics.median(r["episodes_per_s"] for r in rs), max(r["peak_rss_mib"] for r in rs))
+           for name, rs in runs.items()}
+    base_eps, base_rss = med["TRL 1.12 PPOTrainer"]
+    print(f"PPO, tiny GPT-2 4x256 (vocab 8000), {BATCH} prompts x {NEW_TOKENS} tokens/step, {EPOCHS} epochs, "
+          f"minibatch {MINI}, {args.steps} steps, median of {args.repeats}")
+    print(f"{'trainer':<42} {'episodes/s':>11} {'ratio':>7} {'peak RSS MiB':>13} {'ratio':>7}")
+    for name, (eps, rss) in med.items():
+        print(f"{name:<42} {eps:11.2f} {eps / base_eps:7.2f} {rss:13.0f} {rss / base_rss:7.2f}")
+    ours_eps, ours_rss = med["ours, num_layers_unfrozen=2 (hydra)"]
+    print(f"episodes_per_s_ratio={ours_eps / base_eps:.2f} peak_rss_ratio={ours_rss / base_rss:.2f} "
+          f"rloo_episodes_per_s_ratio=nan")
+
+
+if __name__ == "__main__":
+    main()
