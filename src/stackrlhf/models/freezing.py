@@ -95,8 +95,9 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 
         preferred = ["c_attn", "c_proj", "c_fc", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                      "down_proj", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
         target_modules = [n for n in preferred if n in names] or sorted(names - {"lm_head", "classifier", "score"})
+    conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())  # GPT-2 stores its weights transposed
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                        task_type=task_type, bias="none", modules_to_save=modules_to_save)
+                        task_type=task_type, bias="none", modules_to_save=modules_to_save, fan_in_fan_out=conv1d)
     return get_peft_model(model, config)
 
 
