@@ -89,8 +89,8 @@ class RMConfig(TrainConfig):
     data: list[str] = field(default_factory=list, metadata={
         "help": "Pair datasets: `data build` outputs and/or feedback exports (repeatable)."})
     out: str = field(default="outputs/rm", metadata={"help": "Output reward-model directory."})
-    max_length: int = field(default=256, metadata={"help": "Most tokens of question + answer."})
-    max_question_tokens: int = field(default=64, metadata={
+    max_length: int = field(default=128, metadata={"help": "Most tokens of question + answer."})
+    max_question_tokens: int = field(default=32, metadata={
         "help": "The question is cut (in the middle) to this many tokens before the answer is."})
     margin: float = field(default=0.0, metadata={
         "help": "Bradley-Terry margin per point of score difference: -log sigmoid(r_j - r_k - margin * (s_j - s_k))."})
@@ -101,7 +101,7 @@ class RMConfig(TrainConfig):
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     max_train_pairs: int = field(default=0, metadata={"help": "Use at most this many training pairs (0: all)."})
     max_eval_pairs: int = field(default=0, metadata={"help": "Use at most this many held-out pairs (0: all)."})
-    learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (2e-5 barely moved MiniLM here)."})
     num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs; the best held-out epoch is kept."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Pairs per micro-batch."})
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Pairs per evaluation batch."})

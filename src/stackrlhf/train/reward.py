@@ -113,8 +113,9 @@ def pair_accuracy(pred: EvalPrediction) -> dict:
     return {"accuracy": float(np.mean(rewards[:, 0] > rewards[:, 1]))}
 
 
-def _win_rate(flags: list[float]) -> float:
-    return float(np.mean(flags)) if flags else float("nan")
+def _win_rate(flags: list[float]) -> float | None:
+    """Mean of the flags; None (JSON null) when there are none."""
+    return float(np.mean(flags)) if flags else None
 
 
 def evaluation_report(pairs: datasets.Dataset, rewards: np.ndarray) -> dict:
@@ -216,5 +217,5 @@ def print_report(m: dict) -> None:
     for name, key in (("reward model", "accuracy"), ("longer answer wins", "baseline_longer_wins"),
                       ("earlier answer wins", "baseline_earlier_wins"), ("random", "baseline_random"),
                       ("reward model, shorter-is-better pairs", "accuracy_shorter_better")):
-        table.add_row(name, f"{m[key]:.3f}")
+        table.add_row(name, "n/a" if m[key] is None else f"{m[key]:.3f}")
     console.print(table)
