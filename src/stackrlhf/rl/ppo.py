@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -325,13 +326,9 @@ class PPOTrainer:
                     "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                             "torch": torch.get_rng_state()}}, tmp / "state.pt")
         if folder.exists():
-            import shutil
-
             shutil.rmtree(folder)
         tmp.rename(folder)
         for old in sorted(self.checkpoint_dir().glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
-            import shutil
-
             shutil.rmtree(old, ignore_errors=True)
 
     def maybe_resume(self) -> None:
