@@ -109,13 +109,9 @@ def load_config(cls: type[C], config_file: str | os.PathLike | None = None, sect
         raise StackRLHFError(f"bad settings for {cls.__name__}: {exc}") from exc
 
 
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the exact settings a stage ran with (``config.yaml`` in its artifact directory)."""
-    write_text_atomic(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_text_atomic(Path(path), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import datasets
@@ -20,10 +19,3 @@ def load_split(data_dir: str | Path, dataset: str, split: str = "train") -> data
         raise StackRLHFError(f"{root}: no {dataset}/{split} split here; is it a `stackrlhf data build` output?")
     return datasets.Dataset.from_parquet([str(f) for f in files], keep_in_memory=False)
 
-
-def load_stats(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / "stats.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise StackRLHFError(f"{path}: missing or unreadable ({exc})") from exc
