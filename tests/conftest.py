@@ -52,3 +52,28 @@ def read_parquet_rows(root: Path, dataset: str, split: str) -> list[dict]:
     import pyarrow.parquet as pq
 
     return pq.read_table(root / dataset / f"{split}-00000-of-00001.parquet").to_pylist()
+
+
+def save_tiny_lm(texts: list[str], out: Path) -> Path:
+    """A randomly initialised 2-layer GPT-2 with a 400-token BPE vocabulary learned from ``texts``, saved."""
+    import torch
+
+    from stackrlhf.models.base import make_model, train_tokenizer
+
+    tok = train_tokenizer(texts, vocab_size=400)
+    torch.manual_seed(0)
+    model = make_model("tiny", tok)
+    model.transformer.h = model.transformer.h[:2]
+    model.config.n_layer = 2
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(beer_data, tmp_path_factory) -> Path:
+    """A tiny untrained LM whose vocabulary comes from beer answers (ILQL, eval, feedback tests)."""
+    from stackrlhf.data.load import load_split
+
+    texts = list(load_split(beer_data, "finetune", "train")["completion"])[:300]
+    return save_tiny_lm(texts, tmp_path_factory.mktemp("tiny-lm") / "tiny")

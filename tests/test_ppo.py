@@ -10,12 +10,13 @@ import torch
 
 from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
-from stackrlhf.models.base import make_model, train_tokenizer
 from stackrlhf.models.freezing import apply_lora
 from stackrlhf.models.heads import PolicyWithValue
 from stackrlhf.models.loading import load_causal_lm
 from stackrlhf.rl.config import PPOConfig
 from stackrlhf.rl.ppo import PPOTrainer, gae, kl_per_token, train_ppo
+
+from conftest import save_tiny_lm
 
 TARGET = "e"
 
@@ -23,16 +24,8 @@ TARGET = "e"
 @pytest.fixture(scope="module")
 def tiny_policy(beer_data, tmp_path_factory) -> Path:
     """A randomly initialised tiny GPT-2 (2 layers) with a small BPE vocabulary from the beer prompts."""
-    out = tmp_path_factory.mktemp("policy") / "tiny"
     texts = list(load_split(beer_data, "rl", "train")["prompt"]) * 3
-    tok = train_tokenizer(texts, vocab_size=400)
-    torch.manual_seed(0)
-    model = make_model("tiny", tok)
-    model.transformer.h = model.transformer.h[:2]
-    model.config.n_layer = 2
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
+    return save_tiny_lm(texts, tmp_path_factory.mktemp("policy") / "tiny")
 
 
 def target_fraction(tok=None):

@@ -12,7 +12,8 @@ from stackrlhf.config import config_options, load_config
 from stackrlhf.data.config import DataConfig
 from stackrlhf.train.config import PretrainConfig, RMConfig, SFTConfig
 from stackrlhf.errors import StackRLHFError
-from stackrlhf.rl.config import PPOConfig
+from stackrlhf.evaluate.config import EvalConfig
+from stackrlhf.rl.config import ILQLConfig, PPOConfig
 
 
 def user_errors(func):
@@ -109,10 +110,12 @@ def sft_cmd(config_file, **options) -> None:
 @click.option("--repetition-penalty", default=1.0, show_default=True, help="Penalty for repeated tokens.")
 @click.option("--seed", default=None, type=int, help="Seed for reproducible sampling.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda if available]")
+@click.option("--beta", default=None, type=float,
+              help="ILQL models: logits + beta * (Q - V) (0: the plain LM) [the value saved with the model].")
 @user_errors
 def ask_cmd(model, question, title, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-            device) -> None:
-    """Answer QUESTION with MODEL (a model directory or hub id), streamed token by token."""
+            device, beta) -> None:
+    """Answer QUESTION with MODEL (a model directory, a hub id, or a `stackrlhf ilql` output), streamed."""
     import torch
     import transformers
     from transformers import TextStreamer
@@ -123,11 +126,23 @@ def ask_cmd(model, question, title, max_new_tokens, temperature, top_k, top_p, r
     from stackrlhf.models.loading import load_causal_lm
     from stackrlhf.prompts import format_prompt
 
+    from stackrlhf.rl.ilql import ILQLModel, ilql_generate, is_ilql_model
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    lm, tok = load_causal_lm(model, device=device)
     prompt = format_prompt(title, question)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty)
+    if is_ilql_model(model):
+        ilql, tok, saved = ILQLModel.from_pretrained(model, device=device)
+        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        if top_k == 0:
+            sampling.top_k = saved.get("top_k", 0)
+        ilql_generate(ilql, tok, [prompt], sampling, beta=saved.get("beta", 1.0) if beta is None else beta,
+                      batch_size=1, seed=seed, streamer=streamer)
+        return
+    if beta is not None:
+        raise StackRLHFError(f"--beta applies to ILQL models only; {model} has no ILQL heads")
+    lm, tok = load_causal_lm(model, device=device)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     generate(lm, tok, [prompt], sampling, batch_size=1, seed=seed, streamer=streamer)
 
@@ -176,6 +191,137 @@ def ppo_cmd(config_file, **options) -> None:
     from stackrlhf.rl.ppo import train_ppo
 
     train_ppo(load_config(PPOConfig, config_file, section="ppo", **options))
+
+
+@cli.command("ilql")
+@config_options(ILQLConfig)
+@user_errors
+def ilql_cmd(config_file, **options) -> None:
+    """Offline RL: ILQL on the vote-scored answers (no generation in training); decode with logits + beta*(Q-V).
+
+    Example: stackrlhf ilql --model outputs/sft --data outputs/data --out outputs/ilql
+    """
+    from stackrlhf.rl.ilql import train_ilql
+
+    train_ilql(load_config(ILQLConfig, config_file, section="ilql", **options))
+
+
+@cli.command("eval")
+@config_options(EvalConfig)
+@user_errors
+def eval_cmd(config_file, **options) -> None:
+    """Answer held-out questions with each model; judge by the proxy and gold RMs, KL, perplexity, diversity.
+
+    Example: stackrlhf eval --model sft=outputs/sft --model ppo=outputs/ppo --model ilql=outputs/ilql@2
+    --reward outputs/rm --gold-reward outputs/rm-gold --data outputs/data --out outputs/eval
+    """
+    from stackrlhf.evaluate.metrics import evaluate_models
+
+    evaluate_models(load_config(EvalConfig, config_file, section="eval", **options))
+
+
+@cli.group()
+def feedback() -> None:
+    """Human feedback: queue model answers, annotate them in the web app, export pairs, measure agreement."""
+
+
+DB_OPTION = click.option("--db", default="sqlite:///feedback.db", show_default=True,
+                         help="SQLAlchemy URL of the feedback store (SQLite file, or postgresql+psycopg://...).")
+
+
+@feedback.command("add-annotator")
+@click.argument("name")
+@DB_OPTION
+@click.option("--admin", is_flag=True, help="May see progress, agreement and the export.")
+@user_errors
+def feedback_add_annotator(name, db, admin) -> None:
+    """Create annotator NAME and print their personal token (shown once; stored hashed)."""
+    from stackrlhf.feedback.store import FeedbackStore
+
+    click.echo(FeedbackStore(db).add_annotator(name, admin=admin))
+
+
+@feedback.command("queue")
+@DB_OPTION
+@click.option("--model", "models", multiple=True, required=True,
+              help="NAME=PATH of a model that answers (repeatable; ILQL outputs as NAME=PATH@BETA).")
+@click.option("--data", required=True, help="A `stackrlhf data build` output.")
+@click.option("--split", type=click.Choice(["rl", "evaluation"]), default="evaluation", show_default=True)
+@click.option("--questions", default=20, show_default=True, help="Questions to queue.")
+@click.option("--answers-per-question", default=2, show_default=True, help="Candidates per task (K).")
+@click.option("--control/--no-control", default=False, show_default=True,
+              help="Mix in the dump's best answer as one of the K (evaluation split).")
+@click.option("--max-new-tokens", default=160, show_default=True)
+@click.option("--temperature", default=0.7, show_default=True)
+@click.option("--top-p", default=0.95, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--batch", default="", help="A name for this batch of tasks (recorded with each).")
+@user_errors
+def feedback_queue(db, models, data, split, questions, answers_per_question, control, max_new_tokens, temperature,
+                   top_p, seed, batch) -> None:
+    """Generate K candidate answers per question and store them as comparison tasks."""
+    from stackrlhf.feedback.queue import queue_tasks
+    from stackrlhf.models.generation import SamplingConfig
+
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    result = queue_tasks(db, list(models), split, questions, answers_per_question, control, sampling, data, seed,
+                         batch)
+    click.echo(f"queued {result['tasks']} tasks of {answers_per_question} answers in {db}")
+
+
+@feedback.command("serve")
+@DB_OPTION
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--replication", default=2, show_default=True, help="Annotators per task (R).")
+def feedback_serve(db, host, port, replication) -> None:
+    """Run the annotation web app."""
+    import uvicorn
+
+    from stackrlhf.feedback.app import create_app
+
+    uvicorn.run(create_app(db, replication=replication), host=host, port=port, log_level="warning")
+
+
+@feedback.command("export")
+@DB_OPTION
+@click.option("--out", required=True, help="Output directory (reward/train-*.parquet pairs, ratings.parquet).")
+@user_errors
+def feedback_export(db, out) -> None:
+    """Write the labels as preference pairs in the data pipeline's pair schema, plus the raw ratings."""
+    from stackrlhf.feedback.export import export_feedback
+    from stackrlhf.feedback.store import FeedbackStore
+
+    summary = export_feedback(FeedbackStore(db), out)
+    click.echo(f"wrote {out}: {summary['pairs']} pairs, {summary['ratings']} ratings")
+
+
+@feedback.command("stats")
+@DB_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@user_errors
+def feedback_stats_cmd(db, as_json) -> None:
+    """Labels per annotator, agreement on the preference (Cohen's kappa, Krippendorff's alpha), ratings by model."""
+    import json as json_module
+
+    from stackrlhf.feedback.export import feedback_stats
+    from stackrlhf.feedback.store import FeedbackStore
+
+    stats = feedback_stats(FeedbackStore(db))
+    if as_json:
+        click.echo(json_module.dumps(stats, indent=2, default=str))
+        return
+    click.echo(f"{stats['tasks']} tasks, {stats['labels']} labels ({stats['skipped']} skipped), "
+               f"{stats['annotators']} annotators")
+    for name, n in stats["labels_per_annotator"].items():
+        click.echo(f"  {name}: {n} labels")
+    click.echo(f"Krippendorff's alpha (preference): {stats['krippendorff_alpha']:.3f} over "
+               f"{stats['items_with_two_or_more_labels']} tasks")
+    for pair, k in stats["cohen_kappa"].items():
+        click.echo(f"  Cohen's kappa {pair}: {k['kappa']:.3f} over {k['items']} tasks")
+    for model, r in stats["by_model"].items():
+        click.echo(f"  {model}: usefulness {r['usefulness']:.2f}, accuracy {r['accuracy']:.2f}, "
+                   f"chosen as better {100 * r['chosen_best']:.0f}% ({r['ratings']} ratings)")
 
 
 def main() -> None:

@@ -61,3 +61,9 @@ def question_split(site: str, qid: int, fractions: SplitFractions = SplitFractio
 def is_heldout(site: str, qid: int, share: float) -> bool:
     """Whether a finetune or reward question goes to that split's ``eval`` part (an independent hash)."""
     return unit_hash(f"heldout/{site}/{qid}") < share
+
+
+def pair_half(site: str, qid: int) -> str:
+    """``proxy`` or ``gold``: which of two reward models may learn from a question's pairs, when a held-out
+    "gold" RM is trained on questions disjoint from the proxy RM's (to see over-optimisation, Gao et al. 2022)."""
+    return "gold" if unit_hash(f"gold/{site}/{qid}") < 0.5 else "proxy"

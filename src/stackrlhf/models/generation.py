@@ -79,3 +79,21 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
     if was_training:
         model.train()
     return out
+
+
+def pack_sequences(prompt_ids: list[list[int]], response_ids: list[list[int]], pad: int, device=None) -> dict:
+    """[left-padded prompt | right-padded response] with attention mask and position ids, for scoring
+    generated answers in one forward pass. ``keep`` = R + 1: the last positions that predict the response."""
+    P = max(len(p) for p in prompt_ids)
+    R = max(max(len(r) for r in response_ids), 1)
+    ids = torch.full((len(prompt_ids), P + R), pad, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        ids[i, P - len(p):P] = torch.tensor(p)
+        attn[i, P - len(p):P] = 1
+        if r:
+            ids[i, P:P + len(r)] = torch.tensor(r)
+            attn[i, P:P + len(r)] = 1
+    position_ids = (attn.cumsum(1) - 1).clamp(min=0)
+    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "position_ids": position_ids.to(device),
+            "responses": ids[:, P:].to(device), "response_mask": attn[:, P:].float().to(device), "keep": R + 1}

@@ -71,3 +71,58 @@ class PPOConfig:
             raise ValueError("need 0 < min_new_tokens <= max_new_tokens")
         if self.lora and self.num_layers_unfrozen >= 0:
             self.num_layers_unfrozen = -1  # LoRA decides what trains
+
+
+@dataclass
+class ILQLConfig:
+    """Implicit Language Q-Learning (Snell et al. 2022): offline RL from scored answers, no generation in training."""
+
+    model: str = field(default="", metadata={"help": "The SFT model directory (or any causal LM id)."})
+    data: str = field(default="", metadata={
+        "help": "A `stackrlhf data build` output: the scored answers of its finetune and reward training splits."})
+    out: str = field(default="outputs/ilql", metadata={"help": "Output directory."})
+    reward_source: str = field(default="votes", metadata={
+        "choices": ("votes", "rm"), "help": "votes: the answer's vote-based score; rm: the reward model's score."})
+    reward: str = field(default="", metadata={"help": "Reward-model directory (with --reward-source rm)."})
+    max_samples: int = field(default=0, metadata={"help": "Use at most this many scored answers (0: all)."})
+    max_prompt_tokens: int = field(default=128, metadata={"help": "Longer prompts are cut in the middle."})
+    max_answer_tokens: int = field(default=128, metadata={"help": "Longer answers are cut (their reward kept)."})
+    # optimisation
+    steps: int = field(default=1000, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=16, metadata={"help": "Sequences per step (per process)."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak AdamW learning rate (warm-up, then cosine)."})
+    warmup_steps: int = field(default=20, metadata={"help": "Linear warm-up steps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    # ILQL
+    gamma: float = field(default=0.99, metadata={"help": "Discount."})
+    tau: float = field(default=0.7, metadata={"help": "Expectile of the V loss (0.5: mean; -> 1: max over actions)."})
+    cql_scale: float = field(default=0.1, metadata={"help": "Weight of the CQL (Q-as-logits cross-entropy) loss."})
+    awac_scale: float = field(default=1.0, metadata={"help": "Weight of the language-model loss."})
+    awac_beta: float = field(default=0.0, metadata={
+        "help": "AWAC temperature: each token's LM loss is weighted by exp(awac_beta * (Q - V)) (0: plain LM loss)."})
+    awac_max_weight: float = field(default=20.0, metadata={"help": "Largest AWAC weight."})
+    alpha: float = field(default=0.01, metadata={"help": "Polyak rate: target <- alpha * online + (1 - alpha) * target."})
+    steps_for_target_q_sync: int = field(default=1, metadata={"help": "Sync the target Q heads every N steps."})
+    two_qs: bool = field(default=True, metadata={"help": "Two Q heads (the minimum is used), against overestimation."})
+    num_layers_unfrozen: int = field(default=2, metadata={"help": "Train the top k blocks + head + Q/V heads (-1: all)."})
+    # decoding defaults saved with the model
+    beta: float = field(default=1.0, metadata={"help": "Decoding: logits + beta * (Q - V) (0: the plain LM)."})
+    top_k: int = field(default=20, metadata={"help": "Decoding: sample among the top k after the shift (0: all)."})
+    # operation
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+    log_every: int = field(default=10, metadata={"help": "Log metrics every N steps."})
+    save_every: int = field(default=200, metadata={"help": "Checkpoint every N steps."})
+    resume: bool = field(default=True, metadata={"help": "Resume from the last checkpoint in OUT/checkpoints."})
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, both, or none."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("--model is required: the SFT model directory")
+        if not 0 < self.tau < 1:
+            raise ValueError("tau must be in (0, 1)")
+        if not 0 < self.alpha <= 1:
+            raise ValueError("alpha must be in (0, 1]")
+        if self.reward_source == "rm" and not self.reward:
+            raise ValueError("--reward-source rm needs --reward RM_DIR")

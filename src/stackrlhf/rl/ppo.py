@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -34,9 +33,10 @@ from stackrlhf.config import save_config, write_text_atomic
 from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.models.freezing import apply_lora, describe_trainable
-from stackrlhf.models.generation import SamplingConfig, generate
+from stackrlhf.models.generation import SamplingConfig, generate, pack_sequences
 from stackrlhf.models.heads import PolicyWithValue
 from stackrlhf.models.loading import load_causal_lm
+from stackrlhf.rl.checkpoints import load_latest, save_checkpoint
 from stackrlhf.rl.config import PPOConfig
 
 console = Console(stderr=True)
@@ -187,7 +187,7 @@ class PPOTrainer:
             scores = torch.where(finished, scores, scores - cfg.missing_eos_penalty)
 
         # 3. one forward pass without grad: old log-probs, values, reference log-probs
-        batch = self.pack(rollout.prompt_ids, rollout.response_ids)
+        batch = pack_sequences(rollout.prompt_ids, rollout.response_ids, self.tok.pad_token_id, device)
         with torch.no_grad():
             logits, values, ref_logits = policy(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
                                                 with_reference=True, keep=batch["keep"])
@@ -231,25 +231,6 @@ class PPOTrainer:
         }
         self.step_index += 1
         return metrics | {"_samples": list(zip(prompts, rollout.texts, scores.tolist()))}
-
-    def pack(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> dict:
-        """[left-padded prompt | right-padded response] with attention mask and position ids."""
-        device = self.accelerator.device
-        pad = self.tok.pad_token_id
-        P = max(len(p) for p in prompt_ids)
-        R = max(max(len(r) for r in response_ids), 1)
-        ids = torch.full((len(prompt_ids), P + R), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-            ids[i, P - len(p):P] = torch.tensor(p)
-            attn[i, P - len(p):P] = 1
-            if r:
-                ids[i, P:P + len(r)] = torch.tensor(r)
-                attn[i, P:P + len(r)] = 1
-        position_ids = (attn.cumsum(1) - 1).clamp(min=0)
-        return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "position_ids": position_ids.to(device),
-                "responses": ids[:, P:].to(device), "response_mask": attn[:, P:].float().to(device),
-                "keep": R + 1}
 
     @staticmethod
     def response_part(x: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -317,39 +298,25 @@ class PPOTrainer:
     def save_checkpoint(self) -> None:
         if not self.accelerator.is_main_process:
             return
-        folder = self.checkpoint_dir() / f"step-{self.step_index}"
-        tmp = folder.with_name(folder.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
         trainable = {n: p.detach().cpu() for n, p in self.policy.named_parameters() if p.requires_grad}
-        torch.save({"trainable": trainable, "optimizer": self.optimizer.state_dict(), "kl_coef": self.kl_ctl.value,
-                    "step": self.step_index, "history": self.history, "warned_negative_kl": self.warned_negative_kl,
-                    "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                            "torch": torch.get_rng_state()}}, tmp / "state.pt")
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-        for old in sorted(self.checkpoint_dir().glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-2]:
-            shutil.rmtree(old, ignore_errors=True)
+        save_checkpoint(self.checkpoint_dir(), self.step_index, {
+            "trainable": trainable, "optimizer": self.optimizer.state_dict(), "kl_coef": self.kl_ctl.value,
+            "history": self.history, "warned_negative_kl": self.warned_negative_kl})
 
     def maybe_resume(self) -> None:
-        folder = self.checkpoint_dir()
-        done = sorted((p for p in folder.glob("step-*") if (p / "state.pt").is_file()),
-                      key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []
-        if not done or not self.cfg.resume:
+        found = load_latest(self.checkpoint_dir()) if self.cfg.resume else None
+        if found is None:
             return
-        state = torch.load(done[-1] / "state.pt", weights_only=False)
+        state, folder = found
         missing = self.policy.load_state_dict(state["trainable"], strict=False)
         if missing.unexpected_keys:
-            raise StackRLHFError(f"{done[-1]}: checkpoint does not match this model ({missing.unexpected_keys[:3]})")
+            raise StackRLHFError(f"{folder}: checkpoint does not match this model ({missing.unexpected_keys[:3]})")
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl_ctl.value = state["kl_coef"]
         self.step_index = state["step"]
         self.history = state["history"]
         self.warned_negative_kl = state["warned_negative_kl"]
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        console.print(f"resumed from {done[-1]} (step {self.step_index})")
+        console.print(f"resumed from {folder} (step {self.step_index})")
 
     # ------------------------------------------------------------ the loop
 

@@ -99,6 +99,9 @@ class RMConfig(TrainConfig):
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    pairs_half: str = field(default="all", metadata={"choices": ("all", "proxy", "gold"), "help":
+        "Train on one half of the questions only: `proxy` for the RM that RL optimises, `gold` for the held-out "
+        "judge of `stackrlhf eval` (disjoint questions, to detect over-optimisation)."})
     max_train_pairs: int = field(default=0, metadata={"help": "Use at most this many training pairs (0: all)."})
     max_eval_pairs: int = field(default=0, metadata={"help": "Use at most this many held-out pairs (0: all)."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (2e-5 barely moved MiniLM here)."})

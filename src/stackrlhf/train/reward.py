@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from transformers import EvalPrediction, Trainer
 
 from stackrlhf.data.load import load_split
+from stackrlhf.data.splits import pair_half
 from stackrlhf.models.freezing import apply_lora, describe_trainable, freeze_bottom
 from stackrlhf.models.reward import RewardModel, default_backbone, encode_pair, load_backbone
 from stackrlhf.config import save_config
@@ -36,9 +37,10 @@ CALIBRATION_EDGES = (0.0, 0.25, 0.5, 1.0, 2.0, math.inf)
 PAIR_COLUMNS = ["site", "qid", "prompt", "chosen", "rejected", "score_j", "score_k", "date_j", "date_k"]
 
 
-def load_pairs(dirs: list[str], split: str, limit: int = 0, seed: int = 0) -> datasets.Dataset:
+def load_pairs(dirs: list[str], split: str, limit: int = 0, seed: int = 0, half: str = "all") -> datasets.Dataset:
     """The ``reward/<split>`` pairs of every directory, concatenated. Every directory must have training
-    pairs; one without held-out pairs (a small feedback export, say) adds none to ``eval``."""
+    pairs; one without held-out pairs (a small feedback export, say) adds none to ``eval``. ``half``
+    (``proxy`` / ``gold``) keeps the questions of one half only (:func:`stackrlhf.data.splits.pair_half`)."""
     parts = []
     for d in dirs:
         if split == "eval" and not list((Path(d) / "reward").glob("eval-*.parquet")):
@@ -47,6 +49,9 @@ def load_pairs(dirs: list[str], split: str, limit: int = 0, seed: int = 0) -> da
     if not parts:
         return datasets.Dataset.from_dict({c: [] for c in PAIR_COLUMNS})
     pairs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if half != "all":
+        keep = [i for i, (site, qid) in enumerate(zip(pairs["site"], pairs["qid"])) if pair_half(site, qid) == half]
+        pairs = pairs.select(keep)
     if limit and len(pairs) > limit:
         pairs = pairs.shuffle(seed=seed).select(range(limit))
     return pairs
@@ -162,8 +167,8 @@ def train_reward_model(cfg: RMConfig) -> dict:
     random.seed(cfg.seed)
     backbone = cfg.backbone or default_backbone()
     model, tok = load_backbone(backbone)
-    train_pairs = load_pairs(cfg.data, "train", cfg.max_train_pairs, cfg.seed)
-    eval_pairs = load_pairs(cfg.data, "eval", cfg.max_eval_pairs, cfg.seed)
+    train_pairs = load_pairs(cfg.data, "train", cfg.max_train_pairs, cfg.seed, cfg.pairs_half)
+    eval_pairs = load_pairs(cfg.data, "eval", cfg.max_eval_pairs, cfg.seed, cfg.pairs_half)
     train_set, eval_set = PairDataset(tok, train_pairs, cfg), PairDataset(tok, eval_pairs, cfg)
     if cfg.lora:
         heads = sorted({n.split(".")[0] for n, _ in model.named_parameters() if n.split(".")[0] in HEAD_NAMES})

@@ -1,0 +1,1 @@
+"""Evaluation of trained models on held-out questions, and the HTML report."""

@@ -1,0 +1,40 @@
+"""Settings of ``stackrlhf eval`` (torch-free, so the CLI starts fast)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EvalConfig:
+    model: list[str] = field(default_factory=list, metadata={
+        "help": "A model to evaluate, NAME=PATH (repeatable; PATH a model directory, a hub id, or an ILQL output, "
+                "whose beta may be given as NAME=PATH@BETA). The first is the baseline of the win rates unless "
+                "--baseline names another."})
+    data: str = field(default="", metadata={"help": "A `stackrlhf data build` output (its evaluation split)."})
+    reward: str = field(default="", metadata={"help": "The proxy reward model (the one RL optimised)."})
+    gold_reward: str = field(default="", metadata={
+        "help": "A held-out gold reward model, trained on questions disjoint from the proxy's (`rm --pairs-half gold`)."})
+    reference: str = field(default="", metadata={"help": "The reference for KL (default: the baseline model)."})
+    baseline: str = field(default="", metadata={"help": "NAME of the model the win rates compare against."})
+    out: str = field(default="outputs/eval", metadata={"help": "Output directory (eval.json, samples.jsonl)."})
+    questions: int = field(default=64, metadata={"help": "Held-out questions to answer (0: all)."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Most tokens per answer."})
+    max_prompt_tokens: int = field(default=256, metadata={"help": "Longer prompts are cut in the middle."})
+    temperature: float = field(default=1.0, metadata={
+        "help": "Sampling temperature (1 with top-k/top-p off keeps the KL estimate unbiased)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1: off)."})
+    batch_size: int = field(default=16, metadata={"help": "Answers generated / scored per batch."})
+    seed: int = field(default=0, metadata={"help": "Random seed (same questions and sampling noise for every model)."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, str):
+            self.model = [self.model]
+        if not self.model:
+            raise ValueError("--model is required (NAME=PATH, repeatable)")
+        if not self.data:
+            raise ValueError("--data is required: a `stackrlhf data build` output")
+        if not self.reward:
+            raise ValueError("--reward is required: the proxy reward-model directory")

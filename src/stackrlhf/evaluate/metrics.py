@@ -1,0 +1,231 @@
+"""``stackrlhf eval``: every model answers the same held-out questions; the answers are judged.
+
+Per model: mean reward by the proxy RM (the one RL optimised) and by a gold RM trained on disjoint questions
+(a proxy gain the gold RM does not share is over-optimisation, Gao et al. 2022), win rates against the
+baseline by both, KL to the reference on the model's own samples, perplexity of the held-out human answers,
+mean answer length and distinct-2. ILQL models are judged as they decode: with their beta shift.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from stackrlhf.config import write_text_atomic
+from stackrlhf.data.load import load_split
+from stackrlhf.errors import StackRLHFError
+from stackrlhf.evaluate.config import EvalConfig
+from stackrlhf.models.generation import SamplingConfig, encode_prompts, generate, pack_sequences
+from stackrlhf.models.loading import load_causal_lm
+
+console = Console(stderr=True)
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    path: str
+    beta: float | None = None  # ILQL only; None: the beta saved with the model
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """``NAME=PATH``, ``NAME=PATH@BETA`` or a bare ``PATH`` (named after its last folder)."""
+    name, sep, path = text.partition("=")
+    if not sep:
+        name, path = Path(text.rstrip("/")).name or text, text
+    beta = None
+    if "@" in path:
+        path, _, b = path.rpartition("@")
+        try:
+            beta = float(b)
+        except ValueError as exc:
+            raise StackRLHFError(f"--model {text}: the part after @ must be an ILQL beta, e.g. ilql=out/ilql@2") from exc
+    if not name or not path:
+        raise StackRLHFError(f"--model {text}: expected NAME=PATH")
+    return ModelSpec(name, path, beta)
+
+
+class Candidate:
+    """A model as it answers: a plain causal LM, or an ILQL model decoding with logits + beta * (Q - V)."""
+
+    def __init__(self, spec: ModelSpec, device):
+        from stackrlhf.rl.ilql import ILQLModel, is_ilql_model
+
+        self.spec = spec
+        self.ilql = None
+        if is_ilql_model(spec.path):
+            self.ilql, self.tok, saved = ILQLModel.from_pretrained(spec.path, device=device)
+            self.lm = self.ilql.lm
+            self.beta = saved.get("beta", 1.0) if spec.beta is None else spec.beta
+        else:
+            if spec.beta is not None:
+                raise StackRLHFError(f"--model {spec.name}: @beta applies to ILQL models only")
+            self.lm, self.tok = load_causal_lm(spec.path, device=device)
+            self.beta = None
+        self.lm.eval()
+
+    def generate(self, prompts: list[str], sampling: SamplingConfig, batch_size: int, seed: int):
+        if self.ilql is not None:
+            from stackrlhf.rl.ilql import ilql_generate
+
+            return ilql_generate(self.ilql, self.tok, prompts, sampling, self.beta, batch_size, seed)
+        return generate(self.lm, self.tok, prompts, sampling, batch_size=batch_size, seed=seed)
+
+    @torch.no_grad()
+    def response_logprobs(self, batch: dict) -> torch.Tensor:
+        """log p(response token | prefix) under the distribution the model samples from (temperature 1)."""
+        R = batch["responses"].shape[1]
+        if self.ilql is None:
+            logits = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=batch["position_ids"], use_cache=False, logits_to_keep=batch["keep"]).logits
+            logp = F.log_softmax(logits[:, :R].float(), -1)
+        else:
+            trunk = getattr(self.lm, self.lm.base_model_prefix)
+            h = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      position_ids=batch["position_ids"], use_cache=False).last_hidden_state[:, -batch["keep"]:][:, :R]
+            logp = F.log_softmax(self.lm.get_output_embeddings()(h).float(), -1)
+            if self.beta:
+                logp = F.log_softmax(logp + self.beta * self.ilql.heads.advantage(h).float()[..., :logp.shape[-1]], -1)
+        return logp.gather(-1, batch["responses"].unsqueeze(-1)).squeeze(-1) * batch["response_mask"]
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Unique word n-grams over all n-grams of all answers (a diversity measure; 0 when there are none)."""
+    grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def win_rate(scores: list[float], baseline: list[float]) -> float:
+    """Share of questions where the model's answer scores above the baseline's (ties count half)."""
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline)]
+    return float(np.mean(wins)) if wins else math.nan
+
+
+def same_vocabulary(a, b) -> bool:
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
+def batched_logprobs(model: Candidate, prompt_ids, response_ids, pad: int, device, batch_size: int) -> list[torch.Tensor]:
+    """Per answer, the log-probs of its tokens (a 1-D tensor each)."""
+    out = []
+    for start in range(0, len(prompt_ids), batch_size):
+        p, r = prompt_ids[start:start + batch_size], response_ids[start:start + batch_size]
+        batch = pack_sequences(p, r, pad, device)
+        logp = model.response_logprobs(batch).cpu()
+        out.extend(logp[i, :len(ri)] for i, ri in enumerate(r))
+    return out
+
+
+def evaluate_models(cfg: EvalConfig) -> dict:
+    from stackrlhf.models.reward import RewardModel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    specs = [parse_model_spec(m) for m in cfg.model]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise StackRLHFError(f"model names must differ: {names}")
+    baseline = cfg.baseline or names[0]
+    if baseline not in names:
+        raise StackRLHFError(f"--baseline {baseline} is not one of the models ({', '.join(names)})")
+
+    rows = load_split(cfg.data, "evaluation", "test")
+    order = np.random.RandomState(cfg.seed).permutation(len(rows))
+    rows = rows.select(sorted(order[: cfg.questions] if cfg.questions else order))
+    questions = rows.to_list()
+    prompts = [q["prompt"] for q in questions]
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                              top_p=cfg.top_p, max_prompt_tokens=cfg.max_prompt_tokens)
+    judges = {"proxy": RewardModel.from_pretrained(cfg.reward, device=device)}
+    if cfg.gold_reward:
+        judges["gold"] = RewardModel.from_pretrained(cfg.gold_reward, device=device)
+    reference_path = cfg.reference or next(s.path for s in specs if s.name == baseline)
+    reference = Candidate(ModelSpec("reference", reference_path, 0.0 if _is_ilql(reference_path) else None), device)
+
+    answers: dict[str, list[str]] = {}
+    per_answer: dict[str, dict[str, list[float]]] = {}
+    results: dict[str, dict] = {}
+    for spec in tqdm(specs, desc="models", disable=not cfg.progress):
+        t0 = time.perf_counter()
+        model = Candidate(spec, device)
+        gen = model.generate(prompts, sampling, cfg.batch_size, cfg.seed)
+        t_gen = time.perf_counter() - t0
+        pad = model.tok.pad_token_id
+        logp = batched_logprobs(model, gen.prompt_ids, gen.response_ids, pad, device, cfg.batch_size)
+        kl = None
+        if same_vocabulary(model.tok, reference.tok):
+            ref = batched_logprobs(reference, gen.prompt_ids, gen.response_ids, pad, device, cfg.batch_size)
+            kl = [float((a - b).sum()) for a, b in zip(logp, ref)]
+        # perplexity of the held-out human answers (the best one per question)
+        human = [model.tok(q["best_answer"], add_special_tokens=False)["input_ids"][: cfg.max_new_tokens]
+                 + [model.tok.eos_token_id] for q in questions]
+        human_logp = batched_logprobs(model, encode_prompts(model.tok, prompts, cfg.max_prompt_tokens), human, pad,
+                                      device, cfg.batch_size)
+        nll = -float(torch.cat(human_logp).mean())
+        scores = {name: judge.score(prompts, gen.texts, normalize=True) for name, judge in judges.items()}
+        answers[spec.name] = gen.texts
+        per_answer[spec.name] = {**scores, "length": [float(len(r)) for r in gen.response_ids],
+                                 **({"kl": kl} if kl is not None else {})}
+        results[spec.name] = {
+            "path": spec.path, "beta": model.beta,
+            **{f"reward_{name}": float(np.mean(s)) for name, s in scores.items()},
+            **{f"reward_{name}_std": float(np.std(s)) for name, s in scores.items()},
+            "kl_to_reference": float(np.mean(kl)) if kl is not None else None,
+            "human_answer_perplexity": float(math.exp(min(nll, 50.0))),
+            "length_tokens": float(np.mean([len(r) for r in gen.response_ids])),
+            "ended": float(np.mean(gen.finished)), "distinct_2": distinct_n(gen.texts, 2),
+            "generate_s": t_gen,
+        }
+        del model
+    for name in names:
+        for judge in judges:
+            results[name][f"win_rate_{judge}_vs_{baseline}"] = win_rate(per_answer[name][judge],
+                                                                        per_answer[baseline][judge])
+    report = {"questions": len(questions), "baseline": baseline, "reference": reference_path,
+              "judges": {k: v for k, v in (("proxy", cfg.reward), ("gold", cfg.gold_reward)) if v},
+              "sampling": asdict(sampling), "models": results, "config": asdict(cfg)}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, q in enumerate(questions):
+        lines.append(json.dumps({
+            "site": q["site"], "qid": q["qid"], "title": q["title"], "question_link": q["question_link"],
+            "question_author": q["question_author"], "license": q["license"], "prompt": q["prompt"],
+            "best_answer": q["best_answer"],
+            "answers": {n: {"text": answers[n][i], **{k: v[i] for k, v in per_answer[n].items()}} for n in names}}))
+    write_text_atomic(out / "samples.jsonl", "\n".join(lines) + "\n")
+    write_text_atomic(out / "eval.json", json.dumps(report, indent=2) + "\n")
+    print_table(report)
+    return report
+
+
+def _is_ilql(path: str) -> bool:
+    from stackrlhf.rl.ilql import is_ilql_model
+
+    return is_ilql_model(path)
+
+
+def print_table(report: dict) -> None:
+    base = report["baseline"]
+    judges = list(report["judges"])
+    table = Table(title=f"held-out evaluation: {report['questions']} questions, win rates vs {base}")
+    cols = ["model"] + [f"{j} reward" for j in judges] + [f"{j} win" for j in judges] + [
+        "KL", "human ppl", "length", "distinct-2"]
+    for c in cols:
+        table.add_column(c, justify="right" if c != "model" else "left")
+    for name, m in report["models"].items():
+        kl = m["kl_to_reference"]
+        table.add_row(name, *[f"{m[f'reward_{j}']:+.3f}" for j in judges],
+                      *[f"{m[f'win_rate_{j}_vs_{base}']:.2f}" for j in judges],
+                      "-" if kl is None else f"{kl:.2f}", f"{m['human_answer_perplexity']:.1f}",
+                      f"{m['length_tokens']:.1f}", f"{m['distinct_2']:.3f}")
+    console.print(table)

@@ -1,0 +1,1 @@
+"""Human feedback: the annotation web app, the store, export and agreement."""

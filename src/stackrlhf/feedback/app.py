@@ -1,0 +1,237 @@
+"""The annotation web app (FastAPI, server-rendered pages, one small script for keyboard shortcuts).
+
+Every page needs a personal token (a cookie after /login, or an ``Authorization: Bearer`` header). Dump
+HTML and model output are untrusted: Markdown is rendered with raw HTML escaped, then sanitised (nh3), and a
+Content-Security-Policy allows only this site's own script, so a ``<script>`` in either never runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import nh3
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from markdown_it import MarkdownIt
+
+from stackrlhf.feedback.store import MAX_COMMENT, FeedbackStore
+
+HERE = Path(__file__).parent
+COOKIE = "stackrlhf_token"
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: https:; object-src 'none'; "
+       "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+_markdown = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("table")
+
+
+def render_markdown(text: str) -> str:
+    """Markdown -> safe HTML: raw HTML in the text is shown as text, and the result is sanitised again."""
+    return nh3.clean(_markdown.render(text or ""), link_rel="noopener noreferrer nofollow")
+
+
+class BadInput(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def create_app(db: str, replication: int = 2, max_comment: int = MAX_COMMENT) -> FastAPI:
+    store = FeedbackStore(db)
+    app = FastAPI(title="stackrlhf feedback", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.store = store
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
+
+    def annotator_of(request: Request):
+        token = request.cookies.get(COOKIE)
+        auth = request.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            token = auth[7:].strip()
+        return store.annotator_by_token(token)
+
+    def page(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
+        return templates.TemplateResponse(request, name, context, status_code=status)
+
+    def message(request: Request, status: int, heading: str, text: str, annotator=None) -> HTMLResponse:
+        return page(request, "message.html", status, heading=heading, message=text, kind="error",
+                    annotator=annotator)
+
+    @app.exception_handler(BadInput)
+    async def bad_input(request: Request, exc: BadInput):
+        if "text/html" in request.headers.get("accept", ""):
+            return message(request, exc.status, "That did not work", exc.message, annotator_of(request))
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_form(request: Request):
+        return page(request, "login.html", annotator=None, error=None)
+
+    @app.post("/login")
+    async def login(request: Request):
+        form = await request.form()
+        token = str(form.get("token") or "")
+        if store.annotator_by_token(token) is None:
+            return page(request, "login.html", 401, annotator=None, error="Unknown token.")
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", max_age=30 * 24 * 3600)
+        return response
+
+    @app.get("/logout")
+    def logout():
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(COOKIE)
+        return response
+
+    @app.get("/")
+    def index(request: Request):
+        who = annotator_of(request)
+        if who is None:
+            return RedirectResponse("/login", status_code=303)
+        task_id = store.next_task(who.id, replication)
+        if task_id is None:
+            done, total = store.progress(who.id, replication)
+            return page(request, "message.html", heading="All done", kind="ok", annotator=who,
+                        message=f"No tasks left for you: {done} labelled. Thank you!")
+        return RedirectResponse(f"/task/{task_id}", status_code=303)
+
+    def own_task(who, task_id: int):
+        task = store.get_task(task_id)
+        if task is None or not store.is_assigned(task_id, who.id):
+            raise BadInput(404, f"Task {task_id} is not one of your tasks.")
+        return task
+
+    @app.get("/task/{task_id}", response_class=HTMLResponse)
+    def show_task(request: Request, task_id: int):
+        who = annotator_of(request)
+        if who is None:
+            return RedirectResponse("/login", status_code=303)
+        task = own_task(who, task_id)
+        label = store.label_of(task_id, who.id)
+        ratings = label.ratings if label else {}
+        candidates = [{"id": c.id, "letter": chr(ord("a") + c.position), "html": render_markdown(c.text),
+                       "u": ratings.get(str(c.id), {}).get("usefulness"),
+                       "a": ratings.get(str(c.id), {}).get("accuracy")} for c in task.candidates]
+        done, total = store.progress(who.id, replication)
+        best = None if label is None else ("tie" if label.best_candidate_id is None else label.best_candidate_id)
+        return page(request, "task.html", annotator=who, task=task, candidates=candidates,
+                    question_html=render_markdown(task.question), client_id=str(uuid.uuid4()),
+                    done=done, total=total, percent=int(100 * done / max(total, 1)), best=best,
+                    comment=label.comment if label else "", max_comment=max_comment)
+
+    @app.post("/task/{task_id}")
+    async def submit(request: Request, task_id: int):
+        who = annotator_of(request)
+        if who is None:
+            raise BadInput(401, "Sign in first: no valid token.")
+        task = own_task(who, task_id)
+        form = await request.form()
+        client_id = str(form.get("client_id") or "")
+        if not 8 <= len(client_id) <= 64:
+            raise BadInput(400, "client_id is missing or malformed (8 to 64 characters).")
+        skipped = str(form.get("skip") or "0") == "1"
+        comment = str(form.get("comment") or "")
+        if len(comment) > max_comment:
+            raise BadInput(413, f"The comment is {len(comment)} characters; at most {max_comment} are allowed.")
+        ratings, best = {}, None
+        if not skipped:
+            for c in task.candidates:
+                letter = chr(ord("A") + c.position)
+                row = {}
+                for key, field in (("usefulness", f"u_{c.id}"), ("accuracy", f"a_{c.id}")):
+                    raw = form.get(field)
+                    if raw is None or raw == "":
+                        raise BadInput(422, f"Answer {letter}: {key} is missing (1-5).")
+                    try:
+                        value = int(str(raw))
+                    except ValueError:
+                        raise BadInput(422, f"Answer {letter}: {key} must be a whole number 1-5, got {str(raw)[:20]!r}.")
+                    if not 1 <= value <= 5:
+                        raise BadInput(422, f"Answer {letter}: {key} must be between 1 and 5, got {value}.")
+                    row[key] = value
+                ratings[c.id] = row
+            choice = str(form.get("best") or "")
+            ids = {str(c.id): c.id for c in task.candidates}
+            if choice == "tie":
+                best = None
+            elif choice in ids:
+                best = ids[choice]
+            else:
+                raise BadInput(422, "Choose the better answer (or a tie).")
+        started = str(form.get("started") or "")
+        seconds = max(time.time() - int(started) / 1000, 0.0) if started.isdigit() else 0.0
+        stored = store.save_label(who.id, task_id, client_id, ratings, best, skipped, comment, min(seconds, 86400.0))
+        if "text/html" in request.headers.get("accept", ""):
+            return RedirectResponse("/", status_code=303)
+        return JSONResponse({"stored": stored, "task": task_id}, status_code=201 if stored else 200)
+
+    @app.get("/api/progress")
+    def api_progress(request: Request):
+        who = annotator_of(request)
+        if who is None:
+            raise BadInput(401, "Sign in first: no valid token.")
+        done, total = store.progress(who.id, replication)
+        return {"done": done, "total": total}
+
+    @app.get("/api/next")
+    def api_next(request: Request):
+        who = annotator_of(request)
+        if who is None:
+            raise BadInput(401, "Sign in first: no valid token.")
+        task_id = store.next_task(who.id, replication)
+        if task_id is None:
+            return {"task": None}
+        task = store.get_task(task_id)
+        return {"task": task_id, "candidates": [c.id for c in task.candidates]}
+
+    def admin_of(request: Request):
+        who = annotator_of(request)
+        if who is None or not who.is_admin:
+            raise BadInput(403, "This page needs an admin token.")
+        return who
+
+    @app.get("/admin", response_class=HTMLResponse)
+    def admin(request: Request):
+        from stackrlhf.feedback.export import feedback_stats
+
+        who = admin_of(request)
+        return page(request, "admin.html", annotator=who, stats=feedback_stats(store))
+
+    @app.get("/admin/stats.json")
+    def admin_stats(request: Request):
+        from stackrlhf.feedback.export import feedback_stats
+
+        admin_of(request)
+        return JSONResponse(json.loads(json.dumps(feedback_stats(store), default=str).replace("NaN", "null")))
+
+    @app.get("/admin/pairs.jsonl")
+    def admin_pairs(request: Request):
+        import tempfile
+
+        import pyarrow.parquet as pq
+
+        from stackrlhf.feedback.export import export_feedback
+
+        admin_of(request)
+        with tempfile.TemporaryDirectory() as tmp:
+            export_feedback(store, Path(tmp) / "export")
+            rows = pq.read_table(Path(tmp) / "export" / "reward" / "train-00000-of-00001.parquet").to_pylist()
+        return PlainTextResponse("".join(json.dumps(r, default=str) + "\n" for r in rows),
+                                 media_type="application/x-ndjson")
+
+    @app.get("/healthz")
+    def health() -> Response:
+        return PlainTextResponse("ok")
+
+    return app

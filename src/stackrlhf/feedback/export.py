@@ -1,0 +1,161 @@
+"""From labels to training data and to numbers: preference pairs in the data pipeline's pair schema (so
+``stackrlhf rm --data votes_dir --data feedback_dir`` trains on both), the raw ratings, and agreement."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections import Counter, defaultdict
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stackrlhf.data.schema import PAIRS
+from stackrlhf.feedback.store import FeedbackStore
+
+TIE = "tie"
+
+
+def preference(label, positions: dict[int, int]) -> str | None:
+    """A label's preference as a category: the better answer's position ("0", "1", ...) or "tie"; None if skipped."""
+    if label.skipped:
+        return None
+    return TIE if label.best_candidate_id is None else str(positions[label.best_candidate_id])
+
+
+def cohen_kappa(a: list[str], b: list[str]) -> float:
+    """Agreement of two annotators on the same items beyond chance: (p_o - p_e) / (1 - p_e)."""
+    n = len(a)
+    if n == 0:
+        return float("nan")
+    p_o = sum(x == y for x, y in zip(a, b)) / n
+    ca, cb = Counter(a), Counter(b)
+    p_e = sum(ca[k] * cb[k] for k in set(ca) | set(cb)) / n**2
+    return 1.0 if p_e == 1 else (p_o - p_e) / (1 - p_e)
+
+
+def krippendorff_alpha(units: list[list[str]]) -> float:
+    """Krippendorff's alpha for nominal data: any number of annotators, missing values allowed.
+    ``units``: per item, the categories its annotators gave (items with fewer than two are not pairable)."""
+    coincidence: dict[tuple[str, str], float] = defaultdict(float)
+    for values in units:
+        m = len(values)
+        if m < 2:
+            continue
+        for i, c in enumerate(values):
+            for j, k in enumerate(values):
+                if i != j:
+                    coincidence[(c, k)] += 1.0 / (m - 1)
+    n_c: dict[str, float] = defaultdict(float)
+    for (c, _), v in coincidence.items():
+        n_c[c] += v
+    n = sum(n_c.values())
+    if n <= 1:
+        return float("nan")
+    observed = sum(v for (c, k), v in coincidence.items() if c != k)
+    expected = sum(n_c[c] * n_c[k] for c in n_c for k in n_c if c != k) / (n - 1)
+    return 1.0 if expected == 0 else 1.0 - observed / expected
+
+
+def feedback_stats(store: FeedbackStore) -> dict:
+    tasks = {t.id: t for t in store.all_tasks()}
+    names = {a.id: a.name for a in store.annotators()}
+    labels = store.all_labels()
+    positions = {c.id: c.position for t in tasks.values() for c in t.candidates}
+    per_annotator = Counter(names[label.annotator_id] for label in labels)
+    prefs: dict[int, dict[int, str]] = defaultdict(dict)
+    for label in labels:
+        p = preference(label, positions)
+        if p is not None:
+            prefs[label.task_id][label.annotator_id] = p
+    alpha = krippendorff_alpha([list(v.values()) for v in prefs.values()])
+    annotators = sorted({a for v in prefs.values() for a in v})
+    kappas = {}
+    for x, y in combinations(annotators, 2):
+        shared = [t for t, v in prefs.items() if x in v and y in v]
+        if shared:
+            kappas[f"{names[x]}~{names[y]}"] = {"items": len(shared), "kappa": cohen_kappa(
+                [prefs[t][x] for t in shared], [prefs[t][y] for t in shared])}
+    ratings: dict[str, dict[str, list[int]]] = defaultdict(lambda: {"usefulness": [], "accuracy": []})
+    wins: Counter = Counter()
+    shown: Counter = Counter()
+    candidates = {c.id: c for t in tasks.values() for c in t.candidates}
+    for label in labels:
+        if label.skipped:
+            continue
+        for cid, r in label.ratings.items():
+            c = candidates[int(cid)]
+            who = c.model or "human answer"
+            ratings[who]["usefulness"].append(r["usefulness"])
+            ratings[who]["accuracy"].append(r["accuracy"])
+            shown[who] += 1
+        if label.best_candidate_id is not None:
+            c = candidates[label.best_candidate_id]
+            wins[c.model or "human answer"] += 1
+    by_model = {m: {"ratings": len(r["usefulness"]), "usefulness": float(np.mean(r["usefulness"])),
+                    "accuracy": float(np.mean(r["accuracy"])), "chosen_best": wins[m] / max(shown[m], 1)}
+                for m, r in ratings.items()}
+    distribution = {kind: {m: dict(sorted(Counter(r[kind]).items())) for m, r in ratings.items()}
+                    for kind in ("usefulness", "accuracy")}
+    return {**store.counts(), "skipped": sum(label.skipped for label in labels),
+            "labels_per_annotator": dict(per_annotator), "items_with_two_or_more_labels":
+            sum(len(v) >= 2 for v in prefs.values()), "krippendorff_alpha": alpha,
+            "cohen_kappa": kappas, "by_model": by_model, "rating_distribution": distribution}
+
+
+def export_feedback(store: FeedbackStore, out: str | Path) -> dict:
+    """``OUT/reward/train-00000-of-00001.parquet`` (pairs: the chosen answer against each other answer of a
+    label; ties and skips give none) and ``OUT/ratings.parquet`` (every rating), written to a temp folder
+    and renamed when complete."""
+    out = Path(out)
+    tasks = {t.id: t for t in store.all_tasks()}
+    names = {a.id: a.name for a in store.annotators()}
+    candidates = {c.id: c for t in tasks.values() for c in t.candidates}
+    pairs, ratings = [], []
+    for label in store.all_labels():
+        task = tasks[label.task_id]
+        for cid, r in label.ratings.items():
+            c = candidates[int(cid)]
+            ratings.append({"task_id": task.id, "site": task.site, "qid": task.qid, "annotator": names[label.annotator_id],
+                            "candidate_id": c.id, "source": c.source, "model": c.model, "usefulness": r["usefulness"],
+                            "accuracy": r["accuracy"], "best": label.best_candidate_id == c.id,
+                            "tie": label.best_candidate_id is None, "comment": label.comment,
+                            "question_link": task.question_link, "license": task.license})
+        if label.skipped or label.best_candidate_id is None:
+            continue
+        best = candidates[label.best_candidate_id]
+        for other in task.candidates:
+            if other.id == best.id:
+                continue
+            score = lambda c: int(sum(label.ratings.get(str(c.id), {}).get(k, 0)  # noqa: E731
+                                      for k in ("usefulness", "accuracy")))
+            author = lambda c: c.author if c.source == "human" else f"model:{c.model}"  # noqa: E731
+            pairs.append({
+                "qid": task.qid, "question": task.question, "date": label.created.isoformat(), "metadata": [
+                    task.question_link], "response_j": best.text, "response_k": other.text, "prompt": task.prompt,
+                "chosen": best.text, "rejected": other.text, "score_j": score(best), "score_k": score(other),
+                "answer_id_j": best.id, "answer_id_k": other.id, "date_j": None, "date_k": None, "site": task.site,
+                "title": task.title, "question_link": task.question_link, "answer_link_j": best.answer_link,
+                "answer_link_k": other.answer_link, "question_author": task.question_author,
+                "author_j": author(best), "author_k": author(other), "license": task.license,
+                "source": f"feedback:{names[label.annotator_id]}"})
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        (tmp / "reward").mkdir()
+        pq.write_table(pa.Table.from_pylist(pairs, schema=PAIRS), tmp / "reward" / "train-00000-of-00001.parquet")
+        pq.write_table(pa.Table.from_pylist(ratings) if ratings else pa.table({"task_id": pa.array([], pa.int64())}),
+                       tmp / "ratings.parquet")
+        summary = {"pairs": len(pairs), "ratings": len(ratings), "source": store.url.split("@")[-1]}
+        (tmp / "stats.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary

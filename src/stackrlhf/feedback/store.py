@@ -1,0 +1,270 @@
+"""The feedback store (SQLAlchemy): annotators, comparison tasks with their candidate answers, assignments,
+and labels. SQLite (WAL) by default; any SQLAlchemy URL works (PostgreSQL: ``postgresql+psycopg://...``).
+
+A label carries the client's id for its submission, unique in the table, so a retried submit is stored once.
+A task goes to at most ``replication`` annotators, never twice to the same one (a unique assignment row).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime, timezone
+
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
+                        create_engine, event, func, select)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+from stackrlhf.errors import StackRLHFError
+
+MAX_COMMENT = 2000
+DEFAULT_DB = "sqlite:///feedback.db"
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Annotator(Base):
+    __tablename__ = "annotators"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class Task(Base):
+    """One question and its candidate answers, to be compared."""
+
+    __tablename__ = "tasks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    site: Mapped[str] = mapped_column(String(200))
+    qid: Mapped[int] = mapped_column(Integer)
+    title: Mapped[str] = mapped_column(Text)
+    question: Mapped[str] = mapped_column(Text)
+    prompt: Mapped[str] = mapped_column(Text)
+    question_link: Mapped[str] = mapped_column(Text, default="")
+    question_author: Mapped[str] = mapped_column(Text, default="")
+    license: Mapped[str] = mapped_column(Text, default="")
+    split: Mapped[str] = mapped_column(String(50), default="")
+    batch: Mapped[str] = mapped_column(String(100), default="")
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    candidates: Mapped[list["Candidate"]] = relationship(back_populates="task", order_by="Candidate.position",
+                                                         cascade="all, delete-orphan")
+
+
+class Candidate(Base):
+    __tablename__ = "candidates"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(20))  # "model" or "human" (a dump answer, the control)
+    model: Mapped[str] = mapped_column(Text, default="")  # which model made it ("" for a human answer)
+    sampling: Mapped[dict] = mapped_column(JSON, default=dict)
+    answer_link: Mapped[str] = mapped_column(Text, default="")
+    author: Mapped[str] = mapped_column(Text, default="")
+    task: Mapped[Task] = relationship(back_populates="candidates")
+
+
+class Assignment(Base):
+    """Task -> annotator. ``slot`` (0 .. R-1) is unique per task, so two concurrent requests can never hand
+    a task to more than R annotators: the second insert of a slot fails in the database, whatever the server."""
+
+    __tablename__ = "assignments"
+    __table_args__ = (UniqueConstraint("task_id", "annotator_id"), UniqueConstraint("task_id", "slot"))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"), index=True)
+    slot: Mapped[int] = mapped_column(Integer, default=0)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class Label(Base):
+    """An annotator's judgement of one task: ratings per candidate, the better one (or a tie), a comment."""
+
+    __tablename__ = "labels"
+    __table_args__ = (UniqueConstraint("task_id", "annotator_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(64), unique=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"), index=True)
+    skipped: Mapped[bool] = mapped_column(Boolean, default=False)
+    best_candidate_id: Mapped[int | None] = mapped_column(ForeignKey("candidates.id"), nullable=True)  # None: tie
+    ratings: Mapped[dict] = mapped_column(JSON, default=dict)  # {candidate_id: {"usefulness": n, "accuracy": n}}
+    comment: Mapped[str] = mapped_column(Text, default="")
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    updated: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now, onupdate=now)
+
+
+# ---------------------------------------------------------------- the store
+
+class FeedbackStore:
+    def __init__(self, url: str = DEFAULT_DB):
+        self.url = url
+        kwargs: dict = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        try:
+            self.engine = create_engine(url, pool_pre_ping=True, **kwargs)
+        except Exception as exc:  # a malformed URL or a missing driver
+            raise StackRLHFError(f"--db {url}: cannot open ({exc})") from exc
+        if url.startswith("sqlite"):
+            @event.listens_for(self.engine, "connect")
+            def _pragmas(conn, _record):  # WAL: readers do not block the writer; wait for locks, do not fail
+                cur = conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.close()
+        Base.metadata.create_all(self.engine)
+        self.session = sessionmaker(self.engine, expire_on_commit=False)
+
+    # annotators
+    def add_annotator(self, name: str, admin: bool = False) -> str:
+        """Create an annotator; returns their token (shown once, stored hashed)."""
+        token = secrets.token_urlsafe(24)
+        with self.session() as s:
+            if s.scalar(select(Annotator).where(Annotator.name == name)) is not None:
+                raise StackRLHFError(f"an annotator named {name!r} exists already")
+            s.add(Annotator(name=name, token_hash=hash_token(token), is_admin=admin))
+            s.commit()
+        return token
+
+    def annotator_by_token(self, token: str | None) -> Annotator | None:
+        if not token:
+            return None
+        with self.session() as s:
+            return s.scalar(select(Annotator).where(Annotator.token_hash == hash_token(token)))
+
+    # tasks
+    def add_task(self, question: dict, candidates: list[dict], split: str = "", batch: str = "") -> int:
+        with self.session() as s:
+            task = Task(site=question["site"], qid=int(question["qid"]), title=question.get("title") or "",
+                        question=question.get("question") or "", prompt=question["prompt"],
+                        question_link=question.get("question_link") or "",
+                        question_author=question.get("question_author") or "", license=question.get("license") or "",
+                        split=split, batch=batch)
+            for i, c in enumerate(candidates):
+                task.candidates.append(Candidate(position=i, text=c["text"], source=c.get("source", "model"),
+                                                 model=c.get("model", ""), sampling=c.get("sampling") or {},
+                                                 answer_link=c.get("answer_link", ""), author=c.get("author", "")))
+            s.add(task)
+            s.commit()
+            return task.id
+
+    def get_task(self, task_id: int) -> Task | None:
+        with self.session() as s:
+            task = s.get(Task, task_id)
+            if task is not None:
+                task.candidates  # noqa: B018 - load them before the session closes
+            return task
+
+    def next_task(self, annotator_id: int, replication: int) -> int | None:
+        """The annotator's open assignment, else a new one: the oldest task with fewer than ``replication``
+        assignments that this annotator has not had. Concurrent callers may race; the unique assignment row
+        decides, and the loser tries the next task."""
+        with self.session() as s:
+            done = select(Label.task_id).where(Label.annotator_id == annotator_id)
+            open_one = s.scalar(select(Assignment.task_id).where(Assignment.annotator_id == annotator_id,
+                                                                 Assignment.task_id.not_in(done))
+                                .order_by(Assignment.id).limit(1))
+            if open_one is not None:
+                return open_one
+        for _ in range(50):
+            with self.session() as s:
+                mine = select(Assignment.task_id).where(Assignment.annotator_id == annotator_id)
+                counts = (select(Assignment.task_id, func.count().label("n")).group_by(Assignment.task_id).subquery())
+                taken = func.coalesce(counts.c.n, 0)
+                row = s.execute(
+                    select(Task.id, taken).outerjoin(counts, counts.c.task_id == Task.id)
+                    .where(Task.id.not_in(mine), taken < replication)
+                    .order_by(taken.desc(), Task.id).limit(1)).first()
+                if row is None:
+                    return None
+                candidate, slot = row
+                s.add(Assignment(task_id=candidate, annotator_id=annotator_id, slot=slot))
+                try:
+                    s.commit()
+                    return candidate
+                except IntegrityError:
+                    s.rollback()
+        return None
+
+    def is_assigned(self, task_id: int, annotator_id: int) -> bool:
+        with self.session() as s:
+            return s.scalar(select(Assignment.id).where(Assignment.task_id == task_id,
+                                                        Assignment.annotator_id == annotator_id)) is not None
+
+    def progress(self, annotator_id: int, replication: int) -> tuple[int, int]:
+        """(labels done, labels this annotator can be given in all: done + open tasks they may still take)."""
+        with self.session() as s:
+            done = s.scalar(select(func.count()).select_from(Label).where(Label.annotator_id == annotator_id)) or 0
+            mine = select(Assignment.task_id).where(Assignment.annotator_id == annotator_id)
+            counts = select(Assignment.task_id, func.count().label("n")).group_by(Assignment.task_id).subquery()
+            available = s.scalar(select(func.count()).select_from(Task).outerjoin(counts, counts.c.task_id == Task.id)
+                                 .where(Task.id.not_in(mine), func.coalesce(counts.c.n, 0) < replication)) or 0
+            assigned = s.scalar(select(func.count()).select_from(Assignment)
+                                .where(Assignment.annotator_id == annotator_id)) or 0
+            return done, assigned + available
+
+    # labels
+    def save_label(self, annotator_id: int, task_id: int, client_id: str, ratings: dict, best: int | None,
+                   skipped: bool, comment: str, seconds: float = 0.0) -> bool:
+        """Store (or, from the same annotator, replace) a label. Returns False when this ``client_id`` was
+        stored already (a retried submit): nothing changes then."""
+        with self.session() as s:
+            if s.scalar(select(Label.id).where(Label.client_id == client_id)) is not None:
+                return False
+            label = s.scalar(select(Label).where(Label.task_id == task_id, Label.annotator_id == annotator_id))
+            if label is None:
+                label = Label(task_id=task_id, annotator_id=annotator_id, client_id=client_id)
+                s.add(label)
+            label.client_id = client_id
+            label.ratings = {str(k): v for k, v in ratings.items()}
+            label.best_candidate_id = best
+            label.skipped = skipped
+            label.comment = comment
+            label.seconds = seconds
+            try:
+                s.commit()
+            except IntegrityError:  # the same client id raced in from a parallel retry
+                s.rollback()
+                return False
+            return True
+
+    def label_of(self, task_id: int, annotator_id: int) -> Label | None:
+        with self.session() as s:
+            return s.scalar(select(Label).where(Label.task_id == task_id, Label.annotator_id == annotator_id))
+
+    def all_labels(self) -> list[Label]:
+        with self.session() as s:
+            return list(s.scalars(select(Label).order_by(Label.id)))
+
+    def all_tasks(self) -> list[Task]:
+        with self.session() as s:
+            tasks = list(s.scalars(select(Task).order_by(Task.id)))
+            for t in tasks:
+                t.candidates  # noqa: B018
+            return tasks
+
+    def annotators(self) -> list[Annotator]:
+        with self.session() as s:
+            return list(s.scalars(select(Annotator).order_by(Annotator.id)))
+
+    def counts(self) -> dict:
+        with self.session() as s:
+            return {"tasks": s.scalar(select(func.count()).select_from(Task)) or 0,
+                    "labels": s.scalar(select(func.count()).select_from(Label)) or 0,
+                    "annotators": s.scalar(select(func.count()).select_from(Annotator)) or 0}

@@ -1,0 +1,90 @@
+"""stackrlhf eval: judged answers of several models (plain and ILQL), gold/proxy halves, the small metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from stackrlhf.cli import cli
+from stackrlhf.data.splits import pair_half
+from stackrlhf.errors import StackRLHFError
+from stackrlhf.evaluate.metrics import distinct_n, parse_model_spec, win_rate
+from stackrlhf.models.loading import load_causal_lm
+from stackrlhf.models.reward import RewardModel, default_backbone, load_backbone
+from stackrlhf.rl.ilql import ILQLModel
+from stackrlhf.train.reward import load_pairs
+
+
+def test_small_metrics():
+    assert win_rate([1.0, 0.0, 2.0, 3.0], [0.0, 1.0, 2.0, 1.0]) == pytest.approx(0.625)
+    assert distinct_n(["a b a b", "a b"], 2) == pytest.approx(2 / 4)  # (a b), (b a) of 4 bigrams
+    assert distinct_n(["one"], 2) == 0.0
+    spec = parse_model_spec("ilql=out/ilql@2.5")
+    assert (spec.name, spec.path, spec.beta) == ("ilql", "out/ilql", 2.5)
+    assert parse_model_spec("outputs/sft/").name == "sft"
+    with pytest.raises(StackRLHFError, match="beta"):
+        parse_model_spec("x=out@high")
+
+
+def test_gold_and_proxy_halves_split_the_pairs_by_question(built_all):
+    every = load_pairs([str(built_all)], "train")
+    proxy = load_pairs([str(built_all)], "train", half="proxy")
+    gold = load_pairs([str(built_all)], "train", half="gold")
+    assert len(proxy) + len(gold) == len(every) and len(proxy) > 0 and len(gold) > 0
+    q_proxy = set(zip(proxy["site"], proxy["qid"]))
+    q_gold = set(zip(gold["site"], gold["qid"]))
+    assert not q_proxy & q_gold
+    assert all(pair_half(s, q) == "gold" for s, q in q_gold)
+
+
+@pytest.fixture(scope="module")
+def judges(tmp_path_factory) -> tuple[Path, Path]:
+    """Two untrained MiniLM reward models (different head seeds): enough to exercise the judging."""
+    dirs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model, tok = load_backbone(default_backbone())
+        out = tmp_path_factory.mktemp(f"judge{seed}")
+        RewardModel(model, tok, max_length=64, max_question_tokens=16).save_pretrained(out)
+        dirs.append(out)
+    return dirs[0], dirs[1]
+
+
+def test_eval_judges_plain_and_ilql_models(tiny_lm, beer_data, judges, tmp_path):
+    ilql_dir = tmp_path / "ilql"
+    lm, tok = load_causal_lm(str(tiny_lm))
+    torch.manual_seed(3)
+    model = ILQLModel.create(lm)
+    model.save_pretrained(ilql_dir)
+    tok.save_pretrained(str(ilql_dir))
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(cli, [
+        "eval", "--model", f"sft={tiny_lm}", "--model", f"ilql0={ilql_dir}@0", "--model", f"ilql={ilql_dir}@5",
+        "--reward", str(judges[0]), "--gold-reward", str(judges[1]), "--data", str(beer_data), "--out", str(out),
+        "--questions", "6", "--max-new-tokens", "10", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "eval.json").read_text())
+    assert report["questions"] == 6 and report["baseline"] == "sft"
+    sft, ilql0, ilql = (report["models"][k] for k in ("sft", "ilql0", "ilql"))
+    assert sft["win_rate_proxy_vs_sft"] == 0.5 and sft["win_rate_gold_vs_sft"] == 0.5
+    assert sft["kl_to_reference"] == pytest.approx(0.0, abs=1e-4)  # the reference is the baseline itself
+    # beta = 0 decodes with the same LM: the same answers, the same rewards, no KL
+    assert ilql0["reward_proxy"] == pytest.approx(sft["reward_proxy"], abs=1e-5)
+    assert ilql0["kl_to_reference"] == pytest.approx(0.0, abs=1e-4)
+    # beta = 5 shifts decoding: other answers, a positive KL
+    assert ilql["kl_to_reference"] > 0.1
+    assert 0.0 <= ilql["win_rate_gold_vs_sft"] <= 1.0 and ilql["human_answer_perplexity"] > 1.0
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    assert all(r["question_link"].startswith("https://beer.stackexchange.com/") and r["license"] for r in rows)
+    assert set(rows[0]["answers"]) == {"sft", "ilql0", "ilql"} and "proxy" in rows[0]["answers"]["ilql"]
+
+
+def test_eval_rejects_an_unknown_baseline(tiny_lm, beer_data, judges, tmp_path):
+    result = CliRunner().invoke(cli, ["eval", "--model", f"sft={tiny_lm}", "--baseline", "ppo", "--reward",
+                                      str(judges[0]), "--data", str(beer_data), "--out", str(tmp_path / "e")])
+    assert result.exit_code == 1 and "--baseline ppo is not one of the models" in result.output

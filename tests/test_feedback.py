@@ -1,0 +1,258 @@
+"""Human feedback: the app (login, sanitising, labels, bad input), replication, export, agreement, a load test."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+
+from stackrlhf.cli import cli
+from stackrlhf.feedback.app import create_app
+from stackrlhf.feedback.export import cohen_kappa, export_feedback, feedback_stats, krippendorff_alpha
+from stackrlhf.feedback.store import FeedbackStore, Label
+from stackrlhf.data.load import load_split
+from stackrlhf.train.reward import load_pairs
+
+EVIL = "Is <script>window.__pwned = 1</script> safe? <img src=x onerror=alert(1)>"
+
+
+def question(i: int, body: str = "How long should a lager ferment?") -> dict:
+    return {"site": "beer.stackexchange.com", "qid": 1000 + i, "title": f"Lager question {i}", "question": body,
+            "prompt": f"Question: Lager question {i}\n\n{body}\n\nAnswer: ",
+            "question_link": f"https://beer.stackexchange.com/q/{1000 + i}", "question_author": "alice",
+            "license": "CC BY-SA 4.0"}
+
+
+def candidates(i: int) -> list[dict]:
+    return [{"text": f"Two weeks at 10 C (answer {i}a).", "model": "sft", "sampling": {"temperature": 0.7}},
+            {"text": f"**Four** weeks, then lager cold (answer {i}b).", "model": "ppo"}]
+
+
+def labels_in(db: str) -> list[Label]:
+    return FeedbackStore(db).all_labels()
+
+
+def rating_form(task: dict, client_id: str, u=(4, 2), a=(5, 3), best=0, comment="") -> dict:
+    ids = task["candidates"]
+    form = {"client_id": client_id, "comment": comment, "best": str(ids[best]) if best != "tie" else "tie"}
+    for cid, uu, aa in zip(ids, u, a):
+        form[f"u_{cid}"] = str(uu)
+        form[f"a_{cid}"] = str(aa)
+    return form
+
+
+@pytest.fixture()
+def app_db(tmp_path):
+    db = f"sqlite:///{tmp_path / 'feedback.db'}"
+    store = FeedbackStore(db)
+    store.add_task(question(0, EVIL), [{"text": "Fine. <script>window.__pwned = 2</script>", "model": "sft"},
+                                       {"text": "Use `lager` yeast.", "model": "ppo"}])
+    for i in range(1, 4):
+        store.add_task(question(i), candidates(i))
+    tokens = {name: store.add_annotator(name) for name in ("ann", "bob", "cat")}
+    tokens["admin"] = store.add_annotator("admin", admin=True)
+    return db, tokens
+
+
+def test_login_task_page_is_sanitised_and_labels_advance_progress(app_db):
+    db, tokens = app_db
+    client = TestClient(create_app(db))
+    assert client.get("/", follow_redirects=False).headers["location"] == "/login"
+    assert client.post("/login", data={"token": "wrong"}).status_code == 401
+    page = client.post("/login", data={"token": tokens["ann"]})  # cookie, then / -> the first task
+    assert page.status_code == 200 and "Lager question 0" in page.text
+    assert "<script>window" not in page.text and "<img" not in page.text  # shown as text, never as markup
+    assert "&lt;script&gt;" in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert "0 / 4 done" in page.text
+    task_id = int(str(page.url).rsplit("/", 1)[1])
+    cids = sorted({int(m) for m in re.findall(r'name="u_(\d+)"', page.text)})
+    assert len(cids) == 2
+    form = {"client_id": str(uuid.uuid4()), "best": str(cids[1]), "comment": "clear"}
+    for cid in cids:
+        form[f"u_{cid}"], form[f"a_{cid}"] = "4", "3"
+    after = client.post(f"/task/{task_id}", data=form, headers={"accept": "text/html"})
+    assert after.status_code == 200 and "1 / 4 done" in after.text  # redirected to the next task
+    again = client.post(f"/task/{task_id}", data=form, headers={"accept": "text/html"})  # a retried submit
+    assert again.status_code == 200
+    stored = labels_in(db)
+    assert len(stored) == 1 and stored[0].best_candidate_id == cids[1] and stored[0].comment == "clear"
+    # the annotator may edit their own label (a new submission of the same task)
+    form2 = dict(form, client_id=str(uuid.uuid4()), best="tie")
+    client.post(f"/task/{task_id}", data=form2)
+    stored = labels_in(db)
+    assert len(stored) == 1 and stored[0].best_candidate_id is None
+
+
+def test_bad_input_gets_a_clear_4xx_and_stores_nothing(app_db):
+    db, tokens = app_db
+    client = TestClient(create_app(db, max_comment=50))
+    auth = {"authorization": f"Bearer {tokens['bob']}"}
+    task = client.get("/api/next", headers=auth).json()
+    good = rating_form(task, str(uuid.uuid4()))
+    cases = [
+        (dict(good, **{f"u_{task['candidates'][0]}": "abc"}), 422, "whole number"),
+        (dict(good, **{f"a_{task['candidates'][1]}": "7"}), 422, "between 1 and 5"),
+        ({k: v for k, v in good.items() if not k.startswith("u_")}, 422, "usefulness is missing"),
+        (dict(good, best="999999"), 422, "better answer"),
+        (dict(good, comment="x" * 51), 413, "at most 50"),
+        (dict(good, client_id="x"), 400, "client_id"),
+    ]
+    for form, status, text in cases:
+        r = client.post(f"/task/{task['task']}", data=form, headers=auth)
+        assert r.status_code == status and text in r.json()["error"], (form, r.text)
+    other = FeedbackStore(db).next_task(FeedbackStore(db).annotator_by_token(tokens["cat"]).id, 2)
+    if other == task["task"]:  # make sure cat holds a task bob does not
+        other = FeedbackStore(db).next_task(FeedbackStore(db).annotator_by_token(tokens["cat"]).id, 2)
+    r = client.post("/task/123456", data=good, headers=auth)
+    assert r.status_code == 404 and "not one of your tasks" in r.json()["error"]
+    assert client.post(f"/task/{task['task']}", data=good).status_code == 401
+    assert client.get("/admin", headers=auth).status_code == 403
+    assert labels_in(db) == []
+    assert client.post(f"/task/{task['task']}", data=good, headers=auth).status_code == 201
+
+
+def test_each_task_goes_to_at_most_r_annotators_never_twice(tmp_path):
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    store = FeedbackStore(db)
+    for i in range(3):
+        store.add_task(question(i), candidates(i))
+    ids = [FeedbackStore(db).annotator_by_token(store.add_annotator(f"a{i}")).id for i in range(4)]
+    seen: dict[int, list[int]] = {}
+    for who in ids:
+        while (task := store.next_task(who, replication=2)) is not None:
+            assert who not in seen.setdefault(task, [])
+            seen[task].append(who)
+            store.save_label(who, task, str(uuid.uuid4()), {}, None, True, "")
+    assert sorted(len(v) for v in seen.values()) == [2, 2, 2]
+
+
+def test_agreement_statistics_match_hand_computed_values():
+    a = ["0", "0", "1", "1"]
+    b = ["0", "1", "1", "1"]
+    assert cohen_kappa(a, b) == pytest.approx(0.5)  # p_o = .75, p_e = (2*1 + 2*3) / 16 = .5
+    assert krippendorff_alpha([[x, y] for x, y in zip(a, b)]) == pytest.approx(1 - 2 / (30 / 7))
+    assert krippendorff_alpha([["0", "0"], ["1", "1", "1"], ["tie"]]) == pytest.approx(1.0)
+
+
+def test_export_pairs_train_beside_the_votes_and_stats_by_model(app_db, beer_data, tmp_path):
+    db, tokens = app_db
+    client = TestClient(create_app(db))
+    for who, best in (("ann", 0), ("bob", 0), ("cat", 1)):
+        auth = {"authorization": f"Bearer {tokens[who]}"}
+        for _ in range(2):
+            task = client.get("/api/next", headers=auth).json()
+            r = client.post(f"/task/{task['task']}", data=rating_form(task, str(uuid.uuid4()), best=best), headers=auth)
+            assert r.status_code == 201
+    out = tmp_path / "feedback"
+    result = CliRunner().invoke(cli, ["feedback", "export", "--db", db, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    pairs = load_pairs([str(beer_data), str(out)], "train")
+    votes = load_pairs([str(beer_data)], "train")
+    assert len(pairs) == len(votes) + 6
+    mine = load_split(out, "reward", "train").to_list()
+    assert all(r["site"] == "beer.stackexchange.com" and r["source"].startswith("feedback:") for r in mine)
+    # chosen / rejected carry the annotator's ratings (usefulness + accuracy): 9 vs 5, or 5 vs 9 for cat
+    assert sorted((r["score_j"], r["score_k"]) for r in mine) == [(5, 9)] * 2 + [(9, 5)] * 4
+    stats = feedback_stats(FeedbackStore(db))
+    assert stats["labels"] == 6 and stats["labels_per_annotator"] == {"ann": 2, "bob": 2, "cat": 2}
+    assert set(stats["by_model"]) == {"sft", "ppo"}
+    admin = client.get("/admin", headers={"authorization": f"Bearer {tokens['admin']}"})
+    assert admin.status_code == 200 and "Krippendorff" in admin.text
+    cli_stats = CliRunner().invoke(cli, ["feedback", "stats", "--db", db])
+    assert cli_stats.exit_code == 0 and "ann: 2 labels" in cli_stats.output
+
+
+def test_queue_generates_candidates_with_a_control(tiny_lm, beer_data, tmp_path):
+    db = f"sqlite:///{tmp_path / 'q.db'}"
+    result = CliRunner().invoke(cli, ["feedback", "queue", "--db", db, "--model", f"tiny={tiny_lm}", "--data",
+                                      str(beer_data), "--questions", "3", "--answers-per-question", "3", "--control",
+                                      "--max-new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    tasks = FeedbackStore(db).all_tasks()
+    assert len(tasks) == 3
+    for t in tasks:
+        sources = sorted(c.source for c in t.candidates)
+        assert sources == ["human", "model", "model"]
+        assert all(c.sampling["path"] == str(tiny_lm) for c in t.candidates if c.source == "model")
+        assert t.question_link.startswith("https://beer.stackexchange.com/")
+
+
+# ---------------------------------------------------------------- load test against a real server
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(db: str, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "stackrlhf", "feedback", "serve", "--db", db, "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for _ in range(200):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"the server did not start: {proc.stderr.read().decode()[-2000:]}")
+
+
+def test_load_20_annotators_100_labels_each_with_retries_and_a_restart(tmp_path):
+    db = f"sqlite:///{tmp_path / 'load.db'}"
+    store = FeedbackStore(db)
+    for i in range(1000):  # 20 x 100 labels, each task labelled by R = 2 annotators
+        store.add_task(question(i), candidates(i))
+    tokens = [store.add_annotator(f"annotator{i}") for i in range(20)]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    sent: dict[str, int] = {}
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def annotate(token: str, n: int) -> None:
+        with httpx.Client(base_url=base, headers={"authorization": f"Bearer {token}"}, timeout=60) as client:
+            for k in range(n):
+                task = client.get("/api/next").json()
+                form = rating_form(task, str(uuid.uuid4()), best=k % 2)
+                for attempt in range(2 if k % 7 == 0 else 1):  # every 7th submit is retried (same client id)
+                    r = client.post(f"/task/{task['task']}", data=form)
+                    if r.status_code not in (200, 201):
+                        with lock:
+                            errors.append(f"{r.status_code} {r.text[:200]}")
+                with lock:
+                    sent[form["client_id"]] = task["task"]
+
+    for phase in range(2):  # stop and restart the server between the halves
+        server = start_server(db, port)
+        try:
+            threads = [threading.Thread(target=annotate, args=(t, 50)) for t in tokens]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    assert errors == []
+    labels = labels_in(db)
+    assert len(sent) == 2000 and len(labels) == 2000  # every label stored, none twice, none lost
+    assert {label.client_id for label in labels} == set(sent)
+    per_task: dict[int, int] = {}
+    for label in labels:
+        per_task[label.task_id] = per_task.get(label.task_id, 0) + 1
+    assert max(per_task.values()) <= 2
+    assert json.loads(json.dumps(feedback_stats(FeedbackStore(db))["labels_per_annotator"])) == {
+        f"annotator{i}": 100 for i in range(20)}
