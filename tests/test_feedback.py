@@ -213,7 +213,7 @@ def start_server(db: str, port: int) -> subprocess.Popen:
 def test_load_20_annotators_100_labels_each_with_retries_and_a_restart(tmp_path):
     db = f"sqlite:///{tmp_path / 'load.db'}"
     store = FeedbackStore(db)
-    for i in range(1000):  # 20 x 100 labels, each task labelled by R = 2 annotators
+    for i in range(1100):  # 20 x 100 labels with R = 2 (spare tasks: the last annotators must not run dry)
         store.add_task(question(i), candidates(i))
     tokens = [store.add_annotator(f"annotator{i}") for i in range(20)]
     port = free_port()
@@ -226,6 +226,10 @@ def test_load_20_annotators_100_labels_each_with_retries_and_a_restart(tmp_path)
         with httpx.Client(base_url=base, headers={"authorization": f"Bearer {token}"}, timeout=60) as client:
             for k in range(n):
                 task = client.get("/api/next").json()
+                if task["task"] is None:
+                    with lock:
+                        errors.append("no task left")
+                    return
                 form = rating_form(task, str(uuid.uuid4()), best=k % 2)
                 for attempt in range(2 if k % 7 == 0 else 1):  # every 7th submit is retried (same client id)
                     r = client.post(f"/task/{task['task']}", data=form)

@@ -109,6 +109,10 @@ class ILQLModel(nn.Module):
         p = next(lm.parameters())
         return cls(lm, heads.to(p.device, dtype=p.dtype))
 
+    def forward(self, batch: dict, cfg: ILQLConfig) -> tuple[torch.Tensor, dict]:
+        """The ILQL loss of a batch: through ``forward`` so that DDP (``accelerate launch``) syncs the gradients."""
+        return ilql_loss(self, batch, cfg)
+
     def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
         """Final hidden states (after the last norm: what the LM head reads), without computing any logits."""
         trunk = getattr(self.lm, self.lm.base_model_prefix)  # GPT2Model, LlamaModel ... (ends with the final norm)
@@ -364,7 +368,7 @@ class ILQLTrainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         batch = collate(self.batch(self.step_index), self.tok.pad_token_id, self.accelerator.device)
-        loss, stats = ilql_loss(self.accelerator.unwrap_model(self.wrapped), batch, cfg)
+        loss, stats = self.wrapped(batch, cfg)
         if not torch.isfinite(loss):
             raise StackRLHFError(f"step {self.step_index}: the ILQL loss is NaN/inf; stopping (the last checkpoint "
                                  f"in {self.out / 'checkpoints'} is good). Lower the learning rate.")
