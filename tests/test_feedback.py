@@ -112,9 +112,6 @@ def test_bad_input_gets_a_clear_4xx_and_stores_nothing(app_db):
     for form, status, text in cases:
         r = client.post(f"/task/{task['task']}", data=form, headers=auth)
         assert r.status_code == status and text in r.json()["error"], (form, r.text)
-    other = FeedbackStore(db).next_task(FeedbackStore(db).annotator_by_token(tokens["cat"]).id, 2)
-    if other == task["task"]:  # make sure cat holds a task bob does not
-        other = FeedbackStore(db).next_task(FeedbackStore(db).annotator_by_token(tokens["cat"]).id, 2)
     r = client.post("/task/123456", data=good, headers=auth)
     assert r.status_code == 404 and "not one of your tasks" in r.json()["error"]
     assert client.post(f"/task/{task['task']}", data=good).status_code == 401

@@ -25,8 +25,9 @@ from stackrlhf.config import write_text_atomic
 from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.evaluate.config import EvalConfig
-from stackrlhf.models.generation import SamplingConfig, encode_prompts, generate, pack_sequences
+from stackrlhf.models.generation import SamplingConfig, generate, pack_sequences
 from stackrlhf.models.loading import load_causal_lm
+from stackrlhf.rl.ilql import is_ilql_model
 
 console = Console(stderr=True)
 
@@ -59,7 +60,7 @@ class Candidate:
     """A model as it answers: a plain causal LM, or an ILQL model decoding with logits + beta * (Q - V)."""
 
     def __init__(self, spec: ModelSpec, device):
-        from stackrlhf.rl.ilql import ILQLModel, is_ilql_model
+        from stackrlhf.rl.ilql import ILQLModel
 
         self.spec = spec
         self.ilql = None
@@ -90,12 +91,10 @@ class Candidate:
                              position_ids=batch["position_ids"], use_cache=False, logits_to_keep=batch["keep"]).logits
             logp = F.log_softmax(logits[:, :R].float(), -1)
         else:
-            trunk = getattr(self.lm, self.lm.base_model_prefix)
-            h = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      position_ids=batch["position_ids"], use_cache=False).last_hidden_state[:, -batch["keep"]:][:, :R]
-            logp = F.log_softmax(self.lm.get_output_embeddings()(h).float(), -1)
-            if self.beta:
-                logp = F.log_softmax(logp + self.beta * self.ilql.heads.advantage(h).float()[..., :logp.shape[-1]], -1)
+            h = self.ilql.hidden_states(batch["input_ids"], batch["attention_mask"],
+                                        batch["position_ids"])[:, -batch["keep"]:][:, :R]
+            logits = self.lm.get_output_embeddings()(h)
+            logp = F.log_softmax(self.ilql.shifted_logprobs(logits, h, self.beta or 0.0), -1)
         return logp.gather(-1, batch["responses"].unsqueeze(-1)).squeeze(-1) * batch["response_mask"]
 
 
@@ -149,7 +148,7 @@ def evaluate_models(cfg: EvalConfig) -> dict:
     if cfg.gold_reward:
         judges["gold"] = RewardModel.from_pretrained(cfg.gold_reward, device=device)
     reference_path = cfg.reference or next(s.path for s in specs if s.name == baseline)
-    reference = Candidate(ModelSpec("reference", reference_path, 0.0 if _is_ilql(reference_path) else None), device)
+    reference = Candidate(ModelSpec("reference", reference_path, 0.0 if is_ilql_model(reference_path) else None), device)
 
     answers: dict[str, list[str]] = {}
     per_answer: dict[str, dict[str, list[float]]] = {}
@@ -168,8 +167,7 @@ def evaluate_models(cfg: EvalConfig) -> dict:
         # perplexity of the held-out human answers (the best one per question)
         human = [model.tok(q["best_answer"], add_special_tokens=False)["input_ids"][: cfg.max_new_tokens]
                  + [model.tok.eos_token_id] for q in questions]
-        human_logp = batched_logprobs(model, encode_prompts(model.tok, prompts, cfg.max_prompt_tokens), human, pad,
-                                      device, cfg.batch_size)
+        human_logp = batched_logprobs(model, gen.prompt_ids, human, pad, device, cfg.batch_size)
         nll = -float(torch.cat(human_logp).mean())
         scores = {name: judge.score(prompts, gen.texts, normalize=True) for name, judge in judges.items()}
         answers[spec.name] = gen.texts
@@ -206,12 +204,6 @@ def evaluate_models(cfg: EvalConfig) -> dict:
     write_text_atomic(out / "eval.json", json.dumps(report, indent=2) + "\n")
     print_table(report)
     return report
-
-
-def _is_ilql(path: str) -> bool:
-    from stackrlhf.rl.ilql import is_ilql_model
-
-    return is_ilql_model(path)
 
 
 def print_table(report: dict) -> None:

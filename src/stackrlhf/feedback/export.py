@@ -107,6 +107,16 @@ def feedback_stats(store: FeedbackStore) -> dict:
             "cohen_kappa": kappas, "by_model": by_model, "rating_distribution": distribution}
 
 
+def rating_score(label, candidate) -> int:
+    """A pair's score for one answer: the annotator's usefulness + accuracy (2 .. 10)."""
+    r = label.ratings.get(str(candidate.id), {})
+    return int(r.get("usefulness", 0) + r.get("accuracy", 0))
+
+
+def author_of(candidate) -> str:
+    return candidate.author if candidate.source == "human" else f"model:{candidate.model}"
+
+
 def export_feedback(store: FeedbackStore, out: str | Path) -> dict:
     """``OUT/reward/train-00000-of-00001.parquet`` (pairs: the chosen answer against each other answer of a
     label; ties and skips give none) and ``OUT/ratings.parquet`` (every rating), written to a temp folder
@@ -131,17 +141,14 @@ def export_feedback(store: FeedbackStore, out: str | Path) -> dict:
         for other in task.candidates:
             if other.id == best.id:
                 continue
-            score = lambda c: int(sum(label.ratings.get(str(c.id), {}).get(k, 0)  # noqa: E731
-                                      for k in ("usefulness", "accuracy")))
-            author = lambda c: c.author if c.source == "human" else f"model:{c.model}"  # noqa: E731
             pairs.append({
                 "qid": task.qid, "question": task.question, "date": label.created.isoformat(), "metadata": [
                     task.question_link], "response_j": best.text, "response_k": other.text, "prompt": task.prompt,
-                "chosen": best.text, "rejected": other.text, "score_j": score(best), "score_k": score(other),
+                "chosen": best.text, "rejected": other.text, "score_j": rating_score(label, best), "score_k": rating_score(label, other),
                 "answer_id_j": best.id, "answer_id_k": other.id, "date_j": None, "date_k": None, "site": task.site,
                 "title": task.title, "question_link": task.question_link, "answer_link_j": best.answer_link,
                 "answer_link_k": other.answer_link, "question_author": task.question_author,
-                "author_j": author(best), "author_k": author(other), "license": task.license,
+                "author_j": author_of(best), "author_k": author_of(other), "license": task.license,
                 "source": f"feedback:{names[label.annotator_id]}"})
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:

@@ -113,10 +113,18 @@ class ILQLModel(nn.Module):
         """The ILQL loss of a batch: through ``forward`` so that DDP (``accelerate launch``) syncs the gradients."""
         return ilql_loss(self, batch, cfg)
 
-    def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
+    def hidden_states(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
         """Final hidden states (after the last norm: what the LM head reads), without computing any logits."""
         trunk = getattr(self.lm, self.lm.base_model_prefix)  # GPT2Model, LlamaModel ... (ends with the final norm)
-        return trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False).last_hidden_state
+
+    def shifted_logprobs(self, logits: torch.Tensor, h: torch.Tensor, beta: float) -> torch.Tensor:
+        """The decoding distribution's scores: log_softmax(logits) + beta * (min Qtarget - V)."""
+        logp = F.log_softmax(logits.float(), dim=-1)
+        if not beta:
+            return logp
+        return logp + beta * self.heads.advantage(h).float()[..., : logp.shape[-1]]
 
     def save_pretrained(self, out: Path) -> None:
         from safetensors.torch import save_file
@@ -211,12 +219,7 @@ class ILQLLogitsProcessor(LogitsProcessor):
         self._hidden = args[0]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logp = F.log_softmax(scores.float(), dim=-1)
-        if not self.beta:
-            return logp
-        h = self._hidden[:, -1]
-        shift = self.model.heads.advantage(h).float()
-        return logp + self.beta * shift[:, : logp.shape[-1]]
+        return self.model.shifted_logprobs(scores, self._hidden[:, -1], self.beta)
 
     def close(self) -> None:
         self._hook.remove()
@@ -331,8 +334,8 @@ class ILQLTrainer:
         if len(samples) < cfg.batch_size:
             raise StackRLHFError(f"only {len(samples)} scored answers, fewer than batch_size={cfg.batch_size}")
         self.samples = samples
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, cfg.warmup_steps, cfg.steps)
         self.wrapped, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.step_index = 0
@@ -375,7 +378,7 @@ class ILQLTrainer:
         self.optimizer.zero_grad()
         self.accelerator.backward(loss)
         grad_norm = self.accelerator.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm) if cfg.max_grad_norm else 0.0
+            self.trainable, cfg.max_grad_norm) if cfg.max_grad_norm else 0.0
         self.optimizer.step()
         self.scheduler.step()
         self.step_index += 1
