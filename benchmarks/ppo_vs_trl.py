@@ -2,10 +2,14 @@
 the same tiny GPT-2 (4 layers x 256, vocabulary 8000), reward model, prompts (the beer dump's rl split),
 32 prompts x 64 new tokens per step, 4 PPO epochs, minibatches of 8, learning rate 1e-5.
 
-Each run is a fresh process (peak RSS is its own: os.wait4); TRL runs in its own virtual environment, which
-this script creates on first use in benchmarks/.venvs/trl-1.12 (pip install torch==2.13.0 trl==1.12.0).
-TRL's current RLOOTrainer is not measured yet (see the README). Last line:
-``episodes_per_s_ratio=<ours / TRL PPO> peak_rss_ratio=<ours / TRL PPO> rloo_episodes_per_s_ratio=nan``.
+Beside them, TRL's current `RLOOTrainer` (TRL 1.16.0; the trainer TRL points PPO users to): the same
+policy, reward model and prompts, 32 completions per rollout (16 prompts x k = 2, RLOO's leave-one-out
+baseline needs k >= 2), minibatches of 8 (steps_per_generation = 4), 4 passes over each rollout
+(num_iterations = 4), 64 new tokens, KL beta 0.05 against a reference model.
+
+Each run is a fresh process (peak RSS is its own: os.wait4); each TRL runs in its own virtual environment,
+which this script creates on first use in benchmarks/.venvs/ (pip install torch==2.13.0 trl==...). Last line:
+``episodes_per_s_ratio=<ours / TRL PPO> peak_rss_ratio=<ours / TRL PPO> rloo_episodes_per_s_ratio=<ours / TRL RLOO>``.
 
     python benchmarks/ppo_vs_trl.py [--steps 4] [--repeats 1]
 """
@@ -23,16 +27,18 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TRL_VENV = HERE / ".venvs" / "trl-1.12"
 BATCH, MINI, EPOCHS, NEW_TOKENS, LR = 32, 8, 4, 64, 1e-5
+TRL_PPO, TRL_RLOO = "1.12.0", "1.16.0"
 
 
-def ensure_trl_venv() -> Path:
-    python = TRL_VENV / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(TRL_VENV)], check=True)
+def ensure_trl_venv(version: str) -> Path:
+    venv = HERE / ".venvs" / f"trl-{version}"
+    python = venv / "bin" / "python"
+    if not (venv / "done").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "trl==1.12.0", "psutil"], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", f"trl=={version}", "psutil"], check=True)
+        (venv / "done").write_text("")
     return python
 
 
@@ -105,6 +111,41 @@ def worker_trl(root: Path, steps: int) -> dict:
     return {"episodes_per_s": steps * BATCH / (time.perf_counter() - start)}
 
 
+def worker_rloo(root: Path, steps: int) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RLOOConfig, RLOOTrainer
+
+    tok = AutoTokenizer.from_pretrained(str(root / "policy"))
+    tok.padding_side = "left"
+    prompts = json.loads((root / "prompts.json").read_text())
+    ds = datasets.Dataset.from_dict({"prompt": [tok.decode(tok(p, add_special_tokens=False)["input_ids"][-256:])
+                                                for p in prompts]})
+    per_rollout = BATCH // MINI  # optimizer steps per rollout and pass
+    args = RLOOConfig(output_dir=str(root / f"rloo-{time.time()}"), per_device_train_batch_size=MINI,
+                      steps_per_generation=per_rollout, num_generations=2, num_iterations=EPOCHS, learning_rate=LR,
+                      max_completion_length=NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0, beta=0.05,
+                      max_steps=steps * per_rollout * EPOCHS, report_to=[], save_strategy="no", logging_steps=1000,
+                      seed=0, use_cpu=True, bf16=False, gradient_checkpointing=False)
+    rm = AutoModelForSequenceClassification.from_pretrained(str(root / "rm"), num_labels=1).eval()
+    rm_tok = AutoTokenizer.from_pretrained(str(root / "rm"))
+    episodes = []
+
+    def reward(prompts, completions, **_):  # the reward model on prompt + completion, counting the episodes
+        episodes.append(len(completions))
+        enc = rm_tok([p + c for p, c in zip(prompts, completions)], return_tensors="pt", padding=True,
+                     truncation=True, max_length=512)
+        with torch.no_grad():
+            return rm(**enc).logits[:, 0].tolist()
+
+    trainer = RLOOTrainer(model=AutoModelForCausalLM.from_pretrained(str(root / "policy")), reward_funcs=reward,
+                          args=args, train_dataset=ds, processing_class=tok)
+    start = time.perf_counter()
+    trainer.train()
+    return {"episodes_per_s": sum(episodes) / (time.perf_counter() - start), "episodes": sum(episodes)}
+
+
 def run(python: str, args: list[str]) -> dict:
     out = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
@@ -122,7 +163,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--worker", choices=["ours", "trl"])
+    ap.add_argument("--worker", choices=["ours", "trl", "rloo"])
     ap.add_argument("--root")
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--result")
@@ -131,19 +172,23 @@ def main() -> None:
         import torch
 
         torch.manual_seed(0)
-        result = (worker_ours(Path(args.root), args.steps, args.k) if args.worker == "ours"
-                  else worker_trl(Path(args.root), args.steps))
+        worker = {"ours": lambda: worker_ours(Path(args.root), args.steps, args.k),
+                  "trl": lambda: worker_trl(Path(args.root), args.steps),
+                  "rloo": lambda: worker_rloo(Path(args.root), args.steps)}[args.worker]
+        result = worker()
         Path(args.result).write_text(json.dumps(result))
         return
-    trl_python = str(ensure_trl_venv())
+    trl_python, rloo_python = str(ensure_trl_venv(TRL_PPO)), str(ensure_trl_venv(TRL_RLOO))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         prepare(root)
-        runs: dict[str, list[dict]] = {"TRL 1.12 PPOTrainer": [], "ours, num_layers_unfrozen=2 (hydra)": [],
+        runs: dict[str, list[dict]] = {"TRL 1.12 PPOTrainer": [], "TRL 1.16 RLOOTrainer (k=2)": [],
+                                       "ours, num_layers_unfrozen=2 (hydra)": [],
                                        "ours, num_layers_unfrozen=-1 (full copy)": []}
         for _ in range(args.repeats):
             common = ["--root", str(root), "--steps", str(args.steps)]
             runs["TRL 1.12 PPOTrainer"].append(run(trl_python, ["--worker", "trl", *common]))
+            runs["TRL 1.16 RLOOTrainer (k=2)"].append(run(rloo_python, ["--worker", "rloo", *common]))
             runs["ours, num_layers_unfrozen=2 (hydra)"].append(run(sys.executable, ["--worker", "ours", "--k", "2", *common]))
             runs["ours, num_layers_unfrozen=-1 (full copy)"].append(
                 run(sys.executable, ["--worker", "ours", "--k", "-1", *common]))
@@ -156,8 +201,9 @@ def main() -> None:
     for name, (eps, rss) in med.items():
         print(f"{name:<42} {eps:11.2f} {eps / base_eps:7.2f} {rss:13.0f} {rss / base_rss:7.2f}")
     ours_eps, ours_rss = med["ours, num_layers_unfrozen=2 (hydra)"]
+    rloo_eps, _ = med["TRL 1.16 RLOOTrainer (k=2)"]
     print(f"episodes_per_s_ratio={ours_eps / base_eps:.2f} peak_rss_ratio={ours_rss / base_rss:.2f} "
-          f"rloo_episodes_per_s_ratio=nan")
+          f"rloo_episodes_per_s_ratio={ours_eps / rloo_eps:.2f}")
 
 
 if __name__ == "__main__":

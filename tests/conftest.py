@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,3 +82,56 @@ def tiny_lm(beer_data, tmp_path_factory) -> Path:
 
     texts = list(load_split(beer_data, "finetune", "train")["completion"])[:300]
     return save_tiny_lm(texts, tmp_path_factory.mktemp("tiny-lm") / "tiny")
+
+
+# ---------------------------------------------------------------- database servers for the feedback store
+
+POSTGRES_URL = os.environ.get("STACKRLHF_TEST_POSTGRES_URL", "")  # a server's admin URL; `.ci/postgres.sh` starts one
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A fresh feedback-store URL: an SQLite file, and a new database on the PostgreSQL server that `.ci/run`
+    starts (`STACKRLHF_TEST_POSTGRES_URL`). CI sets STACKRLHF_REQUIRE_SERVICES=1, so there a missing server
+    fails the run instead of skipping these cases."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'feedback.db'}"
+        return
+    if not POSTGRES_URL:
+        message = "no PostgreSQL server: `eval $(bash .ci/postgres.sh)` starts one on loopback and sets the URL"
+        if os.environ.get("STACKRLHF_REQUIRE_SERVICES"):
+            pytest.fail(message)
+        pytest.skip(message)
+    import uuid
+
+    import sqlalchemy
+
+    name = f"stackrlhf_test_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    yield POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+# ---------------------------------------------------------------- a real annotation server
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(db: str, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "stackrlhf", "feedback", "serve", "--db", db, "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for _ in range(200):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"the server did not start: {proc.stderr.read().decode()[-2000:]}")

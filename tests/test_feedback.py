@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import subprocess
-import sys
 import threading
-import time
+import urllib.parse
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,10 +15,12 @@ from fastapi.testclient import TestClient
 
 from stackrlhf.cli import cli
 from stackrlhf.feedback.app import create_app
-from stackrlhf.feedback.export import cohen_kappa, export_feedback, feedback_stats, krippendorff_alpha
+from stackrlhf.feedback.export import cohen_kappa, feedback_stats, krippendorff_alpha
 from stackrlhf.feedback.store import FeedbackStore, Label
 from stackrlhf.data.load import load_split
 from stackrlhf.train.reward import load_pairs
+
+from conftest import free_port, start_server
 
 EVIL = "Is <script>window.__pwned = 1</script> safe? <img src=x onerror=alert(1)>"
 
@@ -53,8 +51,8 @@ def rating_form(task: dict, client_id: str, u=(4, 2), a=(5, 3), best=0, comment=
 
 
 @pytest.fixture()
-def app_db(tmp_path):
-    db = f"sqlite:///{tmp_path / 'feedback.db'}"
+def app_db(db_url):
+    db = db_url
     store = FeedbackStore(db)
     store.add_task(question(0, EVIL), [{"text": "Fine. <script>window.__pwned = 2</script>", "model": "sft"},
                                        {"text": "Use `lager` yeast.", "model": "ppo"}])
@@ -116,12 +114,20 @@ def test_bad_input_gets_a_clear_4xx_and_stores_nothing(app_db):
     assert r.status_code == 404 and "not one of your tasks" in r.json()["error"]
     assert client.post(f"/task/{task['task']}", data=good).status_code == 401
     assert client.get("/admin", headers=auth).status_code == 403
+    # oversized bodies: refused by their Content-Length, and when streamed without one
+    huge = dict(good, pad="x" * 100_000)
+    r = client.post(f"/task/{task['task']}", data=huge, headers=auth)
+    assert r.status_code == 413 and "larger than 65536 bytes" in r.json()["error"]
+    body = urllib.parse.urlencode(huge).encode()
+    r = client.post(f"/task/{task['task']}", content=(body[i:i + 4096] for i in range(0, len(body), 4096)),
+                    headers={**auth, "content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 413
     assert labels_in(db) == []
     assert client.post(f"/task/{task['task']}", data=good, headers=auth).status_code == 201
 
 
-def test_each_task_goes_to_at_most_r_annotators_never_twice(tmp_path):
-    db = f"sqlite:///{tmp_path / 'r.db'}"
+def test_each_task_goes_to_at_most_r_annotators_never_twice(db_url):
+    db = db_url
     store = FeedbackStore(db)
     for i in range(3):
         store.add_task(question(i), candidates(i))
@@ -188,27 +194,8 @@ def test_queue_generates_candidates_with_a_control(tiny_lm, beer_data, tmp_path)
 
 # ---------------------------------------------------------------- load test against a real server
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(db: str, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "stackrlhf", "feedback", "serve", "--db", db, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    for _ in range(200):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"the server did not start: {proc.stderr.read().decode()[-2000:]}")
-
-
-def test_load_20_annotators_100_labels_each_with_retries_and_a_restart(tmp_path):
-    db = f"sqlite:///{tmp_path / 'load.db'}"
+def test_load_20_annotators_100_labels_each_with_retries_and_a_restart(db_url):
+    db = db_url
     store = FeedbackStore(db)
     for i in range(1100):  # 20 x 100 labels with R = 2 (spare tasks: the last annotators must not run dry)
         store.add_task(question(i), candidates(i))

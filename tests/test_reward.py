@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from click.testing import CliRunner
 
 from stackrlhf.cli import cli
@@ -178,3 +179,30 @@ def test_lora_reward_model(tmp_path):
     rm = RewardModel.from_pretrained(tmp_path / "rm")
     assert not any("lora" in n for n, _ in rm.model.named_parameters())
     assert len(rm.score(["q"], ["a"])) == 1
+
+
+def test_debias_weight_counts_pairs_against_length_and_time_more():
+    import types
+
+    from stackrlhf.train.reward import PairCollator, PairDataset, RewardTrainer, against_bias
+
+    def row(chosen, rejected, date_j, date_k):
+        return {"prompt": "Question: q\n\nAnswer: ", "chosen": chosen, "rejected": rejected, "score_j": 2,
+                "score_k": 1, "date_j": date_j, "date_k": date_k}
+
+    rows = [row("a long answer", "short", "2020-01-01", "2020-02-01"),  # longer and earlier: with both biases
+            row("short", "a long answer", "2020-01-01", "2020-02-01"),  # shorter: against the length bias
+            row("a long answer", "short", "2020-03-01", "2020-02-01"),  # later: against the time bias
+            row("a long answer", "short", None, None)]                  # a human label without dates
+    assert [against_bias(r) for r in rows] == [False, True, True, False]
+    model, tok = load_backbone(default_backbone())
+    cfg = RMConfig(data=["x"], debias_weight=2.0, max_length=32, max_question_tokens=8)
+    items = PairDataset(tok, rows, cfg)
+    assert [it["weight"] for it in items.items] == [1.0, 3.0, 3.0, 1.0]
+    batch = PairCollator(tok.pad_token_id)(items.items)
+    logits = torch.tensor([[1.0], [0.0], [2.0], [0.5], [0.0], [1.0], [0.0], [0.0]])  # r_j then r_k
+    fake = types.SimpleNamespace(margin_scale=0.0)
+    loss = RewardTrainer.compute_loss(fake, lambda **_: types.SimpleNamespace(logits=logits), dict(batch))
+    per_pair = -torch.nn.functional.logsigmoid(torch.tensor([1.0, -1.0, 2.0, 0.5]))
+    weights = torch.tensor([1.0, 3.0, 3.0, 1.0])
+    assert float(loss) == pytest.approx(float((weights * per_pair).sum() / weights.sum()))

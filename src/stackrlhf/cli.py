@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 
 import click
@@ -12,7 +13,7 @@ from stackrlhf.config import config_options, load_config
 from stackrlhf.data.config import DataConfig
 from stackrlhf.train.config import PretrainConfig, RMConfig, SFTConfig
 from stackrlhf.errors import StackRLHFError
-from stackrlhf.evaluate.config import EvalConfig
+from stackrlhf.evaluate.config import EvalConfig, ReportConfig
 from stackrlhf.rl.config import ILQLConfig, PPOConfig
 
 
@@ -220,6 +221,70 @@ def eval_cmd(config_file, **options) -> None:
     evaluate_models(load_config(EvalConfig, config_file, section="eval", **options))
 
 
+@cli.command("report")
+@config_options(ReportConfig)
+@user_errors
+def report_cmd(config_file, **options) -> None:
+    """One self-contained HTML file: evaluation table, reward/KL plots, RM accuracy, human ratings, samples.
+
+    Example: stackrlhf report --run outputs/demo --out outputs/demo/report.html
+    """
+    from stackrlhf.evaluate.report import write_report
+
+    click.echo(str(write_report(load_config(ReportConfig, config_file, section="report", **options))))
+
+
+@cli.command("run")
+@click.argument("config", required=False)
+@click.option("--out", default=None, help="Run directory [the file's `out`].")
+@click.option("--force", multiple=True, help="Run this stage again even if it is up to date (repeatable).")
+@click.option("--until", default=None, help="Stop after this stage.")
+@user_errors
+def run_cmd(config, out, force, until) -> None:
+    """Run the whole pipeline of CONFIG [configs/demo.yaml]: data, base, SFT, RMs, PPO, ILQL, eval, report.
+
+    A stage whose settings and inputs are unchanged is skipped; a killed run resumes where it stopped.
+    """
+    from stackrlhf.pipeline import run_pipeline
+
+    run_pipeline(config, out, tuple(force), until)
+
+
+@cli.group("loop", invoke_without_command=True)
+@click.option("--registry", default="outputs/registry", show_default=True, help="The registry directory.")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+              help="YAML with loop settings (data, db, gold_reward, min_labels, questions, rm:, ppo:, eval:).")
+@click.option("--policy", default="", help="First turn only: the starting policy (version 0), e.g. the SFT model.")
+@click.option("--reward", default="", help="First turn only: the reward model that goes with version 0.")
+@click.option("--data", default=None, help="The votes dataset (`data build` output) [saved by the first turn].")
+@click.option("--db", default=None, help="The feedback store's URL [saved by the first turn].")
+@click.option("--gold-reward", default=None, help="A held-out judge for the evaluation [saved by the first turn].")
+@click.option("--min-labels", default=None, type=int, help="Labels needed before a turn trains [20].")
+@click.option("--questions", default=None, type=int, help="Questions queued per turn [20].")
+@click.pass_context
+@user_errors
+def loop_cmd(ctx, registry, config_file, policy, reward, data, db, gold_reward, min_labels, questions) -> None:
+    """One turn of the feedback loop: queue the policy's answers; once labelled, retrain the RM on votes + human
+    labels, run PPO, evaluate, and register a new version. `stackrlhf loop status` lists the versions."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from stackrlhf.loop import loop_turn
+
+    result = loop_turn(registry, policy, reward, config_file, data=data, db=db, gold_reward=gold_reward,
+                       min_labels=min_labels, questions=questions)
+    click.echo(json.dumps(result))
+
+
+@loop_cmd.command("status")
+@click.option("--registry", default="outputs/registry", show_default=True, help="The registry directory.")
+@user_errors
+def loop_status_cmd(registry) -> None:
+    """The registered versions and their metrics, as a table."""
+    from stackrlhf.loop import loop_status
+
+    loop_status(registry)
+
+
 @cli.group()
 def feedback() -> None:
     """Human feedback: queue model answers, annotate them in the web app, export pairs, measure agreement."""
@@ -302,14 +367,12 @@ def feedback_export(db, out) -> None:
 @user_errors
 def feedback_stats_cmd(db, as_json) -> None:
     """Labels per annotator, agreement on the preference (Cohen's kappa, Krippendorff's alpha), ratings by model."""
-    import json as json_module
-
     from stackrlhf.feedback.export import feedback_stats
     from stackrlhf.feedback.store import FeedbackStore
 
     stats = feedback_stats(FeedbackStore(db))
     if as_json:
-        click.echo(json_module.dumps(stats, indent=2, default=str))
+        click.echo(json.dumps(stats, indent=2, default=str))
         return
     click.echo(f"{stats['tasks']} tasks, {stats['labels']} labels ({stats['skipped']} skipped), "
                f"{stats['annotators']} annotators")
@@ -326,6 +389,21 @@ def feedback_stats_cmd(db, as_json) -> None:
 
 def main() -> None:
     cli(prog_name="stackrlhf")
+
+
+def _cpu_processes_without_gpu() -> None:
+    """Under `accelerate launch` / torchrun on a machine without GPUs, tell accelerate to use gloo on the CPUs
+    (it would otherwise run every process alone, each training on all the data)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "ACCELERATE_USE_CPU" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
+_cpu_processes_without_gpu()
 
 
 if __name__ == "__main__":  # pragma: no cover

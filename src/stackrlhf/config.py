@@ -8,6 +8,7 @@ A YAML file may hold a single stage's fields, or a whole pipeline with one secti
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 import types
@@ -82,36 +83,64 @@ def load_config(cls: type[C], config_file: str | os.PathLike | None = None, sect
     values: dict[str, Any] = {}
     if config_file is not None:
         path = Path(config_file)
-        if not path.is_file():
-            raise StackRLHFError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise StackRLHFError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from exc
-        if not isinstance(data, dict):
-            raise StackRLHFError(f"config file {path} must hold a mapping of settings, not {type(data).__name__}")
+        data = read_yaml_mapping(path, "config file")
         if section and isinstance(data.get(section), dict):
             data = data[section]
+        elif section and section in data:
+            data = {}  # a pipeline file whose section is disabled or empty
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(k for k in data if k not in names)
-        if unknown and not (section and section in data):
-            raise StackRLHFError(
-                f"config file {path}: unknown setting(s) {', '.join(unknown)} for {cls.__name__}; "
-                f"valid: {', '.join(sorted(names))}")
+        if not (section and any(isinstance(v, dict) for v in data.values())):  # a stage file: check every key
+            check_settings(cls, data, f"config file {path}")
         values.update({k: v for k, v in data.items() if k in names})
     for key, value in overrides.items():
         if value is None or (isinstance(value, tuple) and len(value) == 0):
             continue
         values[key] = list(value) if isinstance(value, tuple) else value
+    return config_from_dict(cls, values, cls.__name__)
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file that must hold a mapping, with errors that name the file."""
+    if not path.is_file():
+        raise StackRLHFError(f"{what} {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise StackRLHFError(f"{what} {path} is not valid YAML: {exc}".replace("\n", " ")) from exc
+    if not isinstance(data, dict):
+        raise StackRLHFError(f"{what} {path} must hold a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+def check_settings(cls: type, values: dict, where: str) -> None:
+    """Refuse keys that are not fields of ``cls``, naming the valid ones."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(k for k in values if k not in names)
+    if unknown:
+        raise StackRLHFError(f"{where}: unknown setting(s) {', '.join(unknown)} for {cls.__name__}; "
+                             f"valid: {', '.join(sorted(names))}")
+
+
+def config_from_dict(cls: type[C], values: dict, where: str) -> C:
+    """``cls(**values)`` with the errors a user can act on."""
+    check_settings(cls, values, where)
     try:
         return cls(**values)
-    except TypeError as exc:
-        raise StackRLHFError(f"bad settings for {cls.__name__}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise StackRLHFError(f"{where}: bad settings for {cls.__name__}: {exc}") from exc
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the exact settings a stage ran with (``config.yaml`` in its artifact directory)."""
     write_text_atomic(Path(path), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it is missing or unreadable (an artifact not written yet)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -38,3 +38,23 @@ class EvalConfig:
             raise ValueError("--data is required: a `stackrlhf data build` output")
         if not self.reward:
             raise ValueError("--reward is required: the proxy reward-model directory")
+
+
+@dataclass
+class ReportConfig:
+    run: str = field(default="", metadata={
+        "help": "A `stackrlhf run` directory: the report finds eval/, ppo/, ilql/, rm/, rm-gold/, feedback/ in it."})
+    eval: str = field(default="", metadata={"help": "A `stackrlhf eval` output (overrides the run's)."})
+    ppo: str = field(default="", metadata={"help": "A `stackrlhf ppo` output (its history.jsonl)."})
+    ilql: str = field(default="", metadata={"help": "A `stackrlhf ilql` output (its history.jsonl)."})
+    rm: str = field(default="", metadata={"help": "The proxy reward model (its metrics.json)."})
+    gold_rm: str = field(default="", metadata={"help": "The gold reward model (its metrics.json)."})
+    feedback: str = field(default="", metadata={
+        "help": "Human feedback: a `feedback export` directory or the store's database URL."})
+    out: str = field(default="report.html", metadata={"help": "The HTML file to write (one self-contained file)."})
+    samples: int = field(default=6, metadata={"help": "Questions shown with every model's answer side by side."})
+    title: str = field(default="stackrlhf report", metadata={"help": "The report's title."})
+
+    def __post_init__(self) -> None:
+        if not (self.run or self.eval or self.ppo or self.ilql or self.rm):
+            raise ValueError("give --run (a `stackrlhf run` directory) or the artifact directories to report on")

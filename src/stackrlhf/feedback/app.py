@@ -39,9 +39,47 @@ class BadInput(Exception):
         self.status, self.message = status, message
 
 
-def create_app(db: str, replication: int = 2, max_comment: int = MAX_COMMENT) -> FastAPI:
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Refuse a request body over ``limit`` bytes with a 413 before anything parses it: by its Content-Length
+    when it has one, else by counting the chunks as they arrive. (A label form is a few hundred bytes.)"""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self.refuse(send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self.refuse(send)
+
+    async def refuse(self, send) -> None:
+        await JSONResponse({"error": f"The request body is larger than {self.limit} bytes; nothing was stored."},
+                           status_code=413)({"type": "http"}, None, send)
+
+
+def create_app(db: str, replication: int = 2, max_comment: int = MAX_COMMENT, max_body: int = 64 * 1024) -> FastAPI:
     store = FeedbackStore(db)
     app = FastAPI(title="stackrlhf feedback", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimit, limit=max_body)
     app.state.store = store
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -127,7 +165,7 @@ def create_app(db: str, replication: int = 2, max_comment: int = MAX_COMMENT) ->
         best = None if label is None else ("tie" if label.best_candidate_id is None else label.best_candidate_id)
         return page(request, "task.html", annotator=who, task=task, candidates=candidates,
                     question_html=render_markdown(task.question), client_id=str(uuid.uuid4()),
-                    done=done, total=total, percent=int(100 * done / max(total, 1)), best=best,
+                    done=done, total=total, best=best,
                     comment=label.comment if label else "", max_comment=max_comment)
 
     @app.post("/task/{task_id}")

@@ -211,8 +211,9 @@ class PPOTrainer:
         # 6. PPO epochs over minibatches
         stats = self.update(batch, old_logp, old_values, advantages, returns, mask)
 
-        # 7. KL controller, bookkeeping
-        mean_kl = float(kl.sum(1).mean())
+        # 7. KL controller, bookkeeping: means over every process, so beta stays the same on all of them
+        gathered = self.accelerator.gather(torch.stack([scores, kl.sum(1), (rewards * mask).sum(1)], 1))
+        mean_kl = float(gathered[:, 1].mean())
         if mean_kl < 0 and not self.warned_negative_kl:
             warnings.warn("mean KL is negative: the sampling settings (top-k/top-p, temperature) bias the samples "
                           "away from the distribution the log-probs are computed under", stacklevel=2)
@@ -222,11 +223,11 @@ class PPOTrainer:
         seconds = time.perf_counter() - t0
         n_tokens = float(mask.sum())
         metrics = {
-            "step": self.step_index + 1, "reward/score_mean": float(scores.mean()),
-            "reward/score_std": float(scores.std()) if len(scores) > 1 else 0.0,
-            "reward/total_mean": float((rewards * mask).sum(1).mean()), "kl/mean": mean_kl, "kl/beta": beta,
+            "step": self.step_index + 1, "reward/score_mean": float(gathered[:, 0].mean()),
+            "reward/score_std": float(gathered[:, 0].std()) if len(gathered) > 1 else 0.0,
+            "reward/total_mean": float(gathered[:, 2].mean()), "kl/mean": mean_kl, "kl/beta": beta,
             "response/length": float(mask.sum(1).mean()), "response/ended": float(finished.float().mean()),
-            "time/tokens_per_s": n_tokens / seconds, "time/episodes_per_s": len(prompts) / seconds,
+            "time/tokens_per_s": n_tokens / seconds, "time/episodes_per_s": len(prompts) * self.accelerator.num_processes / seconds,
             "time/generate_s": t_gen, "time/step_s": seconds, **stats,
         }
         self.step_index += 1
@@ -330,7 +331,7 @@ class PPOTrainer:
         while self.step_index < cfg.steps:
             metrics = self.step()
             samples = metrics.pop("_samples")
-            episodes += cfg.batch_size
+            episodes += cfg.batch_size * self.accelerator.num_processes
             self.history.append(metrics)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['kl/mean']:.2f}")

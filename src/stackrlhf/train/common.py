@@ -109,8 +109,26 @@ def write_metrics(out: Path, metrics: dict) -> None:
 
 def save_stage(out: Path, model, tokenizer, cfg, metrics: dict) -> None:
     """The artifact: ``save_pretrained`` model + tokenizer, the exact config, and metrics.json last
-    (its presence marks a finished stage)."""
-    model.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
-    save_config(cfg, out / "config.yaml")
-    write_metrics(out, metrics)
+    (its presence marks a finished stage). Written by the main process alone under ``accelerate launch``."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        model.save_pretrained(str(out), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+        save_config(cfg, out / "config.yaml")
+        write_metrics(out, metrics)
+    state.wait_for_everyone()
+
+
+def evaluate_before_training(trainer) -> dict:
+    """``trainer.evaluate()`` before ``trainer.train()``, without breaking multi-process training: accelerate's
+    evaluation-mode prepare marks the bare model as prepared, so ``train()`` would then skip the DDP wrap and each
+    process would silently train on its own gradients (found by the 2-process test; accelerate 1.15)."""
+    metrics = trainer.evaluate()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if getattr(model, "_is_accelerate_prepared", False):
+        model._is_accelerate_prepared = False
+    trainer.model_wrapped = trainer.model
+    return metrics
+

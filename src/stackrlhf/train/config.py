@@ -63,6 +63,8 @@ class SFTConfig(TrainConfig):
     packing: bool = field(default=False, metadata={"help": "Pack several examples per sequence (no padding)."})
     group_by_length: bool = field(default=True, metadata={
         "help": "Batch examples of similar length together (less padding, same data)."})
+    shuffle: bool = field(default=True, metadata={
+        "help": "Shuffle the training examples (off: their order on disk, the same batches for any process count)."})
     num_layers_unfrozen: int = field(default=-1, metadata={"help": "Train only the top k blocks + head (-1: all)."})
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead (peft)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -99,6 +101,9 @@ class RMConfig(TrainConfig):
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    debias_weight: float = field(default=0.0, metadata={"help":
+        "Pairs whose better answer is the shorter or the later-posted one count 1 + this in the loss, so the RM "
+        "learns less of the votes' length and time biases (0: off)."})
     pairs_half: str = field(default="all", metadata={"choices": ("all", "proxy", "gold"), "help":
         "Train on one half of the questions only: `proxy` for the RM that RL optimises, `gold` for the held-out "
         "judge of `stackrlhf eval` (disjoint questions, to detect over-optimisation)."})

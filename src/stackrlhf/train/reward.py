@@ -57,12 +57,20 @@ def load_pairs(dirs: list[str], split: str, limit: int = 0, seed: int = 0, half:
     return pairs
 
 
+def against_bias(row: dict) -> bool:
+    """The better answer is the shorter one or the later-posted one: a pair where the votes' two known biases
+    (length, time) point the wrong way, so its preference must come from the content."""
+    later = bool(row["date_j"] and row["date_k"] and row["date_j"] > row["date_k"])
+    return len(row["chosen"]) < len(row["rejected"]) or later
+
+
 class PairDataset(Dataset):
     def __init__(self, tok, pairs: datasets.Dataset, cfg: RMConfig):
         self.items = [
             {"chosen": encode_pair(tok, r["prompt"], r["chosen"], cfg.max_length, cfg.max_question_tokens),
              "rejected": encode_pair(tok, r["prompt"], r["rejected"], cfg.max_length, cfg.max_question_tokens),
-             "margin": float((r["score_j"] or 0) - (r["score_k"] or 0))}
+             "margin": float((r["score_j"] or 0) - (r["score_k"] or 0)),
+             "weight": 1.0 + (cfg.debias_weight if against_bias(r) else 0.0)}
             for r in pairs]
 
     def __len__(self) -> int:
@@ -87,7 +95,8 @@ class PairCollator:
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
         return {"input_ids": ids, "attention_mask": mask,
-                "margin": torch.tensor([b["margin"] for b in batch], dtype=torch.float)}
+                "margin": torch.tensor([b["margin"] for b in batch], dtype=torch.float),
+                "weight": torch.tensor([b["weight"] for b in batch], dtype=torch.float)}
 
 
 class RewardTrainer(Trainer):
@@ -98,10 +107,10 @@ class RewardTrainer(Trainer):
         self.margin_scale = margin_scale
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        margin = inputs.pop("margin")
+        margin, weight = inputs.pop("margin"), inputs.pop("weight")
         rewards = model(**inputs).logits[:, 0]
         r_j, r_k = rewards.chunk(2)
-        loss = -F.logsigmoid(r_j - r_k - self.margin_scale * margin).mean()
+        loss = (weight * -F.logsigmoid(r_j - r_k - self.margin_scale * margin)).sum() / weight.sum()
         return (loss, torch.stack([r_j, r_k], dim=1)) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -194,6 +203,7 @@ def train_reward_model(cfg: RMConfig) -> dict:
     rm = RewardModel(final, tok, cfg.max_length, cfg.max_question_tokens)
     metrics = {"train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"],
                "steps": trainer.state.global_step, "train_pairs": len(train_set),
+               "train_pairs_against_bias": sum(against_bias(r) for r in train_pairs),
                **throughput(trainer, result.metrics["train_runtime"])}
     answers = {(r["prompt"], a) for r in train_pairs for a in (r["chosen"], r["rejected"])}
     questions, texts = zip(*sorted(answers)) if answers else ((), ())
@@ -205,11 +215,13 @@ def train_reward_model(cfg: RMConfig) -> dict:
                                     list(eval_pairs["rejected"]), batch_size=cfg.per_device_eval_batch_size))
         metrics.update(evaluation_report(eval_pairs, rewards.reshape(2, -1).T))
         metrics["best_epoch_accuracy"] = trainer.state.best_metric
-    rm.save_pretrained(out)
-    save_config(cfg, out / "config.yaml")
-    write_metrics(out, metrics)
-    print_report(metrics)
-    console.print(f"[green]wrote {out}[/]")
+    if trainer.is_world_process_zero():  # one writer under `accelerate launch`
+        rm.save_pretrained(out)
+        save_config(cfg, out / "config.yaml")
+        write_metrics(out, metrics)
+        print_report(metrics)
+        console.print(f"[green]wrote {out}[/]")
+    trainer.accelerator.wait_for_everyone()
     return metrics
 
 

@@ -21,8 +21,8 @@ from stackrlhf.models.freezing import apply_lora, describe_trainable, freeze_bot
 from stackrlhf.models.loading import load_causal_lm
 from stackrlhf.prompts import fit_prompt_ids
 from stackrlhf.train.config import SFTConfig
-from stackrlhf.train.common import (GuardCallback, last_checkpoint, logging_callbacks, save_stage, throughput,
-                                    training_arguments)
+from stackrlhf.train.common import (GuardCallback, evaluate_before_training, last_checkpoint, logging_callbacks,
+                                    save_stage, throughput, training_arguments)
 
 console = Console(stderr=True)
 IGNORE = -100
@@ -110,7 +110,9 @@ def sft(cfg: SFTConfig) -> dict:
     console.print(f"SFT on {len(train_rows) if not cfg.max_train_samples else len(train_set)} examples "
                   f"({train_set.tokens:,} tokens{', packed' if cfg.packing else ''}), "
                   f"held out: {len(eval_set)} examples")
-    sampling = {"train_sampling_strategy": "group_by_length"} if cfg.group_by_length and not cfg.packing else {}
+    strategy = "sequential" if not cfg.shuffle else (
+        "group_by_length" if cfg.group_by_length and not cfg.packing else "random")
+    sampling = {"train_sampling_strategy": strategy}
     trainer = Trainer(model=model, args=training_arguments(cfg, out, has_eval=len(eval_set) > 0, **sampling),
                       train_dataset=train_set, eval_dataset=eval_set if len(eval_set) else None,
                       data_collator=SFTCollator(tok.pad_token_id),
@@ -118,7 +120,7 @@ def sft(cfg: SFTConfig) -> dict:
     metrics: dict = {}
     resume_from = last_checkpoint(out, cfg.resume)
     if len(eval_set) and resume_from is None:
-        metrics["eval_loss_start"] = trainer.evaluate()["eval_loss"]
+        metrics["eval_loss_start"] = evaluate_before_training(trainer)["eval_loss"]
     result = trainer.train(resume_from_checkpoint=resume_from)
     runtime = result.metrics["train_runtime"]
     metrics.update({"train_loss": result.training_loss, "train_runtime_s": runtime,

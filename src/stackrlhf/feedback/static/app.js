@@ -15,7 +15,7 @@
   groups.forEach((g, i) => g.addEventListener("change", () => { cursor = i + 1; paint(); }));
   function submit(skip) {
     document.getElementById("skip").value = skip ? "1" : "0";
-    form.submit();
+    HTMLFormElement.prototype.submit.call(form);  // immune to a control named "submit" shadowing form.submit
   }
   document.getElementById("skip-button").addEventListener("click", () => submit(true));
   document.addEventListener("keydown", (e) => {

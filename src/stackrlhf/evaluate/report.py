@@ -1,0 +1,261 @@
+"""``stackrlhf report``: one self-contained HTML file (plots inlined as PNG) from the artifacts of a run.
+
+It reads only what the stages wrote: ``eval.json`` and ``samples.jsonl``, the RL stages' ``history.jsonl``, the
+reward models' ``metrics.json``, the feedback export's ``ratings.parquet`` (or the store itself), and the run's
+``pipeline.json``. A missing artifact leaves its section with a note saying which command makes it. Every text
+that came from a dump or a model is escaped: the report never runs what it shows.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from stackrlhf.config import read_json, write_text_atomic  # noqa: E402
+from stackrlhf.evaluate.config import ReportConfig  # noqa: E402
+
+CSS = """
+body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
+main{max-width:1200px;margin:0 auto;padding:24px}
+h1{margin:0 0 4px}h2{margin-top:36px;border-bottom:2px solid #dde2ea;padding-bottom:4px}
+.meta{color:#5b6577}.note{color:#6b7280;font-style:italic}
+table{border-collapse:collapse;background:#fff;margin:8px 0}
+th,td{border:1px solid #dde2ea;padding:4px 10px;text-align:right}th{background:#eef1f6}
+td:first-child,th:first-child{text-align:left}
+figure{display:inline-block;background:#fff;border:1px solid #dde2ea;border-radius:6px;margin:8px;padding:8px}
+figure img{display:block;max-width:100%;height:auto}figcaption{color:#5b6577;font-size:13px}
+.question{background:#fff;border:1px solid #dde2ea;border-radius:8px;padding:12px 16px;margin:16px 0}
+.answers{display:grid;grid-template-columns:repeat(auto-fit,minmax(260px,1fr));gap:10px}
+.answer{border:1px solid #e3e7ee;border-radius:6px;padding:8px;background:#fbfcfe}
+.answer h4{margin:0 0 4px;font-size:14px}.answer .r{color:#5b6577;font-size:12px}
+pre{white-space:pre-wrap;word-wrap:break-word;font:13px/1.45 ui-monospace,Menlo,Consolas,monospace;margin:4px 0;
+max-height:22em;overflow:auto}
+footer{margin-top:40px;color:#6b7280;font-size:13px}
+"""
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _figure(fig, name: str, caption: str) -> str:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return (f'<figure><img class="plot" data-plot="{_e(name)}" alt="{_e(caption)}" '
+            f'src="data:image/png;base64,{data}"><figcaption>{_e(caption)}</figcaption></figure>')
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{_e(text)}</p>'
+
+
+def rl_curves(ppo_history: list[dict], ilql_history: list[dict]) -> str:
+    parts = []
+    if ppo_history:
+        steps = [h["step"] for h in ppo_history]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(8.5, 3.2))
+        a.plot(steps, [h["reward/score_mean"] for h in ppo_history], label="RM score (normalised)")
+        a.plot(steps, [h["reward/total_mean"] for h in ppo_history], label="score - beta*KL", alpha=0.7)
+        a.set_xlabel("PPO step"), a.set_ylabel("mean reward"), a.legend(fontsize=8), a.grid(alpha=0.3)
+        b.plot(steps, [h["kl/mean"] for h in ppo_history], color="C3", label="KL to reference")
+        b.set_xlabel("PPO step"), b.set_ylabel("KL per response"), b.grid(alpha=0.3)
+        b2 = b.twinx()
+        b2.plot(steps, [h["kl/beta"] for h in ppo_history], color="C2", ls="--", label="beta")
+        b2.set_ylabel("beta")
+        lines = b.get_lines() + b2.get_lines()
+        b.legend(lines, [line.get_label() for line in lines], fontsize=8)
+        parts.append(_figure(fig, "ppo", "PPO: reward and KL to the frozen reference over the steps"))
+    else:
+        parts.append(_note("No PPO history: run `stackrlhf ppo` (or a pipeline with a `ppo:` section)."))
+    if ilql_history:
+        steps = [h["step"] for h in ilql_history]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(8.5, 3.2))
+        for key in ("loss/q", "loss/v", "loss/awac"):
+            a.plot(steps, [h[key] for h in ilql_history], label=key)
+        a.set_xlabel("ILQL step"), a.set_ylabel("loss"), a.legend(fontsize=8), a.grid(alpha=0.3)
+        for key in ("values/q_mean", "values/v_mean", "values/advantage_mean"):
+            b.plot(steps, [h[key] for h in ilql_history], label=key)
+        b.set_xlabel("ILQL step"), b.legend(fontsize=8), b.grid(alpha=0.3)
+        parts.append(_figure(fig, "ilql", "ILQL: losses and mean Q, V and advantage over the steps"))
+    return "".join(parts)
+
+
+def reward_vs_kl(ev: dict | None) -> str:
+    if not ev:
+        return _note("No evaluation: run `stackrlhf eval` (or a pipeline with an `eval:` section).")
+    models = ev["models"]
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    for judge, marker in (("proxy", "o"), ("gold", "s")):
+        pts = [(m["kl_to_reference"], m.get(f"reward_{judge}"), name) for name, m in models.items()
+               if m.get("kl_to_reference") is not None and m.get(f"reward_{judge}") is not None]
+        if not pts:
+            continue
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=40, label=f"{judge} RM")
+        for kl, r, name in pts:
+            ax.annotate(name, (kl, r), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("KL to the reference (nats per answer)"), ax.set_ylabel("mean normalised reward")
+    ax.legend(fontsize=8), ax.grid(alpha=0.3)
+    return _figure(fig, "reward_vs_kl", "Proxy (optimised) and gold (held-out) reward against KL: a gold reward "
+                                         "that falls while the proxy rises is over-optimisation")
+
+
+def rm_accuracy(rms: dict[str, dict]) -> str:
+    rms = {k: v for k, v in rms.items() if v and "accuracy" in v}
+    if not rms:
+        return _note("No reward-model metrics: run `stackrlhf rm`.")
+    bars = [("RM", "accuracy"), ("longer wins", "baseline_longer_wins"), ("earlier wins", "baseline_earlier_wins"),
+            ("random", "baseline_random"), ("RM, shorter\nis better", "accuracy_shorter_better")]
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    width = 0.8 / len(rms)
+    for i, (name, m) in enumerate(rms.items()):
+        xs = [j + i * width for j in range(len(bars))]
+        ax.bar(xs, [m.get(key) or 0.0 for _, key in bars], width, label=f"{name} ({m.get('eval_pairs', '?')} pairs)")
+    ax.set_xticks([j + width * (len(rms) - 1) / 2 for j in range(len(bars))], [b for b, _ in bars], fontsize=8)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_ylim(0, 1), ax.set_ylabel("held-out pairwise accuracy"), ax.legend(fontsize=8)
+    return _figure(fig, "rm_accuracy", "Reward models against the length, time and random baselines on held-out "
+                                        "pairs")
+
+
+def feedback_distribution(source: str) -> str:
+    dist = load_rating_distribution(source) if source else None
+    if not dist:
+        return _note("No human feedback yet: `stackrlhf feedback queue`, `serve`, then `export`.")
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.2), sharey=True)
+    for ax, kind in zip(axes, ("usefulness", "accuracy")):
+        models = sorted(dist[kind])
+        width = 0.8 / max(len(models), 1)
+        for i, model in enumerate(models):
+            counts = dist[kind][model]
+            total = max(sum(counts.values()), 1)
+            ax.bar([r + i * width for r in range(1, 6)], [counts.get(r, 0) / total for r in range(1, 6)], width,
+                   label=model)
+        ax.set_xticks([r + width * (len(models) - 1) / 2 for r in range(1, 6)], [str(r) for r in range(1, 6)])
+        ax.set_xlabel(f"{kind} (1-5)"), ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("share of ratings"), axes[0].legend(fontsize=8)
+    return _figure(fig, "feedback", "Human ratings by model")
+
+
+def load_rating_distribution(source: str) -> dict | None:
+    """{kind: {model: {rating: count}}} from a feedback export directory or the store's URL."""
+    if "://" in source:
+        from stackrlhf.feedback.export import feedback_stats
+        from stackrlhf.feedback.store import FeedbackStore
+
+        dist = feedback_stats(FeedbackStore(source))["rating_distribution"]
+        return {k: {m: {int(r): n for r, n in c.items()} for m, c in v.items()} for k, v in dist.items()} \
+            if any(dist.values()) else None
+    path = Path(source) / "ratings.parquet"
+    if not path.is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(path).to_pylist()
+    if not rows or "usefulness" not in rows[0]:
+        return None
+    return {kind: {m: dict(Counter(r[kind] for r in rows if (r["model"] or "human answer") == m))
+                   for m in {r["model"] or "human answer" for r in rows}} for kind in ("usefulness", "accuracy")}
+
+
+def eval_table(ev: dict | None) -> str:
+    if not ev:
+        return ""
+    base = ev["baseline"]
+    judges = list(ev["judges"])
+    head = ["model", *[f"{j} reward" for j in judges], *[f"{j} win vs {base}" for j in judges], "KL",
+            "human-answer ppl", "length", "ended", "distinct-2"]
+    rows = []
+    for name, m in ev["models"].items():
+        kl = m.get("kl_to_reference")
+        cells = [name, *[f"{m[f'reward_{j}']:.3f} ± {m[f'reward_{j}_std']:.2f}" for j in judges],
+                 *[f"{m[f'win_rate_{j}_vs_{base}']:.2f}" for j in judges], "" if kl is None else f"{kl:.2f}",
+                 f"{m['human_answer_perplexity']:.1f}", f"{m['length_tokens']:.1f}", f"{m['ended']:.2f}",
+                 f"{m['distinct_2']:.3f}"]
+        rows.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
+    return (f"<p>{ev['questions']} held-out questions, temperature {ev['sampling']['temperature']}, "
+            f"{ev['sampling']['max_new_tokens']} new tokens at most. Rewards are normalised by each judge's "
+            f"training-answer mean and std.</p><table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head)
+            + "</tr>" + "".join(rows) + "</table>")
+
+
+def samples_section(samples: list[dict], n: int) -> str:
+    if not samples:
+        return _note("No samples: run `stackrlhf eval`.")
+    out = []
+    for q in samples[:n]:
+        answers = "".join(
+            f'<div class="answer"><h4>{_e(name)}</h4><div class="r">'
+            + " · ".join(f"{k} {a[k]:.2f}" for k in ("proxy", "gold", "kl") if isinstance(a.get(k), (int, float)))
+            + f"</div><pre>{_e(a['text'])}</pre></div>" for name, a in q["answers"].items())
+        human = (f'<div class="answer"><h4>best human answer (the dump)</h4><pre>{_e(q["best_answer"])}</pre>'
+                 f"</div>")
+        out.append(
+            f'<div class="question"><h3><a href="{_e(q["question_link"])}">{_e(q["title"])}</a></h3>'
+            f'<div class="meta">{_e(q["site"])} · asked by {_e(q["question_author"])} · {_e(q["license"])}</div>'
+            f'<pre>{_e(q["prompt"])}</pre><div class="answers">{answers}{human}</div></div>')
+    return "".join(out)
+
+
+def pipeline_table(run: dict | None) -> str:
+    if not run:
+        return ""
+    rows = "".join(f"<tr><td>{_e(n)}</td><td>{_e(s['status'])}</td><td>{_e(s.get('seconds') or '')}</td></tr>"
+                   for n, s in run["stages"].items())
+    return f"<h2>Pipeline</h2><table><tr><th>stage</th><th>status</th><th>seconds</th></tr>{rows}</table>"
+
+
+def write_report(cfg: ReportConfig) -> Path:
+    """Write the report; returns its path."""
+    run = Path(cfg.run) if cfg.run else None
+
+    def pick(explicit: str, name: str) -> Path | None:
+        if explicit:
+            return Path(explicit)
+        return run / name if run and (run / name).exists() else None
+
+    eval_dir, ppo_dir, ilql_dir = pick(cfg.eval, "eval"), pick(cfg.ppo, "ppo"), pick(cfg.ilql, "ilql")
+    rm_dir, gold_dir = pick(cfg.rm, "rm"), pick(cfg.gold_rm, "rm-gold")
+    feedback = cfg.feedback or (str(run / "feedback") if run and (run / "feedback").exists() else "")
+    ev = read_json(eval_dir / "eval.json") if eval_dir else None
+    samples = _read_jsonl(eval_dir / "samples.jsonl") if eval_dir else []
+    rms = {name: read_json(d / "metrics.json") for name, d in (("proxy RM", rm_dir), ("gold RM", gold_dir)) if d}
+    body = [
+        f"<h1>{_e(cfg.title)}</h1><p class='meta'>{_e(dt.datetime.now().strftime('%Y-%m-%d %H:%M'))}"
+        + (f" · run {_e(run)}" if run else "") + "</p>",
+        "<h2>Held-out evaluation</h2>", eval_table(ev) or _note("No evaluation yet."), reward_vs_kl(ev),
+        "<h2>Training</h2>", rl_curves(_read_jsonl(ppo_dir / "history.jsonl") if ppo_dir else [],
+                                       _read_jsonl(ilql_dir / "history.jsonl") if ilql_dir else []),
+        "<h2>Reward models</h2>", rm_accuracy(rms),
+        "<h2>Human feedback</h2>", feedback_distribution(feedback),
+        pipeline_table(read_json(run / "pipeline.json") if run else None),
+        "<h2>Sample answers</h2>", samples_section(samples, cfg.samples),
+        "<footer>Questions and human answers come from Stack Exchange data dumps and are licensed CC BY-SA "
+        "(the version each row names); each sample links its question and names its author.</footer>",
+    ]
+    page = ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; "
+            "style-src 'unsafe-inline'\">"
+            f"<title>{_e(cfg.title)}</title><style>{CSS}</style></head><body><main>{''.join(body)}</main></body></html>")
+    out = Path(cfg.out)
+    write_text_atomic(out, page)
+    return out

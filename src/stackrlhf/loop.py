@@ -1,0 +1,202 @@
+"""``stackrlhf loop``: one turn of the continual feedback loop, and the registry of the versions it made.
+
+A turn has two halves, because people label in between:
+1. queue answers of the current policy (version n) for annotation, as feedback batch ``vN``;
+2. once that batch has ``min_labels`` labels: export every label so far, retrain the RM on votes + human pairs,
+   run PPO from the current policy with the new RM, evaluate the new policy against its parent, and register
+   it as version n+1 (its model, RM, parent, data, metrics).
+``stackrlhf loop`` does whichever half is due. Each training step is a pipeline stage with its own record in
+``vN+1/.pipeline``, so a killed turn resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from stackrlhf.config import config_from_dict, read_json, read_yaml_mapping, save_config, write_text_atomic
+from stackrlhf.errors import StackRLHFError
+from stackrlhf.evaluate.config import EvalConfig
+from stackrlhf.pipeline import Stage, run_stage, stage_key
+from stackrlhf.rl.config import PPOConfig
+from stackrlhf.train.config import RMConfig
+
+console = Console(stderr=True)
+REGISTRY_FILE = "registry.json"
+SETTINGS_FILE = "loop.yaml"
+
+
+@dataclass
+class LoopConfig:
+    """The registry's settings, saved in ``REGISTRY/loop.yaml`` by the first turn and read by the next ones."""
+    data: str = ""  # the votes: a `stackrlhf data build` output (pairs, and the rl prompts)
+    db: str = "sqlite:///feedback.db"  # the feedback store
+    gold_reward: str = ""  # a held-out judge for the evaluation (rm --pairs-half gold); optional
+    min_labels: int = 20  # labels of the queued batch needed before a turn trains
+    questions: int = 20  # questions queued per turn (from the rl split)
+    answers_per_question: int = 2
+    max_new_tokens: int = 96
+    temperature: float = 0.8
+    top_p: float = 0.95
+    rm: dict = field(default_factory=dict)  # RMConfig settings (data and out are filled in)
+    ppo: dict = field(default_factory=dict)  # PPOConfig settings (policy, reward, data, out filled in)
+    eval: dict = field(default_factory=dict)  # EvalConfig settings (models, judges, out filled in)
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ValueError("the loop needs --data: a `stackrlhf data build` output")
+        if self.min_labels < 1:
+            raise ValueError("min_labels must be at least 1")
+
+
+def _load(registry: Path) -> dict:
+    path = registry / REGISTRY_FILE
+    if not path.is_file():
+        return {"versions": [], "pending": None}
+    return json.loads(path.read_text())
+
+
+def _save(registry: Path, reg: dict) -> None:
+    write_text_atomic(registry / REGISTRY_FILE, json.dumps(reg, indent=2) + "\n")
+
+
+def _settings(registry: Path, overrides: dict, config_file: str | None) -> LoopConfig:
+    values: dict = {}
+    saved = registry / SETTINGS_FILE
+    if saved.is_file():
+        values.update(read_yaml_mapping(saved, "loop settings"))
+    if config_file:
+        values.update(read_yaml_mapping(Path(config_file), "loop config"))
+    values.update({k: v for k, v in overrides.items() if v not in (None, "")})
+    cfg = config_from_dict(LoopConfig, values, f"loop settings ({saved})")
+    save_config(cfg, saved)
+    return cfg
+
+
+def batch_labels(db: str, batch: str) -> int:
+    """Labels (skips excluded) given to the tasks of one feedback batch."""
+    from stackrlhf.feedback.store import FeedbackStore
+
+    store = FeedbackStore(db)
+    tasks = {t.id for t in store.all_tasks() if t.batch == batch}
+    return sum(1 for label in store.all_labels() if label.task_id in tasks and not label.skipped)
+
+
+def loop_turn(registry: str | Path, policy: str = "", reward: str = "", config_file: str | None = None,
+              **overrides) -> dict:
+    """Do the half of a turn that is due; returns {"action": "queued" | "waiting" | "registered", ...}."""
+    from stackrlhf.feedback.queue import queue_tasks
+    from stackrlhf.models.generation import SamplingConfig
+
+    registry = Path(registry)
+    registry.mkdir(parents=True, exist_ok=True)
+    reg = _load(registry)
+    if not reg["versions"]:
+        if not (policy and reward):
+            raise StackRLHFError(f"{registry} holds no version yet: start it with --policy SFT_DIR --reward RM_DIR")
+        cfg = _settings(registry, overrides, config_file)
+        reg["versions"].append({"version": 0, "model": str(policy), "rm": str(reward), "parent": None,
+                                "data": [cfg.data], "labels": 0, "created": dt.datetime.now().isoformat(),
+                                "metrics": _rm_metrics(Path(reward))})
+        _save(registry, reg)
+    elif policy or reward:
+        raise StackRLHFError(f"{registry} already has versions; --policy/--reward only start an empty registry")
+    cfg = _settings(registry, overrides, config_file)
+    current = reg["versions"][-1]
+    n = current["version"]
+    batch = f"v{n}"
+    if reg["pending"] is None:
+        sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+        queued = queue_tasks(cfg.db, [f"{batch}={current['model']}"], "rl", cfg.questions, cfg.answers_per_question,
+                             False, sampling, cfg.data, seed=n, batch=batch)
+        reg["pending"] = {"batch": batch, "tasks": queued["tasks"], "queued": dt.datetime.now().isoformat()}
+        _save(registry, reg)
+        console.print(f"queued {queued['tasks']} tasks of version {n}'s answers (batch {batch}) in {cfg.db}; "
+                      f"annotate them (`stackrlhf feedback serve --db {cfg.db}`), then run `stackrlhf loop` again")
+        return {"action": "queued", "batch": batch, "tasks": queued["tasks"]}
+    labels = batch_labels(cfg.db, batch)
+    if labels < cfg.min_labels:
+        console.print(f"batch {batch}: {labels} of the {cfg.min_labels} labels needed; waiting for annotators")
+        return {"action": "waiting", "batch": batch, "labels": labels, "needed": cfg.min_labels}
+    return _train_turn(registry, reg, cfg, current, labels)
+
+
+def _rm_metrics(rm: Path) -> dict:
+    m = read_json(rm / "metrics.json") or {}
+    return {k: m[k] for k in ("accuracy", "baseline_longer_wins", "accuracy_shorter_better") if k in m}
+
+
+def _train_turn(registry: Path, reg: dict, cfg: LoopConfig, current: dict, labels: int) -> dict:
+    from stackrlhf.feedback.export import export_feedback
+    from stackrlhf.feedback.store import FeedbackStore
+
+    n = current["version"] + 1
+    vdir = registry / f"v{n}"
+    feedback = vdir / "feedback"
+    summary = export_feedback(FeedbackStore(cfg.db), feedback)
+    pairs_blob = (feedback / "reward" / "train-00000-of-00001.parquet").read_bytes()
+    keys = {"data": json.loads((Path(cfg.data) / "stats.json").read_text()).get("build_key", cfg.data),
+            "feedback": hashlib.sha256(pairs_blob).hexdigest()[:16]}
+    stamps = vdir / ".pipeline"
+    stages = [
+        Stage("rm", config_from_dict(RMConfig, {**cfg.rm, "data": [cfg.data, str(feedback)],
+                                                "out": str(vdir / "rm")}, "loop rm settings"),
+              ["data", "feedback"], vdir / "rm"),
+        Stage("ppo", config_from_dict(PPOConfig, {**cfg.ppo, "policy": current["model"], "reward": str(vdir / "rm"),
+                                                  "data": cfg.data, "out": str(vdir / "ppo")}, "loop ppo settings"),
+              ["data", "rm"], vdir / "ppo", [current["model"]]),
+        Stage("eval", config_from_dict(EvalConfig, {**cfg.eval, "model": [f"v{n - 1}={current['model']}",
+                                                                          f"v{n}={vdir / 'ppo'}"],
+                                                    "data": cfg.data, "reward": str(vdir / "rm"),
+                                                    "gold_reward": cfg.gold_reward, "out": str(vdir / "eval")},
+                                       "loop eval settings"),
+              ["data", "rm", "ppo"], vdir / "eval", [cfg.gold_reward]),
+    ]
+    for stage in stages:
+        keys[stage.name] = run_stage(stage, stage_key(stage, keys, vdir), stamps)["result_key"]
+    ev = json.loads((vdir / "eval" / "eval.json").read_text())
+    new = ev["models"][f"v{n}"]
+    metrics = {"rm": _rm_metrics(vdir / "rm"),
+               **{k: v for k, v in new.items() if k.startswith(("reward_", "win_rate_", "kl_"))},
+               "ppo": json.loads((vdir / "ppo" / "metrics.json").read_text())}
+    reg["versions"].append({"version": n, "model": str(vdir / "ppo"), "rm": str(vdir / "rm"),
+                            "parent": current["version"], "data": [cfg.data, str(feedback)],
+                            "labels": labels, "feedback_pairs": summary["pairs"],
+                            "created": dt.datetime.now().isoformat(), "metrics": metrics})
+    reg["pending"] = None
+    _save(registry, reg)
+    console.print(f"[green]registered version {n}[/]: {vdir / 'ppo'} (RM on votes + {summary['pairs']} human pairs)")
+    return {"action": "registered", "version": n, "model": str(vdir / "ppo")}
+
+
+def loop_status(registry: str | Path) -> dict:
+    """Print the versions and their metrics as a table; returns the registry."""
+    reg = _load(Path(registry))
+    if not reg["versions"]:
+        raise StackRLHFError(f"{registry} holds no version; start it with `stackrlhf loop --registry {registry} "
+                             f"--policy SFT_DIR --reward RM_DIR --data DATA`")
+    table = Table(title=f"stackrlhf loop: {registry}")
+    for col in ("version", "parent", "created", "human labels", "RM acc", "proxy reward", "gold reward",
+                "win vs parent", "KL", "model"):
+        table.add_column(col)
+    for v in reg["versions"]:
+        m = v["metrics"]
+        win = next((m[k] for k in m if k.startswith("win_rate_proxy")), None)
+        acc = (m.get("rm") or m).get("accuracy")
+
+        def f(x, fmt="{:.3f}"):
+            return "" if x is None else fmt.format(x)
+
+        table.add_row(str(v["version"]), "" if v["parent"] is None else str(v["parent"]), v["created"][:16],
+                      str(v["labels"]), f(acc), f(m.get("reward_proxy")), f(m.get("reward_gold")), f(win, "{:.2f}"),
+                      f(m.get("kl_to_reference"), "{:.2f}"), v["model"])
+    Console().print(table)
+    if reg["pending"]:
+        Console().print(f"pending: batch {reg['pending']['batch']} ({reg['pending']['tasks']} tasks) awaits labels")
+    return reg

@@ -1,0 +1,236 @@
+"""``stackrlhf run``: every stage of one YAML file in order, each skipped when its settings and inputs are unchanged.
+
+A pipeline file has one section per stage (``data``, ``pretrain``, ``sft``, ``rm``, ``gold_rm``, ``ppo``, ``ilql``,
+``eval``, ``report``) holding that stage's own settings, plus ``out`` (the run directory) and ``base`` (a hub id or
+path, or ``pretrain`` for the offline base). The pipeline wires the paths: each stage writes ``OUT/<dir>`` and
+reads its parents' directories. A stage's key hashes its settings and its parents' keys; when a stage finishes,
+``OUT/.pipeline/<stage>.json`` records the key. A stage with a finished record of the same key is skipped; a
+stage killed part-way starts again and resumes from its own checkpoints; a stage whose key changed starts afresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.table import Table
+
+from stackrlhf.config import config_from_dict, read_json, read_yaml_mapping, write_text_atomic
+from stackrlhf.data.config import DataConfig
+from stackrlhf.errors import StackRLHFError
+from stackrlhf.evaluate.config import EvalConfig, ReportConfig
+from stackrlhf.rl.config import ILQLConfig, PPOConfig
+from stackrlhf.train.config import PretrainConfig, RMConfig, SFTConfig
+
+console = Console(stderr=True)
+
+# stage -> (directory under the run, settings class); the order is the run order
+STAGES: dict[str, tuple[str, type]] = {
+    "data": ("data", DataConfig),
+    "pretrain": ("base", PretrainConfig),
+    "sft": ("sft", SFTConfig),
+    "rm": ("rm", RMConfig),
+    "gold_rm": ("rm-gold", RMConfig),
+    "ppo": ("ppo", PPOConfig),
+    "ilql": ("ilql", ILQLConfig),
+    "eval": ("eval", EvalConfig),
+    "report": ("report.html", ReportConfig),
+}
+REQUIRED = ("data", "sft", "rm")
+TOP_LEVEL = {"out", "base"}
+PIPELINE_ONLY = {"eval": {"ilql_betas", "include_base"}}  # eval keys the pipeline reads, not EvalConfig
+# settings that do not change a stage's result
+NOT_IN_KEY = {"out", "progress", "report_to", "resume", "overwrite", "cache_dir"}
+DEMO_CONFIG = "configs/demo.yaml"
+# the data stage checks its own inputs (the dump files) and returns at once when they are unchanged;
+# the report takes seconds and should show the run as it is now
+ALWAYS_RUN = ("data", "report")
+
+
+@dataclass
+class Stage:
+    name: str
+    cfg: Any
+    parents: list[str]
+    out: Path
+    external: list[str] = field(default_factory=list)  # inputs outside the run (hub ids, paths), hashed by name
+
+
+def find_demo_config() -> Path:
+    """``configs/demo.yaml`` from the working directory, else from the source checkout this package runs from."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (root / DEMO_CONFIG).is_file():
+            return root / DEMO_CONFIG
+    raise StackRLHFError(f"no config given and no {DEMO_CONFIG} here; pass a pipeline file: stackrlhf run FILE")
+
+
+def read_pipeline_file(path: Path) -> dict:
+    spec = read_yaml_mapping(path, "pipeline file")
+    unknown = sorted(set(spec) - set(STAGES) - TOP_LEVEL)
+    if unknown:
+        raise StackRLHFError(f"pipeline file {path}: unknown section(s) {', '.join(unknown)}; "
+                             f"valid: {', '.join([*TOP_LEVEL, *STAGES])}")
+    return spec
+
+
+def section(spec: dict, name: str) -> dict | None:
+    """A stage's settings; None when the stage is off (absent or ``false``). ``null`` or ``{}`` means defaults."""
+    if name not in spec or spec[name] is False:
+        if name in REQUIRED:
+            raise StackRLHFError(f"the pipeline needs a `{name}:` section (it may be empty)")
+        return None
+    value = spec[name] if spec[name] is not None else {}
+    if not isinstance(value, dict):
+        raise StackRLHFError(f"section `{name}` must be a mapping of settings, `{{}}` for the defaults, or false")
+    return dict(value)
+
+
+def plan(spec: dict, out: Path | None = None) -> list[Stage]:
+    """The stages to run, with every path wired to the run directory."""
+    run = Path(out or spec.get("out") or "outputs/run")
+    d = {name: run / sub for name, (sub, _) in STAGES.items()}
+    stages: list[Stage] = []
+
+    def add(name: str, parents: list[str], wired: dict, external: list[str] | None = None,
+            sec: dict | None = None) -> None:
+        values = {**(sec if sec is not None else section(spec, name) or {}), **wired, "out": str(d[name])}
+        cfg = config_from_dict(STAGES[name][1], values, f"pipeline section `{name}`")
+        stages.append(Stage(name, cfg, parents, d[name], external or []))
+
+    data = str(d["data"])
+    add("data", [], {})
+    base = str(spec.get("base") or "pretrain")
+    if base == "pretrain":
+        add("pretrain", ["data"], {"data": data}, sec=section(spec, "pretrain") or {})
+        base_parents, base_path, external = ["pretrain"], str(d["pretrain"]), []
+    else:
+        base_parents, base_path, external = [], base, [base]
+    add("sft", ["data", *base_parents], {"model": base_path, "data": data}, external)
+    gold = section(spec, "gold_rm")
+    rm = section(spec, "rm") or {}
+    rm_data = [data, *rm.pop("data", [])]
+    add("rm", ["data"], {"data": rm_data}, sec={"pairs_half": "proxy" if gold is not None else "all", **rm})
+    if gold is not None:
+        add("gold_rm", ["data"], {"data": [data, *gold.pop("data", [])]}, sec={"pairs_half": "gold", **gold})
+    if (ppo := section(spec, "ppo")) is not None:
+        add("ppo", ["data", "sft", "rm"], {"policy": str(d["sft"]), "reward": str(d["rm"]), "data": data}, sec=ppo)
+    if (ilql := section(spec, "ilql")) is not None:
+        add("ilql", ["data", "sft"], {"model": str(d["sft"]), "data": data}, sec=ilql)
+    names = [s.name for s in stages]
+    if (ev := section(spec, "eval")) is not None:
+        models = [f"sft={d['sft']}"]
+        if ev.pop("include_base", False):
+            models.append(f"base={base_path}")
+        if "ppo" in names:
+            models.append(f"ppo={d['ppo']}")
+        betas = ev.pop("ilql_betas", None)
+        if "ilql" in names:
+            for beta in betas if betas is not None else [stages[names.index("ilql")].cfg.beta]:
+                models.append(f"ilql-b{beta:g}={d['ilql']}@{beta:g}")
+        parents = [n for n in names if n != "data"] + ["data"]
+        add("eval", parents, {"model": models, "data": data, "reward": str(d["rm"]),
+                              "gold_reward": str(d["gold_rm"]) if gold is not None else ""}, sec=ev)
+    if (rep := section(spec, "report")) is not None:
+        add("report", [s.name for s in stages], {"run": str(run)}, sec=rep)
+    return stages
+
+
+def stage_key(stage: Stage, parent_keys: dict[str, str], run: Path) -> str:
+    """Hash of the settings that change the result (run paths made relative) and of the parents' keys."""
+    settings = {k: v for k, v in dataclasses.asdict(stage.cfg).items() if k not in NOT_IN_KEY}
+    text = json.dumps(settings, sort_keys=True, default=str).replace(str(run), "$RUN")
+    blob = json.dumps({"stage": stage.name, "settings": text, "external": stage.external,
+                       "parents": {p: parent_keys[p] for p in stage.parents}, "version": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+RUNNERS = {  # stage -> its function, imported late: the CLI starts fast and a stage pulls in only what it needs
+    "data": "stackrlhf.data.build:build_dataset",
+    "pretrain": "stackrlhf.train.pretrain:pretrain",
+    "sft": "stackrlhf.train.sft:sft",
+    "rm": "stackrlhf.train.reward:train_reward_model",
+    "gold_rm": "stackrlhf.train.reward:train_reward_model",
+    "ppo": "stackrlhf.rl.ppo:train_ppo",
+    "ilql": "stackrlhf.rl.ilql:train_ilql",
+    "eval": "stackrlhf.evaluate.metrics:evaluate_models",
+    "report": "stackrlhf.evaluate.report:write_report",
+}
+
+
+def runner(name: str) -> Callable[[Any], Any]:
+    module, function = RUNNERS[name].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def run_stage(stage: Stage, key: str, stamps: Path, force: bool = False) -> dict:
+    """Run one stage unless its finished record has ``key``; returns {status, key, result_key, seconds}."""
+    stamp_path = stamps / f"{stage.name}.json"
+    stamp = read_json(stamp_path) or {}
+    done = stamp.get("key") == key and stamp.get("status") == "done" and stage.out.exists()
+    if done and not force and stage.name not in ALWAYS_RUN:
+        console.print(f"[green]{stage.name}[/]: up to date ({key}), skipped")
+        return {"status": "skipped", "key": key, "result_key": stamp.get("result_key", key),
+                "seconds": stamp.get("seconds")}
+    if stamp.get("key") not in (None, key) and stage.out.exists() and stage.name != "data":
+        console.print(f"[yellow]{stage.name}[/]: settings or inputs changed; starting it afresh")
+        shutil.rmtree(stage.out) if stage.out.is_dir() else stage.out.unlink()
+    elif stamp.get("status") == "running":
+        console.print(f"[yellow]{stage.name}[/]: resuming an interrupted run")
+    console.rule(f"[bold]{stage.name}[/] -> {stage.out}")
+    stamps.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(stamp_path, json.dumps({"key": key, "status": "running", "started": time.time()}))
+    t0 = time.perf_counter()
+    result = runner(stage.name)(stage.cfg)
+    seconds = round(time.perf_counter() - t0, 1)
+    # the data stage keys its output by the dump files too: downstream keys follow that
+    result_key = result.get("build_key", key) if stage.name == "data" and isinstance(result, dict) else key
+    write_text_atomic(stamp_path, json.dumps({"key": key, "result_key": result_key, "status": "done",
+                                              "seconds": seconds, "finished": time.time()}))
+    return {"status": "ran", "key": key, "result_key": result_key, "seconds": seconds}
+
+
+def run_pipeline(config: str | Path | None = None, out: str | Path | None = None, force: tuple[str, ...] = (),
+                 until: str | None = None) -> dict:
+    """Run (or resume) the pipeline of ``config``; returns the run summary also written to OUT/pipeline.json."""
+    path = Path(config) if config else find_demo_config()
+    spec = read_pipeline_file(path)
+    stages = plan(spec, Path(out) if out else None)
+    run = Path(out or spec.get("out") or "outputs/run")
+    for name in (*force, *([until] if until else [])):
+        if name not in STAGES:
+            raise StackRLHFError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    console.print(f"[bold]stackrlhf run[/] {path} -> {run}: {', '.join(s.name for s in stages)}")
+    keys: dict[str, str] = {}
+    summary: dict[str, dict] = {}
+    t_run = time.perf_counter()
+    for stage in stages:
+        done = run_stage(stage, stage_key(stage, keys, run), run / ".pipeline", stage.name in force)
+        keys[stage.name] = done.pop("result_key")
+        summary[stage.name] = {**done, "out": str(stage.out)}
+        if stage.name == until:
+            break
+    result = {"config": str(path), "out": str(run), "seconds": round(time.perf_counter() - t_run, 1),
+              "stages": summary}
+    write_text_atomic(run / "pipeline.json", json.dumps(result, indent=2) + "\n")
+    print_summary(result)
+    return result
+
+
+def print_summary(result: dict) -> None:
+    table = Table(title=f"stackrlhf run: {result['out']} ({result['seconds']:.0f} s)")
+    for col in ("stage", "status", "seconds", "output"):
+        table.add_column(col)
+    for name, s in result["stages"].items():
+        table.add_row(name, s["status"], f"{s['seconds']:.0f}" if s.get("seconds") is not None else "", s["out"])
+    console.print(table)
+    report = result["stages"].get("report")
+    if report:
+        console.print(f"[bold green]report:[/] {report['out']}")

@@ -1,0 +1,96 @@
+"""Two CPU processes (gloo) under `accelerate launch` give what one process gives, for SFT, PPO and ILQL.
+
+The runs are set up so that both see the same global batches: the per-process batch is half the single run's,
+no shuffling in SFT, greedy rollouts of a fixed length in PPO, and dropout off (its masks are drawn per
+process). Stated tolerance: the trained weights agree to 1e-5 (SFT, PPO) and 1e-4 (ILQL, whose per-token loss
+means are taken per process before DDP averages them), while training moves them by about 2e-3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stackrlhf.models.reward import RewardModel, default_backbone, load_backbone
+
+from conftest import REPO
+
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+          str(REPO / "configs" / "accelerate" / "cpu-2proc.yaml"), "-m", "stackrlhf.cli"]
+
+
+@pytest.fixture(scope="module")
+def no_dropout_lm(tiny_lm, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-nodrop") / "lm"
+    shutil.copytree(tiny_lm, out)
+    config = json.loads((out / "config.json").read_text())
+    config.update({k: 0.0 for k in ("attn_pdrop", "embd_pdrop", "resid_pdrop")})
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def run(args: list[str], processes: int) -> None:
+    cmd = (LAUNCH if processes == 2 else [sys.executable, "-m", "stackrlhf.cli"]) + args
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def weights_gap(a: Path, b: Path, name: str = "model.safetensors") -> float:
+    x, y = load_file(str(a / name)), load_file(str(b / name))
+    assert x.keys() == y.keys()
+    return max(float((x[k] - y[k]).abs().max()) for k in x)
+
+
+def test_sft_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path):
+    common = ["sft", "--model", str(no_dropout_lm), "--data", str(beer_data), "--max-steps", "4",
+              "--max-train-samples", "64", "--max-eval-samples", "16", "--max-length", "96", "--max-prompt-length",
+              "48", "--report-to", "none", "--warmup-ratio", "0", "--lr-scheduler-type", "constant",
+              "--learning-rate", "1e-3", "--no-shuffle", "--seed", "0"]
+    run(common + ["--out", str(tmp_path / "one"), "--per-device-train-batch-size", "8"], 1)
+    run(common + ["--out", str(tmp_path / "two"), "--per-device-train-batch-size", "4"], 2)
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert one["train_tokens"] == two["train_tokens"]  # the same examples, counted over both processes
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-4)
+    assert weights_gap(tmp_path / "one", no_dropout_lm) > 1e-3  # training moved the weights
+    assert weights_gap(tmp_path / "one", tmp_path / "two") < 1e-5
+
+
+def test_ppo_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path):
+    torch.manual_seed(0)
+    model, tok = load_backbone(default_backbone())
+    RewardModel(model, tok, max_length=48, max_question_tokens=16).save_pretrained(tmp_path / "rm")
+    common = ["ppo", "--policy", str(no_dropout_lm), "--reward", str(tmp_path / "rm"), "--data", str(beer_data),
+              "--steps", "2", "--min-new-tokens", "8", "--max-new-tokens", "8", "--top-k", "1", "--ppo-epochs", "1",
+              "--no-whiten-advantages", "--num-layers-unfrozen", "1", "--learning-rate", "1e-3", "--report-to",
+              "none", "--no-progress", "--save-every", "0", "--sample-every", "0", "--seed", "0"]
+    run(common + ["--out", str(tmp_path / "one"), "--batch-size", "8", "--mini-batch-size", "8"], 1)
+    run(common + ["--out", str(tmp_path / "two"), "--batch-size", "4", "--mini-batch-size", "4"], 2)
+    one, two = ([json.loads(line) for line in (tmp_path / d / "history.jsonl").read_text().splitlines()]
+                for d in ("one", "two"))
+    for a, b in zip(one, two):  # rewards and KL are means over every process's episodes
+        for key in ("reward/score_mean", "kl/mean", "kl/beta", "response/length"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    assert one[1]["kl/mean"] != 0.0  # the first update moved the policy
+    assert weights_gap(tmp_path / "one", no_dropout_lm) > 1e-3  # training moved the weights
+    assert weights_gap(tmp_path / "one", tmp_path / "two") < 1e-5
+    assert weights_gap(tmp_path / "one", tmp_path / "two", "value_head.safetensors") < 1e-5
+
+
+def test_ilql_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path):
+    common = ["ilql", "--model", str(no_dropout_lm), "--data", str(beer_data), "--steps", "3", "--max-samples", "64",
+              "--max-answer-tokens", "32", "--max-prompt-tokens", "32", "--report-to", "none", "--no-progress",
+              "--save-every", "0", "--seed", "0", "--warmup-steps", "0", "--learning-rate", "1e-3"]
+    run(common + ["--out", str(tmp_path / "one"), "--batch-size", "8"], 1)
+    run(common + ["--out", str(tmp_path / "two"), "--batch-size", "4"], 2)
+    assert weights_gap(tmp_path / "one", no_dropout_lm) > 1e-3  # training moved the weights
+    assert weights_gap(tmp_path / "one", tmp_path / "two") < 1e-4
+    assert weights_gap(tmp_path / "one", tmp_path / "two", "ilql_heads.safetensors") < 1e-4

@@ -1,0 +1,77 @@
+"""`stackrlhf loop`: queue the policy's answers, wait for labels, retrain the RM on votes + labels, PPO, register."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from stackrlhf.cli import cli
+from stackrlhf.errors import StackRLHFError
+from stackrlhf.feedback.store import FeedbackStore
+from stackrlhf.loop import loop_status, loop_turn
+from stackrlhf.models.reward import RewardModel, default_backbone, load_backbone
+
+SMALL = {
+    "rm": {"max_steps": 2, "max_train_pairs": 24, "max_eval_pairs": 12, "max_length": 48, "max_question_tokens": 16,
+           "report_to": "none"},
+    "ppo": {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "min_new_tokens": 4, "max_new_tokens": 8,
+            "num_layers_unfrozen": 1, "report_to": "none", "progress": False},
+    "eval": {"questions": 3, "max_new_tokens": 8, "progress": False},
+}
+
+
+def label_tasks(db: str, batch: str, n: int) -> None:
+    store = FeedbackStore(db)
+    token = store.add_annotator(f"ann-{batch}")
+    annotator = store.annotator_by_token(token)
+    for task in [t for t in store.all_tasks() if t.batch == batch][:n]:
+        first, second = task.candidates
+        store.save_label(annotator.id, task.id, f"{batch}-{task.id}", {
+            first.id: {"usefulness": 4, "accuracy": 4}, second.id: {"usefulness": 2, "accuracy": 3}},
+            best=first.id, skipped=False, comment="")
+
+
+def test_a_loop_turn_queues_waits_then_retrains_and_registers(tiny_lm, beer_data, tmp_path):
+    torch.manual_seed(0)
+    model, tok = load_backbone(default_backbone())
+    rm0 = tmp_path / "rm0"
+    RewardModel(model, tok, max_length=48, max_question_tokens=16).save_pretrained(rm0)
+    registry, db = tmp_path / "registry", f"sqlite:///{tmp_path / 'feedback.db'}"
+    settings = tmp_path / "loop.yaml"
+    settings.write_text(yaml.safe_dump({"questions": 4, "max_new_tokens": 12, **SMALL}))
+
+    with pytest.raises(StackRLHFError, match="holds no version"):
+        loop_turn(registry)
+    first = loop_turn(registry, policy=str(tiny_lm), reward=str(rm0), config_file=str(settings),
+                      data=str(beer_data), db=db, min_labels=3)
+    assert first == {"action": "queued", "batch": "v0", "tasks": 4}
+    tasks = FeedbackStore(db).all_tasks()
+    assert len(tasks) == 4 and {c.model for t in tasks for c in t.candidates} == {"v0"}
+
+    # the settings were saved with the registry: later turns need only --registry
+    assert loop_turn(registry) == {"action": "waiting", "batch": "v0", "labels": 0, "needed": 3}
+    label_tasks(db, "v0", 3)
+    done = loop_turn(registry)
+    assert done["action"] == "registered" and done["version"] == 1
+    reg = json.loads((registry / "registry.json").read_text())
+    v1 = reg["versions"][1]
+    assert (v1["parent"], v1["labels"], v1["feedback_pairs"]) == (0, 3, 3) and reg["pending"] is None
+    assert v1["data"] == [str(beer_data), str(registry / "v1" / "feedback")]
+    rm_cfg = yaml.safe_load((registry / "v1" / "rm" / "config.yaml").read_text())
+    assert rm_cfg["data"] == v1["data"]  # the RM learned from votes and the human labels
+    assert yaml.safe_load((registry / "v1" / "ppo" / "config.yaml").read_text())["policy"] == str(tiny_lm)
+    assert "win_rate_proxy_vs_v0" in v1["metrics"] and v1["metrics"]["ppo"]["steps"] == 2
+
+    # the next turn queues the new version's answers
+    assert loop_turn(registry)["batch"] == "v1"
+    assert {c.model for t in FeedbackStore(db).all_tasks() if t.batch == "v1" for c in t.candidates} == {"v1"}
+    result = CliRunner().invoke(cli, ["loop", "status", "--registry", str(registry)])
+    assert result.exit_code == 0, result.output
+    assert "pending: batch v1" in result.output
+    assert [v["version"] for v in loop_status(registry)["versions"]] == [0, 1]
+    result = CliRunner().invoke(cli, ["loop", "--registry", str(registry), "--policy", str(tiny_lm)])
+    assert result.exit_code != 0 and "already has versions" in result.output

@@ -1,0 +1,142 @@
+"""`stackrlhf run`: every stage from one YAML file, skipped when unchanged, resumed after a kill; the report."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from stackrlhf import pipeline
+from stackrlhf.cli import cli
+from stackrlhf.errors import StackRLHFError
+
+from conftest import SHARED
+
+TINY = {
+    "data": {"dump": [str(SHARED / "beer.stackexchange.com")], "progress": False},
+    "sft": {"max_steps": 2, "max_train_samples": 32, "max_eval_samples": 8, "max_length": 64,
+            "max_prompt_length": 32, "report_to": "none"},
+    "rm": {"max_steps": 2, "max_train_pairs": 32, "max_eval_pairs": 16, "max_length": 48,
+           "max_question_tokens": 16, "report_to": "none"},
+    "gold_rm": {"max_steps": 2, "max_train_pairs": 32, "max_eval_pairs": 16, "max_length": 48,
+                "max_question_tokens": 16, "report_to": "none"},
+    "ppo": {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "min_new_tokens": 4, "max_new_tokens": 8,
+            "num_layers_unfrozen": 1, "save_every": 1, "report_to": "none", "progress": False},
+    "ilql": {"steps": 3, "batch_size": 4, "max_samples": 32, "max_answer_tokens": 32, "report_to": "none",
+             "progress": False},
+    "eval": {"questions": 4, "max_new_tokens": 8, "batch_size": 4, "ilql_betas": [0, 2], "progress": False},
+    "report": {"samples": 2},
+}
+
+
+def write_config(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def statuses(result: dict) -> dict[str, str]:
+    return {name: s["status"] for name, s in result["stages"].items()}
+
+
+def test_run_skips_unchanged_stages_reruns_changed_ones_and_resumes_after_a_kill(tiny_lm, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    spec = {"out": str(run), "base": str(tiny_lm), **TINY}
+    config = write_config(tmp_path / "pipeline.yaml", spec)
+
+    first = pipeline.run_pipeline(config)
+    assert list(first["stages"]) == ["data", "sft", "rm", "gold_rm", "ppo", "ilql", "eval", "report"]
+    assert set(statuses(first).values()) == {"ran"}
+    ev = json.loads((run / "eval" / "eval.json").read_text())
+    assert set(ev["models"]) == {"sft", "ppo", "ilql-b0", "ilql-b2"}
+    assert ev["judges"] == {"proxy": str(run / "rm"), "gold": str(run / "rm-gold")}
+    rm_cfg = yaml.safe_load((run / "rm" / "config.yaml").read_text())
+    gold_cfg = yaml.safe_load((run / "rm-gold" / "config.yaml").read_text())
+    assert (rm_cfg["pairs_half"], gold_cfg["pairs_half"]) == ("proxy", "gold")
+    assert yaml.safe_load((run / "ppo" / "config.yaml").read_text())["policy"] == str(run / "sft")
+    page = (run / "report.html").read_text()
+    assert {"ppo", "ilql", "reward_vs_kl", "rm_accuracy"} <= set(re.findall(r'data-plot="(\w+)"', page))
+
+    sft_weights = (run / "sft" / "model.safetensors").stat().st_mtime_ns
+    second = pipeline.run_pipeline(config)
+    assert statuses(second) == {"data": "ran", "sft": "skipped", "rm": "skipped", "gold_rm": "skipped",
+                                "ppo": "skipped", "ilql": "skipped", "eval": "skipped", "report": "ran"}
+    assert (run / "sft" / "model.safetensors").stat().st_mtime_ns == sft_weights
+
+    # a changed PPO setting reruns PPO (afresh: its old checkpoints would not match) and what reads it
+    spec["ppo"] = {**spec["ppo"], "steps": 3}
+    write_config(config, spec)
+    third = pipeline.run_pipeline(config)
+    assert statuses(third)["ppo"] == "ran" and statuses(third)["eval"] == "ran"
+    assert statuses(third)["sft"] == statuses(third)["ilql"] == "skipped"
+    assert json.loads((run / "ppo" / "metrics.json").read_text())["steps"] == 3
+
+    # kill the run inside the evaluation: the next run skips everything before it and finishes
+    spec["eval"] = {**spec["eval"], "questions": 3}
+    write_config(config, spec)
+    real_runner = pipeline.runner
+
+    def killed(name):
+        if name == "eval":
+            def die(cfg):
+                raise KeyboardInterrupt
+            return die
+        return real_runner(name)
+
+    monkeypatch.setattr(pipeline, "runner", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(config)
+    assert json.loads((run / ".pipeline" / "eval.json").read_text())["status"] == "running"
+    monkeypatch.setattr(pipeline, "runner", real_runner)
+    fourth = pipeline.run_pipeline(config)
+    assert statuses(fourth)["eval"] == "ran" and statuses(fourth)["ppo"] == "skipped"
+    assert json.loads((run / "eval" / "eval.json").read_text())["questions"] == 3
+
+    # `stackrlhf report` on explicit artifact directories, and `--until`
+    result = CliRunner().invoke(cli, ["report", "--eval", str(run / "eval"), "--rm", str(run / "rm"),
+                                      "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "r.html").read_text()
+    assert 'data-plot="rm_accuracy"' in page and 'data-plot="ppo"' not in page and "No PPO history" in page
+    partial = pipeline.run_pipeline(config, out=tmp_path / "other", until="sft")
+    assert list(partial["stages"]) == ["data", "sft"]
+
+
+def test_report_escapes_dump_and_model_text(tmp_path):
+    from stackrlhf.evaluate.config import ReportConfig
+    from stackrlhf.evaluate.report import write_report
+
+    (tmp_path / "eval").mkdir()
+    sample = {"site": "beer.stackexchange.com", "qid": 1, "title": "<script>alert(1)</script>",
+              "question_link": "https://beer.stackexchange.com/q/1", "question_author": "a<b>",
+              "license": "CC BY-SA 4.0", "prompt": "Question: x", "best_answer": "<img src=x onerror=alert(2)>",
+              "answers": {"sft": {"text": "</pre><script>alert(3)</script>", "proxy": 0.5}}}
+    (tmp_path / "eval" / "samples.jsonl").write_text(json.dumps(sample) + "\n")
+    page = write_report(ReportConfig(eval=str(tmp_path / "eval"), out=str(tmp_path / "r.html"))).read_text()
+    assert "<script>" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(3)&lt;/script&gt;" in page and "a&lt;b&gt;" in page
+    assert "default-src 'none'" in page  # nothing external loads, nothing inline runs
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"data": {}, "rm": {}}, "needs a `sft:` section"),
+    ({"data": {}, "sft": {}, "rm": {}, "pp0": {}}, "unknown section"),
+    ({"data": {}, "sft": {"epochs": 2}, "rm": {}}, "pipeline section `sft`: unknown setting"),
+    ({"data": {}, "sft": [], "rm": {}}, "must be a mapping"),
+])
+def test_bad_pipeline_files_are_refused(tmp_path, spec, message):
+    with pytest.raises(StackRLHFError, match=re.escape(message)):
+        pipeline.run_pipeline(write_config(tmp_path / "p.yaml", {"out": str(tmp_path / "run"), **spec}))
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "p.yaml")])
+    assert result.exit_code != 0 and message.split("`")[0] in result.output
+
+
+def test_demo_config_plans_every_stage():
+    stages = pipeline.plan(pipeline.read_pipeline_file(pipeline.find_demo_config()), Path("/tmp/demo"))
+    assert [s.name for s in stages] == list(pipeline.STAGES)
+    eval_models = next(s for s in stages if s.name == "eval").cfg.model
+    assert eval_models == ["sft=/tmp/demo/sft", "base=/tmp/demo/base", "ppo=/tmp/demo/ppo",
+                           "ilql-b0=/tmp/demo/ilql@0", "ilql-b4=/tmp/demo/ilql@4"]
