@@ -140,3 +140,11 @@ def test_demo_config_plans_every_stage():
     eval_models = next(s for s in stages if s.name == "eval").cfg.model
     assert eval_models == ["sft=/tmp/demo/sft", "base=/tmp/demo/base", "ppo=/tmp/demo/ppo",
                            "ilql-b0=/tmp/demo/ilql@0", "ilql-b4=/tmp/demo/ilql@4"]
+
+
+def test_reward_model_on_the_runs_sft_model():
+    spec = {"data": {}, "sft": {}, "rm": {"backbone": "sft", "learning_rate": 1e-4}, "gold_rm": {}}
+    stages = {s.name: s for s in pipeline.plan(spec, Path("/tmp/run"))}
+    assert stages["rm"].cfg.backbone == "/tmp/run/sft" and stages["rm"].parents == ["data", "sft"]
+    assert stages["rm"].cfg.learning_rate == 1e-4 and stages["rm"].cfg.pairs_half == "proxy"
+    assert stages["gold_rm"].cfg.backbone == "" and stages["gold_rm"].parents == ["data"]

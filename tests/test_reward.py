@@ -27,7 +27,7 @@ FAST = {"report_to": "none", "logging_steps": 5, "max_length": 48, "max_question
 
 
 def write_pairs(root: Path, n_train: int, n_eval: int, seed: int = 0, marker: str = "excellent",
-                site: str = "synthetic.example") -> Path:
+                site: str = "synthetic.example", n_test: int = 0) -> Path:
     """Pairs whose better answer contains ``marker``; lengths are random, so length carries no signal."""
     rng = random.Random(seed)
 
@@ -55,13 +55,17 @@ def write_pairs(root: Path, n_train: int, n_eval: int, seed: int = 0, marker: st
     pq.write_table(pa.Table.from_pylist(rows(n_train, 0), schema=PAIRS), root / "reward" / "train-00000.parquet")
     if n_eval:
         pq.write_table(pa.Table.from_pylist(rows(n_eval, 10**6), schema=PAIRS), root / "reward" / "eval-00000.parquet")
+    if n_test:  # the pairs of the evaluation questions
+        (root / "evaluation_pairs").mkdir()
+        pq.write_table(pa.Table.from_pylist(rows(n_test, 2 * 10**6), schema=PAIRS),
+                       root / "evaluation_pairs" / "test-00000.parquet")
     return root
 
 
 @pytest.fixture(scope="module")
 def planted_rm(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("rm")
-    data = write_pairs(root / "pairs", 256, 96)
+    data = write_pairs(root / "pairs", 256, 96, n_test=40)
     metrics = train_reward_model(RMConfig(data=[str(data)], out=str(root / "rm"), num_train_epochs=2, **FAST))
     return root / "rm", metrics
 
@@ -82,6 +86,8 @@ def test_planted_preference_is_learnt(planted_rm):
                 "accuracy_shorter_better", "per_site_accuracy", "reward_mean", "reward_std", "calibration"):
         assert key in saved
     assert saved["per_site_accuracy"]["synthetic.example"]["pairs"] == 96
+    assert saved["test"]["eval_pairs"] == 40 and saved["test"]["accuracy"] > 0.95  # never used to pick the epoch
+    assert saved["test"]["accuracy_ci95"][0] > 0.8
     stats = json.loads((out / "reward_stats.json").read_text())
     assert stats["std"] > 0 and stats["answers"] == 512
 
@@ -138,7 +144,8 @@ def test_evaluation_report_baselines():
 
     pairs = datasets.Dataset.from_dict({
         "chosen": ["long answer text", "s", "same"], "rejected": ["short", "much longer one", "same"],
-        "date_j": ["2020", "2021", "2020"], "date_k": ["2021", "2020", "2020"], "site": ["a", "a", "b"]})
+        "date_j": ["2020", "2021", "2020"], "date_k": ["2021", "2020", "2020"], "site": ["a", "a", "b"],
+        "qid": [1, 1, 2]})
     rewards = np.array([[1.0, 0.0], [2.0, 0.5], [0.0, 1.0]])
     r = evaluation_report(pairs, rewards)
     assert r["accuracy"] == pytest.approx(2 / 3)
@@ -147,6 +154,47 @@ def test_evaluation_report_baselines():
     assert r["shorter_better_pairs"] == 1 and r["accuracy_shorter_better"] == 1.0
     assert r["per_site_accuracy"]["b"] == {"pairs": 1, "accuracy": 0.0}
     assert sum(c["pairs"] for c in r["calibration"]) == 3
+    assert r["eval_questions"] == 2
+    lo, hi = r["accuracy_ci95"]
+    assert 0.0 <= lo <= r["accuracy"] <= hi <= 1.0
+
+
+def test_bootstrap_interval_resamples_whole_questions():
+    from stackrlhf.train.reward import question_bootstrap_ci
+
+    assert question_bootstrap_ci(np.ones(30), list(range(30))) == [1.0, 1.0]
+    assert question_bootstrap_ci(np.array([]), []) is None
+    # 20 questions of 10 pairs: half the questions all right, half all wrong
+    values = np.repeat(np.array([1.0, 0.0] * 10), 10)
+    clustered = question_bootstrap_ci(values, list(np.repeat(np.arange(20), 10)))
+    independent = question_bootstrap_ci(values, list(range(200)))
+    assert clustered[0] < 0.5 < clustered[1] and independent[0] < 0.5 < independent[1]
+    assert clustered[1] - clustered[0] > 2 * (independent[1] - independent[0])
+
+
+def test_drop_time_only_pairs(tmp_path):
+    from stackrlhf.errors import StackRLHFError
+    from stackrlhf.train.reward import time_only
+
+    def row(score_j, date_j, date_k="2020-02-01"):
+        return {"score_j": score_j, "score_k": 1, "date_j": date_j, "date_k": date_k}
+
+    assert time_only(row(2, "2020-01-01"))          # earlier, one point ahead
+    assert not time_only(row(3, "2020-01-01"))      # earlier, but two points ahead
+    assert not time_only(row(2, "2020-03-01"))      # later: it won despite less exposure
+    assert not time_only(row(2, None, None))        # a human label without dates
+    data = write_pairs(tmp_path / "pairs", 16, 4)   # every pair: earlier, 2 vs 1 points
+    with pytest.raises(StackRLHFError, match="left no training pairs"):
+        train_reward_model(RMConfig(data=[str(data)], out=str(tmp_path / "rm"), max_steps=1,
+                                    drop_time_only_pairs=True, **FAST))
+    path = data / "reward" / "train-00000.parquet"
+    table = pq.read_table(path).to_pylist()
+    for r in table[:6]:
+        r["score_j"] = 3                            # two points ahead: kept
+    pq.write_table(pa.Table.from_pylist(table, schema=PAIRS), path)
+    metrics = train_reward_model(RMConfig(data=[str(data)], out=str(tmp_path / "rm"), max_steps=1,
+                                          drop_time_only_pairs=True, **FAST))
+    assert metrics["train_pairs"] == 6 and metrics["train_pairs_dropped_time_only"] == 10
 
 
 def test_causal_lm_backbone(tmp_path):
@@ -206,3 +254,43 @@ def test_debias_weight_counts_pairs_against_length_and_time_more():
     per_pair = -torch.nn.functional.logsigmoid(torch.tensor([1.0, -1.0, 2.0, 0.5]))
     weights = torch.tensor([1.0, 3.0, 3.0, 1.0])
     assert float(loss) == pytest.approx(float((weights * per_pair).sum() / weights.sum()))
+
+
+def test_reward_ensemble(planted_rm, tmp_path):
+    import shutil
+
+    rm_dir, _ = planted_rm
+    root = tmp_path / "runs"
+    shutil.copytree(rm_dir, root / "rm-a")
+    data = write_pairs(tmp_path / "pairs", 32, 16, seed=3, n_test=8)
+    train_reward_model(RMConfig(data=[str(data)], out=str(root / "rm-b"), max_steps=2, seed=1, **FAST))
+    runner = CliRunner()
+    result = runner.invoke(cli, ["rm-ensemble", str(root / "rm-a"), str(root / "rm-b"), "--data", str(data),
+                                 "--out", str(root / "ens")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((root / "ens" / "metrics.json").read_text())
+    assert metrics["members"] == 2 and metrics["eval_pairs"] == 16
+    assert set(metrics["member_accuracy"]) == {str(root / "rm-a"), str(root / "rm-b")}
+    assert metrics["test"]["eval_pairs"] == 8 and len(metrics["test"]["member_accuracy"]) == 2
+    assert json.loads((root / "ens" / "ensemble.json").read_text())["members"] == ["../rm-a", "../rm-b"]
+
+    shutil.move(str(root), str(tmp_path / "moved"))  # members beside the ensemble move with it
+    ens = RewardModel.from_pretrained(tmp_path / "moved" / "ens")
+    a, b = RewardModel.from_pretrained(tmp_path / "moved" / "rm-a"), RewardModel.from_pretrained(tmp_path / "moved" / "rm-b")
+    qs, ans = [format_prompt("", "which malt?")] * 3, ["excellent malt", "cold keg foam", "warm stout excellent"]
+    za, zb = np.array(a.score(qs, ans, normalize=True)), np.array(b.score(qs, ans, normalize=True))
+    assert ens.score(qs, ans) == pytest.approx(list((za + zb) / 2), abs=1e-5)
+    mean, std = ens.stats["mean"], ens.stats["std"]
+    assert std > 0
+    assert ens.score(qs, ans, normalize=True) == pytest.approx(list(((za + zb) / 2 - mean) / std), abs=1e-4)
+    ens.combine = "min"
+    assert ens.score(qs, ans) == pytest.approx(list(np.minimum(za, zb)), abs=1e-5)
+    result = runner.invoke(cli, ["score", str(tmp_path / "moved" / "ens"), "which malt?", "excellent malt"])
+    assert result.exit_code == 0 and float(result.output) == pytest.approx(float((za[0] + zb[0]) / 2), abs=1e-3)
+
+    for args, message in (([str(tmp_path / "moved" / "rm-a")], "two or more"),
+                          ([str(tmp_path / "moved" / "ens"), str(tmp_path / "moved" / "rm-a")], "itself an ensemble"),
+                          ([str(tmp_path / "moved" / "rm-a"), str(tmp_path)], "not a reward-model directory")):
+        result = runner.invoke(cli, ["rm-ensemble", *args, "--data", str(data), "--out", str(tmp_path / "bad")])
+        assert result.exit_code != 0 and message in result.output, result.output
+    assert not (tmp_path / "bad").exists()

@@ -161,6 +161,25 @@ def rm_cmd(config_file, **options) -> None:
     train_reward_model(load_config(RMConfig, config_file, section="rm", **options))
 
 
+@cli.command("rm-ensemble")
+@click.argument("members", nargs=-1, required=True)
+@click.option("--out", required=True, help="Output ensemble directory (use it wherever a reward model goes).")
+@click.option("--data", multiple=True, required=True,
+              help="Pair datasets: the training answers set the normalisation, the held-out pairs the report.")
+@click.option("--combine", type=click.Choice(["mean", "min"]), default="mean", show_default=True,
+              help="Combine the members' normalised scores by their mean or, more cautiously, their minimum.")
+@click.option("--batch-size", default=32, show_default=True, help="Answers per scoring batch.")
+@user_errors
+def rm_ensemble_cmd(members, out, data, combine, batch_size) -> None:
+    """Combine two or more trained reward models (MEMBERS) into one ensemble reward model.
+
+    Example: stackrlhf rm-ensemble outputs/rm-a outputs/rm-b --data outputs/data --out outputs/rm-ensemble
+    """
+    from stackrlhf.train.reward import build_reward_ensemble
+
+    build_reward_ensemble(list(members), out, list(data), combine, batch_size)
+
+
 @cli.command("score")
 @click.argument("rm_dir")
 @click.argument("question")

@@ -114,12 +114,17 @@ def plan(spec: dict, out: Path | None = None) -> list[Stage]:
     else:
         base_parents, base_path, external = [], base, [base]
     add("sft", ["data", *base_parents], {"model": base_path, "data": data}, external)
+    def add_rm(name: str, sec: dict, half: str) -> None:
+        """``backbone: sft`` puts the reward head on this run's SFT model (as StackLLaMA did)."""
+        wired, parents = {"data": [data, *sec.pop("data", [])]}, ["data"]
+        if sec.get("backbone") == "sft":
+            wired["backbone"], parents = str(d["sft"]), ["data", "sft"]
+        add(name, parents, wired, sec={"pairs_half": half, **sec})
+
     gold = section(spec, "gold_rm")
-    rm = section(spec, "rm") or {}
-    rm_data = [data, *rm.pop("data", [])]
-    add("rm", ["data"], {"data": rm_data}, sec={"pairs_half": "proxy" if gold is not None else "all", **rm})
+    add_rm("rm", section(spec, "rm") or {}, "proxy" if gold is not None else "all")
     if gold is not None:
-        add("gold_rm", ["data"], {"data": [data, *gold.pop("data", [])]}, sec={"pairs_half": "gold", **gold})
+        add_rm("gold_rm", gold, "gold")
     if (ppo := section(spec, "ppo")) is not None:
         add("ppo", ["data", "sft", "rm"], {"policy": str(d["sft"]), "reward": str(d["rm"]), "data": data}, sec=ppo)
     if (ilql := section(spec, "ilql")) is not None:

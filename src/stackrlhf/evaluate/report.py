@@ -128,13 +128,20 @@ def rm_accuracy(rms: dict[str, dict]) -> str:
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     width = 0.8 / len(rms)
     for i, (name, m) in enumerate(rms.items()):
+        which = "test" if m.get("test") else "held-out"
+        m = m.get("test") or m  # the test pairs picked no epoch: the fairer figure when the data has them
         xs = [j + i * width for j in range(len(bars))]
-        ax.bar(xs, [m.get(key) or 0.0 for _, key in bars], width, label=f"{name} ({m.get('eval_pairs', '?')} pairs)")
+        ax.bar(xs, [m.get(key) or 0.0 for _, key in bars], width,
+               label=f"{name} ({m.get('eval_pairs', '?')} {which} pairs)")
+        if m.get("accuracy_ci95"):  # 95% interval from resampling questions
+            lo, hi = m["accuracy_ci95"]
+            ax.errorbar([xs[0]], [m["accuracy"]], yerr=[[m["accuracy"] - lo], [hi - m["accuracy"]]], color="black",
+                        capsize=3, lw=1)
     ax.set_xticks([j + width * (len(rms) - 1) / 2 for j in range(len(bars))], [b for b, _ in bars], fontsize=8)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_ylim(0, 1), ax.set_ylabel("held-out pairwise accuracy"), ax.legend(fontsize=8)
-    return _figure(fig, "rm_accuracy", "Reward models against the length, time and random baselines on held-out "
-                                        "pairs")
+    return _figure(fig, "rm_accuracy", "Reward models against the length, time and random baselines on the test "
+                                        "pairs (else the held-out pairs); the bar on the RM is a 95% interval")
 
 
 def feedback_distribution(source: str) -> str:

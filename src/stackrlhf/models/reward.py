@@ -8,9 +8,11 @@ mean and std of its scores on the training answers, for the RL stages to normali
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from stackrlhf.config import write_text_atomic
@@ -19,6 +21,8 @@ from stackrlhf.prompts import fit_prompt_ids
 
 STATS_FILE = "reward_stats.json"
 SETTINGS_FILE = "reward_settings.json"
+ENSEMBLE_FILE = "ensemble.json"
+COMBINE = ("mean", "min")
 
 
 def default_backbone() -> str:
@@ -72,8 +76,11 @@ class RewardModel:
         self.stats = stats or {"mean": 0.0, "std": 1.0}
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "RewardModel":
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "RewardModel | RewardEnsemble":
+        """A reward-model directory, or an ensemble directory (``stackrlhf rm-ensemble``), which scores alike."""
         path = Path(path)
+        if (path / ENSEMBLE_FILE).is_file():
+            return RewardEnsemble.from_pretrained(path, device)
         if not (path / "config.json").is_file():
             raise StackRLHFError(f"{path}: not a reward-model directory (no config.json)")
         model, tok = load_backbone(str(path))
@@ -102,22 +109,86 @@ class RewardModel:
 
     @torch.no_grad()
     def score(self, questions: list[str], answers: list[str], batch_size: int = 32,
-              normalize: bool = False) -> list[float]:
-        """Rewards of each (question, answer); ``normalize`` maps them with the saved training mean/std."""
+              normalize: bool = False, progress: str = "") -> list[float]:
+        """Rewards of each (question, answer); ``normalize`` maps them with the saved training mean/std.
+        ``progress``: a label to show a progress bar under (none when empty)."""
         if len(questions) != len(answers):
             raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
         out: list[float] = []
+        bar = tqdm(total=len(answers), desc=progress, unit="answers", disable=not progress, leave=False)
         for start in range(0, len(answers), batch_size):
+            bar.update(min(batch_size, len(answers) - start))
             ids = [encode_pair(self.tokenizer, q, a, self.max_length, self.max_question_tokens)
                    for q, a in zip(questions[start:start + batch_size], answers[start:start + batch_size])]
             batch = {k: v.to(device) for k, v in self.collate(ids).items()}
             out.extend(self.model(**batch).logits[:, 0].float().tolist())
+        bar.close()
         if was_training:
             self.model.train()
         if normalize:
             mean, std = self.stats["mean"], max(self.stats["std"], 1e-6)
             out = [(r - mean) / std for r in out]
         return out
+
+
+class RewardEnsemble:
+    """Several reward models scored as one: the mean (or, more cautiously, the minimum) of the members'
+    normalised scores. Members trained apart disagree where the data are thin, so a policy that exploits
+    one member's error gains less (Coste et al. 2023, "Reward model ensembles help mitigate
+    overoptimization"). ``ensemble.json`` lists the members (relative to the ensemble directory when they
+    lie beside it) and the combined scores' mean and std on the training answers."""
+
+    def __init__(self, members: list[RewardModel], combine: str = "mean", stats: dict | None = None,
+                 paths: list[str] | None = None):
+        if combine not in COMBINE:
+            raise StackRLHFError(f"unknown ensemble combination {combine!r}: use one of {', '.join(COMBINE)}")
+        if not members:
+            raise StackRLHFError("an ensemble needs at least one member reward model")
+        self.members, self.combine, self.paths = members, combine, paths or []
+        self.stats = stats or {"mean": 0.0, "std": 1.0}
+
+    @classmethod
+    def load_members(cls, paths: list[str | Path], device: str | torch.device = "cpu") -> list[RewardModel]:
+        members = []
+        for p in paths:
+            if (Path(p) / ENSEMBLE_FILE).is_file():
+                raise StackRLHFError(f"{p}: is itself an ensemble; list its members instead")
+            members.append(RewardModel.from_pretrained(p, device))
+        return members
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "RewardEnsemble":
+        path = Path(path)
+        spec = json.loads((path / ENSEMBLE_FILE).read_text())
+        paths = [str(path / p) if not Path(p).is_absolute() else p for p in spec["members"]]
+        return cls(cls.load_members(paths, device), spec.get("combine", "mean"), spec.get("stats"), paths)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        members = [os.path.relpath(Path(p).resolve(), path.resolve()) if _beside(p, path) else str(Path(p).resolve())
+                   for p in self.paths]
+        write_text_atomic(path / ENSEMBLE_FILE, json.dumps({"members": members, "combine": self.combine,
+                                                            "stats": self.stats}, indent=2))
+
+    def score(self, questions: list[str], answers: list[str], batch_size: int = 32,
+              normalize: bool = False, progress: str = "") -> list[float]:
+        combined = self.combine_scores([
+            m.score(questions, answers, batch_size, normalize=True, progress=progress and f"{progress} {i + 1}")
+            for i, m in enumerate(self.members)])
+        if normalize:
+            combined = (combined - self.stats["mean"]) / max(self.stats["std"], 1e-6)
+        return combined.tolist()
+
+    def combine_scores(self, each: list[list[float]]) -> torch.Tensor:
+        """The members' normalised scores (one list per member) combined into one score per answer."""
+        each = torch.tensor(each, dtype=torch.float64)
+        return each.mean(0) if self.combine == "mean" else each.min(0).values
+
+
+def _beside(member: str | Path, ensemble: Path) -> bool:
+    """The member shares the ensemble's parent directory tree (so a relative path survives moving both)."""
+    return Path(member).resolve().parent == ensemble.resolve().parent or ensemble.resolve() in Path(member).resolve().parents

@@ -23,10 +23,11 @@ from torch.utils.data import Dataset
 from transformers import EvalPrediction, Trainer
 
 from stackrlhf.data.load import load_split
-from stackrlhf.data.splits import pair_half
+from stackrlhf.data.splits import EVALUATION_PAIRS, pair_half
 from stackrlhf.models.freezing import apply_lora, describe_trainable, freeze_bottom
-from stackrlhf.models.reward import RewardModel, default_backbone, encode_pair, load_backbone
+from stackrlhf.models.reward import RewardEnsemble, RewardModel, default_backbone, encode_pair, load_backbone
 from stackrlhf.config import save_config
+from stackrlhf.errors import StackRLHFError
 from stackrlhf.train.common import (GuardCallback, last_checkpoint, logging_callbacks, throughput, training_arguments,
                                     write_metrics)
 from stackrlhf.train.config import RMConfig
@@ -37,15 +38,16 @@ CALIBRATION_EDGES = (0.0, 0.25, 0.5, 1.0, 2.0, math.inf)
 PAIR_COLUMNS = ["site", "qid", "prompt", "chosen", "rejected", "score_j", "score_k", "date_j", "date_k"]
 
 
-def load_pairs(dirs: list[str], split: str, limit: int = 0, seed: int = 0, half: str = "all") -> datasets.Dataset:
-    """The ``reward/<split>`` pairs of every directory, concatenated. Every directory must have training
-    pairs; one without held-out pairs (a small feedback export, say) adds none to ``eval``. ``half``
-    (``proxy`` / ``gold``) keeps the questions of one half only (:func:`stackrlhf.data.splits.pair_half`)."""
+def load_pairs(dirs: list[str], split: str, limit: int = 0, seed: int = 0, half: str = "all",
+               dataset: str = "reward") -> datasets.Dataset:
+    """The ``<dataset>/<split>`` pairs of every directory, concatenated. Every directory must have training
+    pairs; one without held-out pairs (a small feedback export, say) adds none to ``eval`` or ``test``.
+    ``half`` (``proxy`` / ``gold``) keeps the questions of one half only (:func:`stackrlhf.data.splits.pair_half`)."""
     parts = []
     for d in dirs:
-        if split == "eval" and not list((Path(d) / "reward").glob("eval-*.parquet")):
+        if split != "train" and not list((Path(d) / dataset).glob(f"{split}-*.parquet")):
             continue
-        parts.append(load_split(d, "reward", split).select_columns(PAIR_COLUMNS))
+        parts.append(load_split(d, dataset, split).select_columns(PAIR_COLUMNS))
     if not parts:
         return datasets.Dataset.from_dict({c: [] for c in PAIR_COLUMNS})
     pairs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
@@ -57,11 +59,32 @@ def load_pairs(dirs: list[str], split: str, limit: int = 0, seed: int = 0, half:
     return pairs
 
 
+def load_test_pairs(dirs: list[str], limit: int = 0, seed: int = 0) -> datasets.Dataset:
+    """The pairs of the ``evaluation`` questions (``evaluation_pairs/test``): no reward model trains on them or
+    picks its epoch on them, so they measure it without the optimism of choosing the best epoch."""
+    return load_pairs(dirs, EVALUATION_PAIRS[1], limit, seed, dataset=EVALUATION_PAIRS[0])
+
+
+def pair_scores(rm, pairs: datasets.Dataset, batch_size: int, normalize: bool = False,
+                progress: str = "") -> np.ndarray:
+    """(pairs, 2): the reward of each pair's chosen and rejected answer."""
+    scores = rm.score(list(pairs["prompt"]) * 2, list(pairs["chosen"]) + list(pairs["rejected"]), batch_size,
+                      normalize=normalize, progress=progress)
+    return np.array(scores).reshape(2, -1).T
+
+
 def against_bias(row: dict) -> bool:
     """The better answer is the shorter one or the later-posted one: a pair where the votes' two known biases
     (length, time) point the wrong way, so its preference must come from the content."""
     later = bool(row["date_j"] and row["date_k"] and row["date_j"] > row["date_k"])
     return len(row["chosen"]) < len(row["rejected"]) or later
+
+
+def time_only(row: dict) -> bool:
+    """The better answer was posted earlier and wins by a single point: a pair the earlier answer's longer
+    exposure to voters explains on its own (``--drop-time-only-pairs``)."""
+    earlier = bool(row["date_j"] and row["date_k"] and row["date_j"] < row["date_k"])
+    return earlier and (row["score_j"] or 0) - (row["score_k"] or 0) <= 1
 
 
 class PairDataset(Dataset):
@@ -132,6 +155,18 @@ def _win_rate(flags: list[float]) -> float | None:
     return float(np.mean(flags)) if flags else None
 
 
+def question_bootstrap_ci(values: np.ndarray, groups: list, samples: int = 2000, seed: int = 0) -> list[float] | None:
+    """95% interval of the mean of per-pair ``values``, resampling whole questions: pairs of one question share
+    answers, so treating them as independent would make the interval too narrow."""
+    if len(values) == 0:
+        return None
+    _, gid = np.unique(np.array([str(g) for g in groups]), return_inverse=True)
+    sums, counts = np.bincount(gid, weights=values), np.bincount(gid)
+    draw = np.random.default_rng(seed).integers(0, len(sums), size=(samples, len(sums)))
+    means = sums[draw].sum(1) / counts[draw].sum(1)
+    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+
+
 def evaluation_report(pairs: datasets.Dataset, rewards: np.ndarray) -> dict:
     """Held-out accuracy beside the baselines, on the shorter-is-better pairs, per site, and calibration."""
     chosen_len = np.array([len(c) for c in pairs["chosen"]])
@@ -145,6 +180,7 @@ def evaluation_report(pairs: datasets.Dataset, rewards: np.ndarray) -> dict:
     per_site: dict[str, list[bool]] = defaultdict(list)
     for site, ok in zip(pairs["site"], correct):
         per_site[site].append(bool(ok))
+    questions = list(zip(pairs["site"], pairs["qid"]))
     margins = np.abs(rewards[:, 0] - rewards[:, 1])
     calibration = []
     for lo, hi in zip(CALIBRATION_EDGES, CALIBRATION_EDGES[1:]):
@@ -155,6 +191,10 @@ def evaluation_report(pairs: datasets.Dataset, rewards: np.ndarray) -> dict:
         "eval_pairs": len(pairs), "accuracy": _win_rate(correct.tolist()),
         "baseline_longer_wins": _win_rate(longer.tolist()), "baseline_earlier_wins": _win_rate(earlier),
         "baseline_random": 0.5,
+        "eval_questions": len(set(questions)),
+        "accuracy_ci95": question_bootstrap_ci(correct.astype(float), questions),
+        "accuracy_minus_longer_wins_ci95": question_bootstrap_ci(correct - longer, questions),
+        "accuracy_minus_earlier_wins_ci95": question_bootstrap_ci(correct - np.array(earlier), questions),
         "shorter_better_pairs": int(shorter_better.sum()),
         "accuracy_shorter_better": _win_rate(correct[shorter_better].tolist()),
         "agreement_with_longer_wins": _win_rate(rm_picks_longer[chosen_len != rejected_len].tolist()),
@@ -177,6 +217,13 @@ def train_reward_model(cfg: RMConfig) -> dict:
     backbone = cfg.backbone or default_backbone()
     model, tok = load_backbone(backbone)
     train_pairs = load_pairs(cfg.data, "train", cfg.max_train_pairs, cfg.seed, cfg.pairs_half)
+    dropped = 0
+    if cfg.drop_time_only_pairs:
+        keep = [i for i, r in enumerate(train_pairs) if not time_only(r)]
+        dropped = len(train_pairs) - len(keep)
+        train_pairs = train_pairs.select(keep)
+        if not len(train_pairs):
+            raise StackRLHFError("--drop-time-only-pairs left no training pairs; train without it")
     eval_pairs = load_pairs(cfg.data, "eval", cfg.max_eval_pairs, cfg.seed, cfg.pairs_half)
     train_set, eval_set = PairDataset(tok, train_pairs, cfg), PairDataset(tok, eval_pairs, cfg)
     if cfg.lora:
@@ -204,17 +251,21 @@ def train_reward_model(cfg: RMConfig) -> dict:
     metrics = {"train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"],
                "steps": trainer.state.global_step, "train_pairs": len(train_set),
                "train_pairs_against_bias": sum(against_bias(r) for r in train_pairs),
+               "train_pairs_dropped_time_only": dropped,
                **throughput(trainer, result.metrics["train_runtime"])}
     answers = {(r["prompt"], a) for r in train_pairs for a in (r["chosen"], r["rejected"])}
     questions, texts = zip(*sorted(answers)) if answers else ((), ())
-    scores = np.array(rm.score(list(questions), list(texts), batch_size=cfg.per_device_eval_batch_size))
+    scores = np.array(rm.score(list(questions), list(texts), batch_size=cfg.per_device_eval_batch_size,
+                               progress="scoring the training answers"))
     rm.stats = {"mean": float(scores.mean()), "std": float(scores.std()), "answers": len(scores)}
     metrics.update(reward_mean=rm.stats["mean"], reward_std=rm.stats["std"])
     if has_eval:
-        rewards = np.array(rm.score(list(eval_pairs["prompt"]) * 2, list(eval_pairs["chosen"]) +
-                                    list(eval_pairs["rejected"]), batch_size=cfg.per_device_eval_batch_size))
-        metrics.update(evaluation_report(eval_pairs, rewards.reshape(2, -1).T))
+        metrics.update(evaluation_report(eval_pairs, pair_scores(rm, eval_pairs, cfg.per_device_eval_batch_size)))
         metrics["best_epoch_accuracy"] = trainer.state.best_metric
+    test_pairs = load_test_pairs(cfg.data, cfg.max_eval_pairs, cfg.seed)
+    if len(test_pairs):
+        metrics["test"] = evaluation_report(test_pairs, pair_scores(rm, test_pairs, cfg.per_device_eval_batch_size,
+                                                                    progress="scoring the test pairs"))
     if trainer.is_world_process_zero():  # one writer under `accelerate launch`
         rm.save_pretrained(out)
         save_config(cfg, out / "config.yaml")
@@ -225,14 +276,56 @@ def train_reward_model(cfg: RMConfig) -> dict:
     return metrics
 
 
+def build_reward_ensemble(members: list[str], out: str, data: list[str], combine: str = "mean",
+                          batch_size: int = 32) -> dict:
+    """``stackrlhf rm-ensemble``: several trained reward models as one directory. It measures the combined
+    score's mean/std on the training answers of ``data`` (for normalising, as ``stackrlhf rm`` does) and, when
+    ``data`` has held-out (and test) pairs, the same report as ``stackrlhf rm``, with each member's accuracy."""
+    if len(members) < 2:
+        raise StackRLHFError("an ensemble needs two or more reward models")
+    ensemble = RewardEnsemble(RewardEnsemble.load_members(members), combine, paths=members)
+    train_pairs, eval_pairs = load_pairs(data, "train"), load_pairs(data, "eval")
+    answers = sorted({(r["prompt"], a) for r in train_pairs for a in (r["chosen"], r["rejected"])})
+    if not answers:
+        raise StackRLHFError(f"{', '.join(data)}: no training pairs to measure the ensemble's scores on")
+    questions, texts = map(list, zip(*answers))
+    scores = ensemble.score(questions, texts, batch_size, progress="training answers, member")
+    ensemble.stats = {"mean": float(np.mean(scores)), "std": float(np.std(scores)), "answers": len(scores)}
+    metrics = {"members": len(members), "combine": combine, "reward_mean": ensemble.stats["mean"],
+               "reward_std": ensemble.stats["std"]}
+    for key, pairs in (("", eval_pairs), ("test", load_test_pairs(data))):
+        if not len(pairs):
+            continue
+        each = [pair_scores(m, pairs, batch_size, normalize=True, progress=f"{key or 'held-out'} pairs, member {i + 1}")
+                for i, m in enumerate(ensemble.members)]
+        combined = ensemble.combine_scores([e.T.reshape(-1).tolist() for e in each]).numpy().reshape(2, -1).T
+        report = {**evaluation_report(pairs, combined),
+                  "member_accuracy": {p: evaluation_report(pairs, e)["accuracy"] for p, e in zip(members, each)}}
+        metrics.update(report) if not key else metrics.update({key: report})
+    ensemble.save_pretrained(out)
+    write_metrics(Path(out), metrics)
+    print_report(metrics)
+    console.print(f"[green]wrote {out}[/]")
+    return metrics
+
+
 def print_report(m: dict) -> None:
-    if "accuracy" not in m:
+    """The accuracies beside the baselines: on the held-out pairs (which chose the epoch) and on the test pairs."""
+    sets = [(f"held-out ({m['eval_pairs']} pairs)", m)] if "accuracy" in m else []
+    if "test" in m:
+        sets.append((f"test ({m['test']['eval_pairs']} pairs)", m["test"]))
+    if not sets:
         return
-    table = Table(title="held-out pairs")
-    for col in ("", "accuracy"):
+    table = Table(title="pairwise accuracy")
+    for col in ("", *(name for name, _ in sets)):
         table.add_column(col)
     for name, key in (("reward model", "accuracy"), ("longer answer wins", "baseline_longer_wins"),
                       ("earlier answer wins", "baseline_earlier_wins"), ("random", "baseline_random"),
                       ("reward model, shorter-is-better pairs", "accuracy_shorter_better")):
-        table.add_row(name, "n/a" if m[key] is None else f"{m[key]:.3f}")
+        table.add_row(name, *("n/a" if r[key] is None else f"{r[key]:.3f}" for _, r in sets))
     console.print(table)
+    for name, r in sets:
+        if r.get("accuracy_ci95"):
+            (lo, hi), (dl, dh) = r["accuracy_ci95"], r["accuracy_minus_longer_wins_ci95"]
+            console.print(f"{name}: 95% interval over {r['eval_questions']} questions: accuracy {lo:.3f}-{hi:.3f}, "
+                          f"minus longer-wins {dl:+.3f} to {dh:+.3f}")
