@@ -253,11 +253,7 @@ def train_reward_model(cfg: RMConfig) -> dict:
                "train_pairs_against_bias": sum(against_bias(r) for r in train_pairs),
                "train_pairs_dropped_time_only": dropped,
                **throughput(trainer, result.metrics["train_runtime"])}
-    answers = {(r["prompt"], a) for r in train_pairs for a in (r["chosen"], r["rejected"])}
-    questions, texts = zip(*sorted(answers)) if answers else ((), ())
-    scores = np.array(rm.score(list(questions), list(texts), batch_size=cfg.per_device_eval_batch_size,
-                               progress="scoring the training answers"))
-    rm.stats = {"mean": float(scores.mean()), "std": float(scores.std()), "answers": len(scores)}
+    rm.stats = training_answer_stats(rm, train_pairs, cfg.per_device_eval_batch_size, "scoring the training answers")
     metrics.update(reward_mean=rm.stats["mean"], reward_std=rm.stats["std"])
     if has_eval:
         metrics.update(evaluation_report(eval_pairs, pair_scores(rm, eval_pairs, cfg.per_device_eval_batch_size)))
@@ -276,6 +272,14 @@ def train_reward_model(cfg: RMConfig) -> dict:
     return metrics
 
 
+def training_answer_stats(rm, train_pairs: datasets.Dataset, batch_size: int, progress: str) -> dict:
+    """Mean and std of the scores of every distinct training answer: what the RL stages normalise rewards by."""
+    answers = sorted({(r["prompt"], a) for r in train_pairs for a in (r["chosen"], r["rejected"])})
+    questions, texts = (list(x) for x in zip(*answers)) if answers else ([], [])
+    scores = np.array(rm.score(questions, texts, batch_size, progress=progress))
+    return {"mean": float(scores.mean()), "std": float(scores.std()), "answers": len(scores)}
+
+
 def build_reward_ensemble(members: list[str], out: str, data: list[str], combine: str = "mean",
                           batch_size: int = 32) -> dict:
     """``stackrlhf rm-ensemble``: several trained reward models as one directory. It measures the combined
@@ -285,12 +289,9 @@ def build_reward_ensemble(members: list[str], out: str, data: list[str], combine
         raise StackRLHFError("an ensemble needs two or more reward models")
     ensemble = RewardEnsemble(RewardEnsemble.load_members(members), combine, paths=members)
     train_pairs, eval_pairs = load_pairs(data, "train"), load_pairs(data, "eval")
-    answers = sorted({(r["prompt"], a) for r in train_pairs for a in (r["chosen"], r["rejected"])})
-    if not answers:
+    if not len(train_pairs):
         raise StackRLHFError(f"{', '.join(data)}: no training pairs to measure the ensemble's scores on")
-    questions, texts = map(list, zip(*answers))
-    scores = ensemble.score(questions, texts, batch_size, progress="training answers, member")
-    ensemble.stats = {"mean": float(np.mean(scores)), "std": float(np.std(scores)), "answers": len(scores)}
+    ensemble.stats = training_answer_stats(ensemble, train_pairs, batch_size, "training answers, member")
     metrics = {"members": len(members), "combine": combine, "reward_mean": ensemble.stats["mean"],
                "reward_std": ensemble.stats["std"]}
     for key, pairs in (("", eval_pairs), ("test", load_test_pairs(data))):
@@ -301,7 +302,10 @@ def build_reward_ensemble(members: list[str], out: str, data: list[str], combine
         combined = ensemble.combine_scores([e.T.reshape(-1).tolist() for e in each]).numpy().reshape(2, -1).T
         report = {**evaluation_report(pairs, combined),
                   "member_accuracy": {p: evaluation_report(pairs, e)["accuracy"] for p, e in zip(members, each)}}
-        metrics.update(report) if not key else metrics.update({key: report})
+        if key:
+            metrics[key] = report
+        else:
+            metrics.update(report)
     ensemble.save_pretrained(out)
     write_metrics(Path(out), metrics)
     print_report(metrics)
