@@ -74,6 +74,7 @@ class RewardModel:
         self.max_length = max_length
         self.max_question_tokens = max_question_tokens
         self.stats = stats or {"mean": 0.0, "std": 1.0}
+        self.adjusted_for: dict[str, float] = {}  # confounder -> learnt weight, for an adjusted RM (provenance)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "RewardModel | RewardEnsemble":
@@ -87,14 +88,17 @@ class RewardModel:
         settings = json.loads((path / SETTINGS_FILE).read_text()) if (path / SETTINGS_FILE).is_file() else {}
         stats = json.loads((path / STATS_FILE).read_text()) if (path / STATS_FILE).is_file() else None
         model.to(device).eval()
-        return cls(model, tok, settings.get("max_length", 256), settings.get("max_question_tokens", 64), stats)
+        rm = cls(model, tok, settings.get("max_length", 256), settings.get("max_question_tokens", 64), stats)
+        rm.adjusted_for = settings.get("adjusted_for", {})
+        return rm
 
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
         self.model.save_pretrained(str(path), safe_serialization=True)
         self.tokenizer.save_pretrained(str(path))
         write_text_atomic(path / SETTINGS_FILE, json.dumps({"max_length": self.max_length,
-                                                            "max_question_tokens": self.max_question_tokens}))
+                                                            "max_question_tokens": self.max_question_tokens,
+                                                            "adjusted_for": self.adjusted_for}))
         write_text_atomic(path / STATS_FILE, json.dumps(self.stats, indent=2))
 
     def collate(self, ids: list[list[int]]) -> dict:

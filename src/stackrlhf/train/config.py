@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from stackrlhf.models.confounders import parse_confounders
+
 # offline base model sizes: name -> (layers, width, heads, context, vocabulary)
 SIZES = {
     "tiny": (4, 256, 4, 512, 8000),
@@ -109,6 +111,15 @@ class RMConfig(TrainConfig):
     drop_time_only_pairs: bool = field(default=False, metadata={"help":
         "Leave out training pairs whose better answer was posted earlier and wins by one point only: their "
         "preference is what the earlier answer's longer exposure to voters alone explains."})
+    adjust: list[str] = field(default_factory=list, metadata={"help":
+        "Confounders to adjust the votes for (length, time; comma-separated, or none): the loss becomes "
+        "-log sigmoid(r_j - r_k + w . (z_j - z_k)) with covariates z (log words; log hours after the question) and "
+        "weights w learnt jointly, and only r is the reward. Pairs without dates (human labels) have no time term."})
+    decorrelation: float = field(default=1.0, metadata={"help":
+        "With --adjust: weight of cov(r, z / std z)^2 (= var(r) corr(r, z)^2) per confounder on each batch, which keeps the confounders' effect "
+        "in w and out of the reward (0: off)."})
+    confounder_learning_rate: float = field(default=1e-2, metadata={"help":
+        "With --adjust: learning rate of the confounder weights w (they start from the covariates-only fit)."})
     pairs_half: str = field(default="all", metadata={"choices": ("all", "proxy", "gold"), "help":
         "Train on one half of the questions only: `proxy` for the RM that RL optimises, `gold` for the held-out "
         "judge of `stackrlhf eval` (disjoint questions, to detect over-optimisation)."})
@@ -132,3 +143,4 @@ class RMConfig(TrainConfig):
             raise ValueError("choose --lora or --num-layers-unfrozen, not both")
         if self.max_question_tokens >= self.max_length:
             raise ValueError("--max-question-tokens must be below --max-length")
+        self.adjust = parse_confounders([self.adjust] if isinstance(self.adjust, str) else self.adjust)

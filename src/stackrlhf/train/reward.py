@@ -1,6 +1,11 @@
 """``stackrlhf rm``: a reward model learnt from answer pairs with the Bradley-Terry loss
 ``-log sigmoid(r_j - r_k [- margin * (s_j - s_k)])``, on transformers' Trainer.
 
+With ``--adjust length,time`` the loss is ``-log sigmoid(r_j - r_k + w . (z_j - z_k))``: the votes' confounders
+z (:mod:`stackrlhf.models.confounders`) get their own linear term with weights w learnt jointly, and a
+decorrelation penalty ``lambda * cov(r, z / std z)^2`` on each batch keeps the length/time effect in w rather than in
+r (ODIN, Chen et al. 2024). Only r is saved as the reward; w goes to ``metrics.json``.
+
 Trains on any mix of pair datasets (vote pairs from ``data build``, human labels from ``feedback
 export``), evaluates held-out accuracy every epoch, keeps the best epoch, and reports it beside the
 baselines votes are known to follow: the longer answer wins, the earlier answer wins, a coin.
@@ -24,6 +29,8 @@ from transformers import EvalPrediction, Trainer
 
 from stackrlhf.data.load import load_split
 from stackrlhf.data.splits import EVALUATION_PAIRS, pair_half
+from stackrlhf.models.confounders import (CONFOUNDERS, fit_bradley_terry, hours_after, pair_covariates,
+                                          pair_differences, pair_log_loss, spearman, words)
 from stackrlhf.models.freezing import apply_lora, describe_trainable, freeze_bottom
 from stackrlhf.models.reward import RewardEnsemble, RewardModel, default_backbone, encode_pair, load_backbone
 from stackrlhf.config import save_config
@@ -35,7 +42,7 @@ from stackrlhf.train.config import RMConfig
 console = Console(stderr=True)
 HEAD_NAMES = ("classifier", "score", "pooler")
 CALIBRATION_EDGES = (0.0, 0.25, 0.5, 1.0, 2.0, math.inf)
-PAIR_COLUMNS = ["site", "qid", "prompt", "chosen", "rejected", "score_j", "score_k", "date_j", "date_k"]
+PAIR_COLUMNS = ["site", "qid", "date", "prompt", "chosen", "rejected", "score_j", "score_k", "date_j", "date_k"]
 
 
 def load_pairs(dirs: list[str], split: str, limit: int = 0, seed: int = 0, half: str = "all",
@@ -88,13 +95,17 @@ def time_only(row: dict) -> bool:
 
 
 class PairDataset(Dataset):
+    """Tokenised pairs with their vote margin, loss weight and (with ``--adjust``) both answers' covariates."""
+
     def __init__(self, tok, pairs: datasets.Dataset, cfg: RMConfig):
+        zj, zk = pair_covariates(pairs, cfg.adjust)
         self.items = [
             {"chosen": encode_pair(tok, r["prompt"], r["chosen"], cfg.max_length, cfg.max_question_tokens),
              "rejected": encode_pair(tok, r["prompt"], r["rejected"], cfg.max_length, cfg.max_question_tokens),
              "margin": float((r["score_j"] or 0) - (r["score_k"] or 0)),
-             "weight": 1.0 + (cfg.debias_weight if against_bias(r) else 0.0)}
-            for r in pairs]
+             "weight": 1.0 + (cfg.debias_weight if against_bias(r) else 0.0),
+             "z": np.concatenate([zj[i], zk[i]]).tolist()}
+            for i, r in enumerate(pairs)]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -117,23 +128,75 @@ class PairCollator:
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
+        k = len(batch[0]["z"]) // 2
+        z = torch.tensor([b["z"] for b in batch], dtype=torch.float).reshape(len(batch), 2, k)
         return {"input_ids": ids, "attention_mask": mask,
                 "margin": torch.tensor([b["margin"] for b in batch], dtype=torch.float),
-                "weight": torch.tensor([b["weight"] for b in batch], dtype=torch.float)}
+                "weight": torch.tensor([b["weight"] for b in batch], dtype=torch.float),
+                "covariates": torch.cat([z[:, 0], z[:, 1]])}  # (2 * pairs, k) in the order of input_ids
+
+
+CONFOUNDER_PARAM = "confounder_weights"
+
+
+def confounder_param(model) -> torch.nn.Parameter | None:
+    """The covariate weights w, wherever a wrapper (DDP, peft) has put the model's parameter names."""
+    return next((p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == CONFOUNDER_PARAM), None)
+
+
+def batch_covariance(r: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Covariance of r with each standardised column of z over the rows where that column is known (k,):
+    corr(r, z_k) * std(r). Unlike the correlation its gradient stays bounded when r's spread is small (as
+    at the start, where a correlation penalty's 1/std(r) gradient would swamp the preference loss)."""
+    out = []
+    for col in z.T:
+        known = ~torch.isnan(col)
+        if known.sum() < 3 or col[known].std() == 0:
+            out.append(r.new_zeros(()))
+            continue
+        a, b = r[known] - r[known].mean(), col[known] - col[known].mean()
+        out.append((a * b).mean() / b.std(unbiased=False))
+    return torch.stack(out)
 
 
 class RewardTrainer(Trainer):
-    """transformers' Trainer with the pairwise loss; predictions are (r_chosen, r_rejected) per pair."""
+    """transformers' Trainer with the pairwise loss; predictions are (r_chosen, r_rejected) per pair.
 
-    def __init__(self, *args, margin_scale: float = 0.0, **kwargs):
+    With confounders (the model carries ``confounder_weights``, one per covariate) the pair logit gains
+    ``w . (z_j - z_k)`` and the loss ``decorrelation * sum_k cov(r, z_k / std z_k)^2`` over the batch's answers."""
+
+    def __init__(self, *args, margin_scale: float = 0.0, decorrelation: float = 0.0, confounder_lr: float = 0.0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.margin_scale = margin_scale
+        self.margin_scale, self.decorrelation, self.confounder_lr = margin_scale, decorrelation, confounder_lr
+
+    def create_optimizer(self, model=None):
+        """The covariate weights get their own learning rate (and no weight decay): they start from the
+        covariates-only fit and must keep up with r, which moves at the backbone's small learning rate."""
+        model = model or self.model
+        w = confounder_param(model)
+        if self.optimizer is None and w is not None:
+            decay = set(self.get_decay_parameter_names(model))
+            rest = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p is not w]
+            groups = [{"params": [p for n, p in rest if n in decay], "weight_decay": self.args.weight_decay},
+                      {"params": [p for n, p in rest if n not in decay], "weight_decay": 0.0},
+                      {"params": [w], "weight_decay": 0.0, "lr": self.confounder_lr}]
+            optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+            self.optimizer = optimizer_cls(groups, **kwargs)
+        return super().create_optimizer(model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        margin, weight = inputs.pop("margin"), inputs.pop("weight")
+        margin, weight, z = inputs.pop("margin"), inputs.pop("weight"), inputs.pop("covariates")
         rewards = model(**inputs).logits[:, 0]
         r_j, r_k = rewards.chunk(2)
-        loss = (weight * -F.logsigmoid(r_j - r_k - self.margin_scale * margin)).sum() / weight.sum()
+        logit = r_j - r_k - self.margin_scale * margin
+        w = confounder_param(model)
+        if w is not None:
+            z_j, z_k = z.chunk(2)
+            logit = logit + torch.nan_to_num(z_j - z_k, nan=0.0) @ w
+        loss = (weight * -F.logsigmoid(logit)).sum() / weight.sum()
+        if w is not None and self.decorrelation and model.training:
+            loss = loss + self.decorrelation * batch_covariance(rewards.float(), z).square().sum()
         return (loss, torch.stack([r_j, r_k], dim=1)) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -215,7 +278,6 @@ def train_reward_model(cfg: RMConfig) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     backbone = cfg.backbone or default_backbone()
-    model, tok = load_backbone(backbone)
     train_pairs = load_pairs(cfg.data, "train", cfg.max_train_pairs, cfg.seed, cfg.pairs_half)
     dropped = 0
     if cfg.drop_time_only_pairs:
@@ -224,6 +286,8 @@ def train_reward_model(cfg: RMConfig) -> dict:
         train_pairs = train_pairs.select(keep)
         if not len(train_pairs):
             raise StackRLHFError("--drop-time-only-pairs left no training pairs; train without it")
+    start_weights = covariates_start(train_pairs, cfg.adjust)
+    model, tok = load_backbone(backbone)
     eval_pairs = load_pairs(cfg.data, "eval", cfg.max_eval_pairs, cfg.seed, cfg.pairs_half)
     train_set, eval_set = PairDataset(tok, train_pairs, cfg), PairDataset(tok, eval_pairs, cfg)
     if cfg.lora:
@@ -233,6 +297,10 @@ def train_reward_model(cfg: RMConfig) -> dict:
     elif cfg.num_layers_unfrozen >= 0:
         freeze_bottom(model, cfg.num_layers_unfrozen)
         _unfreeze_head(model)
+    if cfg.adjust:  # w lives on the model, so checkpoints, resume and the best-epoch reload carry it
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner.register_parameter(CONFOUNDER_PARAM, torch.nn.Parameter(torch.tensor(start_weights, dtype=torch.float)))
+        console.print("adjusting for " + ", ".join(f"{n} (start w {w:+.3f})" for n, w in zip(cfg.adjust, start_weights)))
     console.print(f"reward model on {type(model).__name__} from {backbone}; {describe_trainable(model)}")
     console.print(f"{len(train_set)} training pairs from {', '.join(cfg.data)}; {len(eval_set)} held out")
     has_eval = len(eval_set) > 0
@@ -242,26 +310,40 @@ def train_reward_model(cfg: RMConfig) -> dict:
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set if has_eval else None,
                             data_collator=PairCollator(tok.pad_token_id), compute_metrics=pair_accuracy,
                             callbacks=[GuardCallback(cfg.max_minutes), *logging_callbacks(cfg, out)],
-                            margin_scale=cfg.margin)
+                            margin_scale=cfg.margin, decorrelation=cfg.decorrelation,
+                            confounder_lr=cfg.confounder_learning_rate)
     result = trainer.train(resume_from_checkpoint=last_checkpoint(out, cfg.resume))
     final = trainer.model.merge_and_unload() if cfg.lora else trainer.model
+    w = confounder_param(final)
+    learnt = w.detach().float().tolist() if w is not None else []
+    if w is not None:  # the reward is r alone
+        owner = next(m for m in final.modules() if CONFOUNDER_PARAM in m._parameters)
+        del owner._parameters[CONFOUNDER_PARAM]
     for p in final.parameters():
         p.requires_grad_(True)
     rm = RewardModel(final, tok, cfg.max_length, cfg.max_question_tokens)
+    rm.adjusted_for = dict(zip(cfg.adjust, learnt))
     metrics = {"train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"],
                "steps": trainer.state.global_step, "train_pairs": len(train_set),
                "train_pairs_against_bias": sum(against_bias(r) for r in train_pairs),
-               "train_pairs_dropped_time_only": dropped,
+               "train_pairs_dropped_time_only": dropped, "adjust": list(cfg.adjust),
+               "confounder_weights": rm.adjusted_for,
+               "confounder_weights_start": dict(zip(cfg.adjust, start_weights)),
                **throughput(trainer, result.metrics["train_runtime"])}
-    rm.stats = training_answer_stats(rm, train_pairs, cfg.per_device_eval_batch_size, "scoring the training answers")
+    train_scores = answer_scores(rm, train_pairs, cfg.per_device_eval_batch_size, "scoring the training answers")
+    rm.stats = score_stats(train_scores)
     metrics.update(reward_mean=rm.stats["mean"], reward_std=rm.stats["std"])
+    eval_rewards = None
     if has_eval:
-        metrics.update(evaluation_report(eval_pairs, pair_scores(rm, eval_pairs, cfg.per_device_eval_batch_size)))
+        eval_rewards = pair_scores(rm, eval_pairs, cfg.per_device_eval_batch_size)
+        metrics.update(evaluation_report(eval_pairs, eval_rewards))
         metrics["best_epoch_accuracy"] = trainer.state.best_metric
     test_pairs = load_test_pairs(cfg.data, cfg.max_eval_pairs, cfg.seed)
     if len(test_pairs):
-        metrics["test"] = evaluation_report(test_pairs, pair_scores(rm, test_pairs, cfg.per_device_eval_batch_size,
-                                                                    progress="scoring the test pairs"))
+        test_rewards = pair_scores(rm, test_pairs, cfg.per_device_eval_batch_size, progress="scoring the test pairs")
+        fit = (eval_pairs, eval_rewards) if has_eval else (train_pairs, lookup_pair_scores(train_scores, train_pairs))
+        metrics["test"] = {**evaluation_report(test_pairs, test_rewards),
+                           **confounder_report(*fit, test_pairs, test_rewards, fit_on="held-out" if has_eval else "train")}
     if trainer.is_world_process_zero():  # one writer under `accelerate launch`
         rm.save_pretrained(out)
         save_config(cfg, out / "config.yaml")
@@ -272,12 +354,83 @@ def train_reward_model(cfg: RMConfig) -> dict:
     return metrics
 
 
-def training_answer_stats(rm, train_pairs: datasets.Dataset, batch_size: int, progress: str) -> dict:
-    """Mean and std of the scores of every distinct training answer: what the RL stages normalise rewards by."""
-    answers = sorted({(r["prompt"], a) for r in train_pairs for a in (r["chosen"], r["rejected"])})
+def covariates_start(train_pairs: datasets.Dataset, names: list[str]) -> list[float]:
+    """The covariates-only Bradley-Terry fit on the training pairs: where the adjusted RM's w starts. Refuses
+    a confounder that no training pair has for both answers (a time adjustment on human labels only, say)."""
+    if not names:
+        return []
+    zj, zk = pair_covariates(train_pairs, names)
+    for i, name in enumerate(names):
+        if not np.isfinite(zj[:, i] - zk[:, i]).any():
+            raise StackRLHFError(f"--adjust {name}: none of the {len(train_pairs)} training pairs has it for both "
+                                 "answers (pairs from `feedback export` carry no answer dates); leave it out")
+    return fit_bradley_terry(np.nan_to_num(zj - zk, nan=0.0)).tolist()
+
+
+def answer_scores(rm, pairs: datasets.Dataset, batch_size: int, progress: str) -> dict[tuple[str, str], float]:
+    """The score of every distinct (prompt, answer) of ``pairs``."""
+    answers = sorted({(r["prompt"], a) for r in pairs for a in (r["chosen"], r["rejected"])})
     questions, texts = (list(x) for x in zip(*answers)) if answers else ([], [])
-    scores = np.array(rm.score(questions, texts, batch_size, progress=progress))
-    return {"mean": float(scores.mean()), "std": float(scores.std()), "answers": len(scores)}
+    return dict(zip(answers, rm.score(questions, texts, batch_size, progress=progress)))
+
+
+def score_stats(scores: dict) -> dict:
+    """Mean and std of the scores of every distinct training answer: what the RL stages normalise rewards by."""
+    values = np.array(list(scores.values()))
+    return {"mean": float(values.mean()), "std": float(values.std()), "answers": len(values)}
+
+
+def lookup_pair_scores(scores: dict, pairs: datasets.Dataset) -> np.ndarray:
+    """(pairs, 2) rewards of chosen and rejected, from :func:`answer_scores`."""
+    return np.array([[scores[(r["prompt"], r["chosen"])], scores[(r["prompt"], r["rejected"])]] for r in pairs])
+
+
+def confounder_report(fit_pairs: datasets.Dataset, fit_rewards: np.ndarray, pairs: datasets.Dataset,
+                      rewards: np.ndarray, fit_on: str = "held-out") -> dict:
+    """Does the RM know anything that length and time do not? On ``pairs`` (the test pairs):
+
+    - the covariates-only model (log words, log hours after the question): accuracy and log-loss;
+    - ``incremental_log_loss_gain``: its log-loss minus that of covariates + the RM's score difference, both
+      fitted on ``fit_pairs`` (the held-out pairs; the RM trained on its training pairs, so its scores there are
+      overconfident), in nats per pair, with the question-bootstrap 95 % interval; > 0: the RM adds knowledge;
+    - ``length_spearman``: rank correlation of the reward with answer words over the distinct answers;
+    - accuracy on length-matched pairs (word counts within 20 %) and on pairs posted within 24 h of each other.
+    """
+    x_fit, x = pair_differences(fit_pairs), pair_differences(pairs)
+    w_cov = fit_bradley_terry(x_fit)
+    w_full = fit_bradley_terry(np.c_[x_fit, fit_rewards[:, 0] - fit_rewards[:, 1]])
+    cov_margin = x @ w_cov
+    full_margin = np.c_[x, rewards[:, 0] - rewards[:, 1]] @ w_full
+    gain = pair_log_loss(cov_margin) - pair_log_loss(full_margin)
+    questions = list(zip(pairs["site"], pairs["qid"]))
+    correct = (rewards[:, 0] > rewards[:, 1]).astype(float)
+    wj, wk = np.array([words(c) for c in pairs["chosen"]]), np.array([words(r) for r in pairs["rejected"]])
+    matched = np.minimum(wj, wk) >= 0.8 * np.maximum(wj, wk)
+    qdates = pairs["date"] if "date" in pairs.column_names else [None] * len(pairs)
+    hj = np.array([hours_after(q, d) for q, d in zip(qdates, pairs["date_j"])])
+    hk = np.array([hours_after(q, d) for q, d in zip(qdates, pairs["date_k"])])
+    with np.errstate(invalid="ignore"):
+        close = np.abs(hj - hk) <= 24.0
+    distinct = {}
+    for prompt, chosen, rejected, (pj, pk) in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"], rewards):
+        distinct[(prompt, chosen)], distinct[(prompt, rejected)] = pj, pk
+    subsets = {}
+    for key, sel in (("length_matched", matched), ("close_in_time", close)):
+        subsets[f"{key}_pairs"] = int(sel.sum())
+        subsets[f"{key}_accuracy"] = _win_rate(correct[sel].tolist())
+        subsets[f"{key}_accuracy_ci95"] = question_bootstrap_ci(correct[sel], [q for q, s in zip(questions, sel) if s])
+    return {
+        "covariates": list(CONFOUNDERS), "covariates_fit_on": fit_on, "covariates_weights": w_cov.tolist(),
+        "covariates_accuracy": float(np.mean(np.where(cov_margin == 0, 0.5, cov_margin > 0))),
+        "covariates_log_loss": float(pair_log_loss(cov_margin).mean()),
+        "covariates_plus_rm_log_loss": float(pair_log_loss(full_margin).mean()),
+        "rm_weight_beside_covariates": float(w_full[-1]),
+        "incremental_log_loss_gain": float(gain.mean()),
+        "incremental_log_loss_gain_ci95": question_bootstrap_ci(gain, questions),
+        "length_spearman": spearman([words(a) for _, a in distinct], list(distinct.values())),
+        "length_spearman_answers": len(distinct),
+        **subsets,
+    }
 
 
 def build_reward_ensemble(members: list[str], out: str, data: list[str], combine: str = "mean",
@@ -291,9 +444,11 @@ def build_reward_ensemble(members: list[str], out: str, data: list[str], combine
     train_pairs, eval_pairs = load_pairs(data, "train"), load_pairs(data, "eval")
     if not len(train_pairs):
         raise StackRLHFError(f"{', '.join(data)}: no training pairs to measure the ensemble's scores on")
-    ensemble.stats = training_answer_stats(ensemble, train_pairs, batch_size, "training answers, member")
+    train_scores = answer_scores(ensemble, train_pairs, batch_size, "training answers, member")
+    ensemble.stats = score_stats(train_scores)
     metrics = {"members": len(members), "combine": combine, "reward_mean": ensemble.stats["mean"],
                "reward_std": ensemble.stats["std"]}
+    fit = (train_pairs, lookup_pair_scores(train_scores, train_pairs), "train")
     for key, pairs in (("", eval_pairs), ("test", load_test_pairs(data))):
         if not len(pairs):
             continue
@@ -303,9 +458,10 @@ def build_reward_ensemble(members: list[str], out: str, data: list[str], combine
         report = {**evaluation_report(pairs, combined),
                   "member_accuracy": {p: evaluation_report(pairs, e)["accuracy"] for p, e in zip(members, each)}}
         if key:
-            metrics[key] = report
+            metrics[key] = {**report, **confounder_report(fit[0], fit[1], pairs, combined, fit_on=fit[2])}
         else:
             metrics.update(report)
+            fit = (pairs, combined, "held-out")
     ensemble.save_pretrained(out)
     write_metrics(Path(out), metrics)
     print_report(metrics)
@@ -333,3 +489,28 @@ def print_report(m: dict) -> None:
             (lo, hi), (dl, dh) = r["accuracy_ci95"], r["accuracy_minus_longer_wins_ci95"]
             console.print(f"{name}: 95% interval over {r['eval_questions']} questions: accuracy {lo:.3f}-{hi:.3f}, "
                           f"minus longer-wins {dl:+.3f} to {dh:+.3f}")
+    if m.get("confounder_weights"):
+        console.print("learnt confounder weights: " + ", ".join(f"{k} {v:+.3f}" for k, v in m["confounder_weights"].items()))
+    t = m.get("test", {})
+    if "incremental_log_loss_gain" in t:
+        console.print(confounder_lines(t))
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _fmt_ci(ci) -> str:
+    return "" if not ci else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def confounder_lines(t: dict) -> str:
+    """What the RM knows beyond length and time, on the test pairs, as a few lines of text."""
+    return "\n".join([
+        f"test, beyond length and time: covariates-only model (fit on the {t['covariates_fit_on']} pairs) accuracy "
+        f"{t['covariates_accuracy']:.3f}, log-loss {t['covariates_log_loss']:.4f}; adding the RM's score gains "
+        f"{t['incremental_log_loss_gain']:+.4f} nats/pair{_fmt_ci(t['incremental_log_loss_gain_ci95'])}",
+        f"test: reward vs answer length Spearman {_fmt(t['length_spearman'], '+.3f')} over "
+        f"{t['length_spearman_answers']} answers; accuracy on length-matched pairs {_fmt(t['length_matched_accuracy'])} "
+        f"({t['length_matched_pairs']}), on pairs posted within 24 h {_fmt(t['close_in_time_accuracy'])} "
+        f"({t['close_in_time_pairs']})"])
