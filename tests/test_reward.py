@@ -229,6 +229,19 @@ def test_lora_reward_model(tmp_path):
     assert len(rm.score(["q"], ["a"])) == 1
 
 
+class _Scores(torch.nn.Module):
+    """A stand-in reward model that returns fixed logits."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, **_):
+        import types
+
+        return types.SimpleNamespace(logits=self.logits)
+
+
 def test_debias_weight_counts_pairs_against_length_and_time_more():
     import types
 
@@ -249,8 +262,8 @@ def test_debias_weight_counts_pairs_against_length_and_time_more():
     assert [it["weight"] for it in items.items] == [1.0, 3.0, 3.0, 1.0]
     batch = PairCollator(tok.pad_token_id)(items.items)
     logits = torch.tensor([[1.0], [0.0], [2.0], [0.5], [0.0], [1.0], [0.0], [0.0]])  # r_j then r_k
-    fake = types.SimpleNamespace(margin_scale=0.0)
-    loss = RewardTrainer.compute_loss(fake, lambda **_: types.SimpleNamespace(logits=logits), dict(batch))
+    fake = types.SimpleNamespace(margin_scale=0.0, decorrelation=0.0)
+    loss = RewardTrainer.compute_loss(fake, _Scores(logits), dict(batch))
     per_pair = -torch.nn.functional.logsigmoid(torch.tensor([1.0, -1.0, 2.0, 0.5]))
     weights = torch.tensor([1.0, 3.0, 3.0, 1.0])
     assert float(loss) == pytest.approx(float((weights * per_pair).sum() / weights.sum()))

@@ -25,6 +25,7 @@ from stackrlhf.config import write_text_atomic
 from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.evaluate.config import EvalConfig
+from stackrlhf.models.confounders import length_adjusted_gains, words
 from stackrlhf.models.generation import SamplingConfig, generate, pack_sequences
 from stackrlhf.models.loading import load_causal_lm
 from stackrlhf.rl.ilql import is_ilql_model
@@ -172,6 +173,7 @@ def evaluate_models(cfg: EvalConfig) -> dict:
         scores = {name: judge.score(prompts, gen.texts, normalize=True) for name, judge in judges.items()}
         answers[spec.name] = gen.texts
         per_answer[spec.name] = {**scores, "length": [float(len(r)) for r in gen.response_ids],
+                                 "words": [float(words(t)) for t in gen.texts],
                                  **({"kl": kl} if kl is not None else {})}
         results[spec.name] = {
             "path": spec.path, "beta": model.beta,
@@ -180,6 +182,7 @@ def evaluate_models(cfg: EvalConfig) -> dict:
             "kl_to_reference": float(np.mean(kl)) if kl is not None else None,
             "human_answer_perplexity": float(math.exp(min(nll, 50.0))),
             "length_tokens": float(np.mean([len(r) for r in gen.response_ids])),
+            "length_words": float(np.mean([words(t) for t in gen.texts])),
             "ended": float(np.mean(gen.finished)), "distinct_2": distinct_n(gen.texts, 2),
             "generate_s": t_gen,
         }
@@ -188,6 +191,13 @@ def evaluate_models(cfg: EvalConfig) -> dict:
         for judge in judges:
             results[name][f"win_rate_{judge}_vs_{baseline}"] = win_rate(per_answer[name][judge],
                                                                         per_answer[baseline][judge])
+    for judge in judges:  # how much of each model's gain over the baseline is its answers' length
+        gains = length_adjusted_gains({n: per_answer[n][judge] for n in names},
+                                      {n: per_answer[n]["words"] for n in names}, baseline)
+        for name in names:
+            results[name][f"gain_{judge}_vs_{baseline}"] = gains[name]["gain"]
+            results[name][f"gain_{judge}_vs_{baseline}_length_adjusted"] = gains[name]["gain_length_adjusted"]
+            results[name][f"reward_{judge}_per_log_word"] = gains[name]["reward_per_log_word"]
     report = {"questions": len(questions), "baseline": baseline, "reference": reference_path,
               "judges": {k: v for k, v in (("proxy", cfg.reward), ("gold", cfg.gold_reward)) if v},
               "sampling": asdict(sampling), "models": results, "config": asdict(cfg)}
@@ -206,18 +216,24 @@ def evaluate_models(cfg: EvalConfig) -> dict:
     return report
 
 
+def _fmt_gain(m: dict, judge: str, base: str) -> str:
+    adjusted = m.get(f"gain_{judge}_vs_{base}_length_adjusted")
+    return "-" if adjusted is None else f"{m[f'gain_{judge}_vs_{base}']:+.3f} / {adjusted:+.3f}"
+
+
 def print_table(report: dict) -> None:
     base = report["baseline"]
     judges = list(report["judges"])
     table = Table(title=f"held-out evaluation: {report['questions']} questions, win rates vs {base}")
     cols = ["model"] + [f"{j} reward" for j in judges] + [f"{j} win" for j in judges] + [
-        "KL", "human ppl", "length", "distinct-2"]
+        f"{j} gain, length-adjusted" for j in judges] + ["KL", "human ppl", "length", "distinct-2"]
     for c in cols:
         table.add_column(c, justify="right" if c != "model" else "left")
     for name, m in report["models"].items():
         kl = m["kl_to_reference"]
         table.add_row(name, *[f"{m[f'reward_{j}']:+.3f}" for j in judges],
                       *[f"{m[f'win_rate_{j}_vs_{base}']:.2f}" for j in judges],
+                      *[_fmt_gain(m, j, base) for j in judges],
                       "-" if kl is None else f"{kl:.2f}", f"{m['human_answer_perplexity']:.1f}",
                       f"{m['length_tokens']:.1f}", f"{m['distinct_2']:.3f}")
     console.print(table)

@@ -85,6 +85,7 @@ def rl_curves(ppo_history: list[dict], ilql_history: list[dict]) -> str:
         lines = b.get_lines() + b2.get_lines()
         b.legend(lines, [line.get_label() for line in lines], fontsize=8)
         parts.append(_figure(fig, "ppo", "PPO: reward and KL to the frozen reference over the steps"))
+        parts.append(ppo_length(ppo_history))
     else:
         parts.append(_note("No PPO history: run `stackrlhf ppo` (or a pipeline with a `ppo:` section)."))
     if ilql_history:
@@ -98,6 +99,32 @@ def rl_curves(ppo_history: list[dict], ilql_history: list[dict]) -> str:
         b.set_xlabel("ILQL step"), b.legend(fontsize=8), b.grid(alpha=0.3)
         parts.append(_figure(fig, "ilql", "ILQL: losses and mean Q, V and advantage over the steps"))
     return "".join(parts)
+
+
+def ppo_length(history: list[dict]) -> str:
+    """Answer length over the PPO steps beside the reward, and how much of the reward gain length explains."""
+    if not history or "response/words" not in history[0]:
+        return ""
+    from stackrlhf.rl.ppo import history_length_analysis
+
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(5.6, 3.2))
+    ax.plot(steps, [h["response/words"] for h in history], color="C4", label="answer words")
+    ax.set_xlabel("PPO step"), ax.set_ylabel("mean answer words"), ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(steps, [h["reward/score_mean"] for h in history], color="C0", alpha=0.6, label="RM score")
+    ax2.set_ylabel("mean RM score")
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8)
+    a = history_length_analysis(history)
+    text = "Too few steps to compare." if a["reward_gain"] is None else (
+        f"From the first {a['steps_compared']} steps to the last {a['steps_compared']}: answers "
+        f"{a['words_early']:.1f} -> {a['words_late']:.1f} words, reward gain {a['reward_gain']:+.3f} overall and "
+        f"{(a['reward_gain_within_length_bins'] or 0):+.3f} within length bins"
+        + ("" if a["length_explained_share"] is None else
+           f": length explains {a['length_explained_share']:.0%} of the gain (Singhal et al. 2023)") + ".")
+    return (_figure(fig, "ppo_length", "PPO: answer length and reward over the steps (a reward that rises only "
+                                       "with length is length hacking)") + f"<p>{_e(text)}</p>")
 
 
 def reward_vs_kl(ev: dict | None) -> str:
@@ -142,6 +169,35 @@ def rm_accuracy(rms: dict[str, dict]) -> str:
     ax.set_ylim(0, 1), ax.set_ylabel("held-out pairwise accuracy"), ax.legend(fontsize=8)
     return _figure(fig, "rm_accuracy", "Reward models against the length, time and random baselines on the test "
                                         "pairs (else the held-out pairs); the bar on the RM is a 95% interval")
+
+
+def rm_confounders(rms: dict[str, dict]) -> str:
+    """Per RM, on the test pairs: what it knows beyond answer length and posting time."""
+    rows = []
+    for name, m in rms.items():
+        t = (m or {}).get("test") or {}
+        if "incremental_log_loss_gain" not in t:
+            continue
+        ci = t.get("incremental_log_loss_gain_ci95") or [None, None]
+        weights = ", ".join(f"{k} {v:+.2f}" for k, v in (m.get("confounder_weights") or {}).items()) or "none"
+
+        def f(v, spec=".3f"):
+            return "n/a" if v is None else format(v, spec)
+
+        cells = [name, weights, f(t["covariates_accuracy"]), f(t["covariates_log_loss"], ".4f"),
+                 f"{f(t['incremental_log_loss_gain'], '+.4f')} [{f(ci[0], '+.4f')}, {f(ci[1], '+.4f')}]",
+                 f(t["length_spearman"], "+.3f"), f"{f(t['length_matched_accuracy'])} ({t['length_matched_pairs']})",
+                 f"{f(t['close_in_time_accuracy'])} ({t['close_in_time_pairs']})"]
+        rows.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
+    if not rows:
+        return ""
+    head = ["reward model", "adjusted for (learnt w)", "length+time model accuracy", "its log-loss",
+            "RM's log-loss gain beyond it [95% CI]", "reward~length Spearman", "accuracy, length-matched pairs",
+            "accuracy, posted within 24 h"]
+    return ("<p>On the test pairs. The length+time model is a Bradley-Terry fit on log words and log hours after "
+            "the question; the gain is how much adding the RM's score lowers its log-loss (nats per pair): above "
+            "zero, the RM knows something about the votes that length and time do not.</p><table><tr>"
+            + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>")
 
 
 def feedback_distribution(source: str) -> str:
@@ -189,13 +245,15 @@ def eval_table(ev: dict | None) -> str:
         return ""
     base = ev["baseline"]
     judges = list(ev["judges"])
-    head = ["model", *[f"{j} reward" for j in judges], *[f"{j} win vs {base}" for j in judges], "KL",
-            "human-answer ppl", "length", "ended", "distinct-2"]
+    head = ["model", *[f"{j} reward" for j in judges], *[f"{j} win vs {base}" for j in judges],
+            *[f"{j} gain vs {base} / length-adjusted" for j in judges], "KL", "human-answer ppl", "length",
+            "ended", "distinct-2"]
     rows = []
     for name, m in ev["models"].items():
         kl = m.get("kl_to_reference")
         cells = [name, *[f"{m[f'reward_{j}']:.3f} ± {m[f'reward_{j}_std']:.2f}" for j in judges],
-                 *[f"{m[f'win_rate_{j}_vs_{base}']:.2f}" for j in judges], "" if kl is None else f"{kl:.2f}",
+                 *[f"{m[f'win_rate_{j}_vs_{base}']:.2f}" for j in judges],
+                 *[_gain_cell(m, j, base) for j in judges], "" if kl is None else f"{kl:.2f}",
                  f"{m['human_answer_perplexity']:.1f}", f"{m['length_tokens']:.1f}", f"{m['ended']:.2f}",
                  f"{m['distinct_2']:.3f}"]
         rows.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
@@ -203,6 +261,11 @@ def eval_table(ev: dict | None) -> str:
             f"{ev['sampling']['max_new_tokens']} new tokens at most. Rewards are normalised by each judge's "
             f"training-answer mean and std.</p><table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head)
             + "</tr>" + "".join(rows) + "</table>")
+
+
+def _gain_cell(m: dict, judge: str, base: str) -> str:
+    adjusted = m.get(f"gain_{judge}_vs_{base}_length_adjusted")
+    return "" if adjusted is None else f"{m[f'gain_{judge}_vs_{base}']:+.3f} / {adjusted:+.3f}"
 
 
 def samples_section(samples: list[dict], n: int) -> str:
@@ -252,7 +315,7 @@ def write_report(cfg: ReportConfig) -> Path:
         "<h2>Held-out evaluation</h2>", eval_table(ev) or _note("No evaluation yet."), reward_vs_kl(ev),
         "<h2>Training</h2>", rl_curves(_read_jsonl(ppo_dir / "history.jsonl") if ppo_dir else [],
                                        _read_jsonl(ilql_dir / "history.jsonl") if ilql_dir else []),
-        "<h2>Reward models</h2>", rm_accuracy(rms),
+        "<h2>Reward models</h2>", rm_accuracy(rms), rm_confounders(rms),
         "<h2>Human feedback</h2>", feedback_distribution(feedback),
         pipeline_table(read_json(run / "pipeline.json") if run else None),
         "<h2>Sample answers</h2>", samples_section(samples, cfg.samples),

@@ -72,11 +72,11 @@ def answer_covariates(text: str, question_date: str | None, answer_date: str | N
 
 
 def pair_covariates(pairs, names: Sequence[str] = CONFOUNDERS) -> tuple[np.ndarray, np.ndarray]:
-    """(z_chosen, z_rejected), each (pairs, len(names)), NaN where unknown, from pair rows with ``chosen``,
-    ``rejected``, ``date`` (the question's), ``date_j`` and ``date_k``."""
-    qdates = pairs["date"] if "date" in pairs.column_names else [None] * len(pairs)
-    zj = [answer_covariates(c, q, d, names) for c, q, d in zip(pairs["chosen"], qdates, pairs["date_j"])]
-    zk = [answer_covariates(r, q, d, names) for r, q, d in zip(pairs["rejected"], qdates, pairs["date_k"])]
+    """(z_chosen, z_rejected), each (pairs, len(names)), NaN where unknown, from pair rows (a dataset or a list
+    of dicts) with ``chosen``, ``rejected``, ``date`` (the question's), ``date_j`` and ``date_k``."""
+    rows = pairs if isinstance(pairs, list) else pairs.to_list()
+    zj = [answer_covariates(r["chosen"], r.get("date"), r.get("date_j"), names) for r in rows]
+    zk = [answer_covariates(r["rejected"], r.get("date"), r.get("date_k"), names) for r in rows]
     shape = (len(pairs), len(names))
     return np.array(zj, dtype=float).reshape(shape), np.array(zk, dtype=float).reshape(shape)
 
@@ -133,3 +133,51 @@ def _ranks(v: np.ndarray) -> np.ndarray:
         ranks[order[i:j + 1]] = (i + j) / 2.0
         i = j + 1
     return ranks
+
+
+def length_explained_gain(early_words: Sequence[float], early_scores: Sequence[float], late_words: Sequence[float],
+                          late_scores: Sequence[float], bins: int = 4) -> dict:
+    """How much of a reward gain (late minus early answers) is answers getting longer (Singhal et al. 2023,
+    "A Long Way to Go"): the answers are put in ``bins`` length bins (quantiles of log words over both sets);
+    the gain within bins (late minus early mean per bin, weighted by the bin's answers) is the gain at equal
+    length. ``length_explained_share`` = 1 - within / overall: near 0, length explains nothing; near 1, all."""
+    ew, es, lw, ls = (np.asarray(v, dtype=float) for v in (early_words, early_scores, late_words, late_scores))
+    out = {"words_early": _mean(ew), "words_late": _mean(lw), "reward_gain": None,
+           "reward_gain_within_length_bins": None, "length_explained_share": None}
+    if not len(ew) or not len(lw):
+        return out
+    overall = float(ls.mean() - es.mean())
+    edges = np.quantile(np.log1p(np.r_[ew, lw]), np.linspace(0, 1, bins + 1)[1:-1])
+    eb, lb = np.digitize(np.log1p(ew), edges), np.digitize(np.log1p(lw), edges)
+    gains, weights = [], []
+    for b in range(bins):
+        e, la = es[eb == b], ls[lb == b]
+        if len(e) and len(la):
+            gains.append(la.mean() - e.mean())
+            weights.append(len(e) + len(la))
+    within = float(np.average(gains, weights=weights)) if gains else None
+    out.update(reward_gain=overall, reward_gain_within_length_bins=within)
+    if within is not None and abs(overall) > 1e-9:
+        out["length_explained_share"] = float(1.0 - within / overall)
+    return out
+
+
+def length_adjusted_gains(scores: dict[str, Sequence[float]], lengths: dict[str, Sequence[float]],
+                          baseline: str) -> dict[str, dict]:
+    """Each model's mean reward gain over ``baseline`` before and after regressing out length: one slope of
+    reward on log(1 + words), fitted on every model's answers together, times the model's change in mean log
+    words is the part of the gain that length alone predicts."""
+    x = np.concatenate([np.log1p(np.asarray(lengths[m], dtype=float)) for m in scores])
+    y = np.concatenate([np.asarray(scores[m], dtype=float) for m in scores])
+    slope = float(np.polyfit(x, y, 1)[0]) if len(x) > 2 and x.std() > 0 else 0.0
+    base_x, base_y = np.log1p(np.asarray(lengths[baseline], dtype=float)).mean(), np.mean(scores[baseline])
+    out = {}
+    for m in scores:
+        gain = float(np.mean(scores[m]) - base_y)
+        from_length = slope * float(np.log1p(np.asarray(lengths[m], dtype=float)).mean() - base_x)
+        out[m] = {"gain": gain, "gain_length_adjusted": gain - from_length, "reward_per_log_word": slope}
+    return out
+
+
+def _mean(v: np.ndarray) -> float | None:
+    return float(v.mean()) if len(v) else None

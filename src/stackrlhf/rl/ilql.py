@@ -33,6 +33,7 @@ from transformers import LogitsProcessor, get_cosine_schedule_with_warmup
 
 from stackrlhf.config import save_config, write_text_atomic
 from stackrlhf.errors import StackRLHFError
+from stackrlhf.models.confounders import spearman, words
 from stackrlhf.models.freezing import describe_trainable, freeze_bottom
 from stackrlhf.models.loading import load_causal_lm
 from stackrlhf.rl.checkpoints import load_latest, save_checkpoint
@@ -290,7 +291,9 @@ def samples_from_data(cfg: ILQLConfig, tok, scorer: Callable | None = None) -> t
         a = tok(answer, add_special_tokens=False)["input_ids"][: cfg.max_answer_tokens - 1] + [eos]
         samples.append(ScoredSample(p, a, float(reward)))
     info = {"samples": len(samples), "reward_source": cfg.reward_source,
-            "raw_reward_mean": float(np.mean(raw)), "raw_reward_std": float(np.std(raw))}
+            "raw_reward_mean": float(np.mean(raw)), "raw_reward_std": float(np.std(raw)),
+            # ILQL learns to steer toward what its rewards follow: if that is length, so will its answers be
+            "reward_length_spearman": spearman([words(r[1]) for r in rows], raw)}
     return samples, info
 
 

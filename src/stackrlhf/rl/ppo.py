@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from stackrlhf.config import save_config, write_text_atomic
 from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
+from stackrlhf.models.confounders import length_explained_gain, words
 from stackrlhf.models.freezing import apply_lora, describe_trainable
 from stackrlhf.models.generation import SamplingConfig, generate, pack_sequences
 from stackrlhf.models.heads import PolicyWithValue
@@ -212,7 +213,8 @@ class PPOTrainer:
         stats = self.update(batch, old_logp, old_values, advantages, returns, mask)
 
         # 7. KL controller, bookkeeping: means over every process, so beta stays the same on all of them
-        gathered = self.accelerator.gather(torch.stack([scores, kl.sum(1), (rewards * mask).sum(1)], 1))
+        answer_words = torch.tensor([float(words(t)) for t in rollout.texts], device=device)
+        gathered = self.accelerator.gather(torch.stack([scores, kl.sum(1), (rewards * mask).sum(1), answer_words], 1))
         mean_kl = float(gathered[:, 1].mean())
         if mean_kl < 0 and not self.warned_negative_kl:
             warnings.warn("mean KL is negative: the sampling settings (top-k/top-p, temperature) bias the samples "
@@ -227,6 +229,8 @@ class PPOTrainer:
             "reward/score_std": float(gathered[:, 0].std()) if len(gathered) > 1 else 0.0,
             "reward/total_mean": float(gathered[:, 2].mean()), "kl/mean": mean_kl, "kl/beta": beta,
             "response/length": float(mask.sum(1).mean()), "response/ended": float(finished.float().mean()),
+            "response/words": float(gathered[:, 3].mean()),
+            "reward/score_each": gathered[:, 0].tolist(), "response/words_each": gathered[:, 3].tolist(),
             "time/tokens_per_s": n_tokens / seconds, "time/episodes_per_s": len(prompts) * self.accelerator.num_processes / seconds,
             "time/generate_s": t_gen, "time/step_s": seconds, **stats,
         }
@@ -337,7 +341,8 @@ class PPOTrainer:
             bar.set_postfix(reward=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['kl/mean']:.2f}")
             if self.writer is not None and self.step_index % cfg.log_every == 0:
                 for key, value in metrics.items():
-                    self.writer.add_scalar(key, value, self.step_index)
+                    if not isinstance(value, list):
+                        self.writer.add_scalar(key, value, self.step_index)
             if cfg.sample_every and self.step_index % cfg.sample_every == 0:
                 self.log_samples(samples)
             if cfg.save_every and self.step_index % cfg.save_every == 0:
@@ -366,7 +371,8 @@ class PPOTrainer:
                    "reward_first": history[0]["reward/score_mean"] if history else None,
                    "reward_last": history[-1]["reward/score_mean"] if history else None,
                    "kl_last": history[-1]["kl/mean"] if history else None,
-                   "beta_last": self.kl_ctl.value, "reference": self.policy.mode}
+                   "beta_last": self.kl_ctl.value, "reference": self.policy.mode,
+                   "length": history_length_analysis(history)}
         if self.accelerator.is_main_process:
             self.save_checkpoint()
             lm = self.policy.lm
@@ -388,8 +394,25 @@ class PPOTrainer:
         return metrics
 
 
+def history_length_analysis(history: list[dict]) -> dict:
+    """The rollout reward's gain from the first to the last quarter of the steps, and the share of it that
+    longer answers explain (:func:`stackrlhf.models.confounders.length_explained_gain`)."""
+    quarter = max(len(history) // 4, 1)
+    early, late = history[:quarter], history[-quarter:]
+    pick = lambda rows, key: [v for h in rows for v in h.get(key, [])]  # noqa: E731
+    return {"steps_compared": quarter, **length_explained_gain(
+        pick(early, "response/words_each"), pick(early, "reward/score_each"),
+        pick(late, "response/words_each"), pick(late, "reward/score_each"))}
+
+
 def train_ppo(cfg: PPOConfig, scorer: Scorer | None = None) -> dict:
     metrics = PPOTrainer(cfg, scorer).train()
     console.print(f"[green]wrote {cfg.out}[/]: reward {metrics['reward_first']:.3f} -> {metrics['reward_last']:.3f}, "
                   f"KL {metrics['kl_last']:.2f}, {metrics['episodes_per_s']:.2f} episodes/s")
+    length = metrics["length"]
+    if length["reward_gain"] is not None:
+        share = length["length_explained_share"]
+        console.print(f"length: {length['words_early']:.1f} -> {length['words_late']:.1f} words; reward gain "
+                      f"{length['reward_gain']:+.3f} overall, {length['reward_gain_within_length_bins'] or 0:+.3f} at "
+                      f"equal length" + ("" if share is None else f" (length explains {share:.0%})"))
     return metrics
