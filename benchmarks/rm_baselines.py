@@ -1,9 +1,13 @@
 """Reward models beside the baselines a vote-trained RM must beat, on the held-out and the test pairs.
 
-Baselines: the longer answer wins, the earlier-posted answer wins, and two linear models fitted on the same
-training pairs (scikit-learn, a Bradley-Terry logistic regression on feature differences): TF-IDF of the whole
-answers, and answer structure (code, links, list items, paragraphs, maths) without length. They show how much
-of the votes any text model can explain on a given dump. Each ``--rm`` directory is scored on the same pairs.
+Baselines: the longer answer wins, the earlier-posted answer wins, the covariates-only model (a Bradley-Terry
+fit on log words and log hours after the question: what length and time explain together), and two linear
+models fitted on the training pairs (scikit-learn, a Bradley-Terry logistic regression on feature differences):
+TF-IDF of the whole answers, and answer structure (code, links, list items, paragraphs, maths) without length.
+Each ``--rm`` directory is scored on the same pairs. The last columns answer "does it know anything length and
+time don't?": the test log-loss of covariates + the model's score against covariates alone (both fitted on the
+held-out pairs), in nats per pair with a question-bootstrap 95 % interval, and the reward's Spearman correlation
+with answer length.
 
     pip install -e ".[bench,rm]"
     python benchmarks/rm_baselines.py --data outputs/data-all --rm outputs/rm-256 --rm outputs/rm-ensemble
@@ -20,7 +24,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from stackrlhf.models.reward import RewardModel
-from stackrlhf.train.reward import evaluation_report, load_pairs, load_test_pairs, pair_scores
+from stackrlhf.train.reward import confounder_report, evaluation_report, load_pairs, load_test_pairs, pair_scores
 
 
 def structure(text: str) -> list[float]:
@@ -66,14 +70,33 @@ def main() -> None:
             rows.setdefault(name, {})[key] = (r["accuracy"], r["accuracy_ci95"], r["accuracy_shorter_better"])
         print(f"{key}: {len(pairs)} pairs, {first['eval_questions']} questions, "
               f"{first['shorter_better_pairs']} with the shorter answer better")
-    print(f"\n| model | {' | '.join(f'{k} accuracy [95% CI] | {k}, shorter-is-better' for k in sets)} |")
-    print("|---|" + "---|---|" * len(sets))
+    beyond = {}
+    if "test" in sets:  # what each scorer adds to length and time on the test pairs
+        fit = sets.get("held-out", train)
+        for name, score in scorers.items():
+            beyond[name] = confounder_report(fit, score(fit), sets["test"], score(sets["test"]),
+                                             fit_on="held-out" if "held-out" in sets else "train")
+        covariates = next(iter(beyond.values()), None) or confounder_report(
+            fit, np.zeros((len(fit), 2)), sets["test"], np.zeros((len(sets["test"]), 2)))
+        rows = {"length + time (covariates-only BT)": {"test": (covariates["covariates_accuracy"], None, None)},
+                **rows}
+        print(f"covariates-only model on test: accuracy {covariates['covariates_accuracy']:.3f}, log-loss "
+              f"{covariates['covariates_log_loss']:.4f} (fit on the {covariates['covariates_fit_on']} pairs)")
+    extra = ["test: log-loss gain beyond length+time [95% CI]", "test: reward~length Spearman"] if beyond else []
+    print(f"\n| model | {' | '.join(f'{k} accuracy [95% CI] | {k}, shorter-is-better' for k in sets)} |"
+          + "".join(f" {c} |" for c in extra))
+    print("|---|" + "---|---|" * len(sets) + "---|" * len(extra))
     for name, cells in rows.items():
         out = []
         for key in sets:
-            acc, ci, shorter = cells[key]
-            out.append(f"{acc:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+            acc, ci, shorter = cells.get(key, (None, None, None))
+            out.append("" if acc is None else f"{acc:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
             out.append("" if shorter is None else f"{shorter:.3f}")
+        if extra:
+            b = beyond.get(name)
+            gain_ci = (b or {}).get("incremental_log_loss_gain_ci95") or [0.0, 0.0]
+            out.append("" if b is None else f"{b['incremental_log_loss_gain']:+.4f} [{gain_ci[0]:+.4f}, {gain_ci[1]:+.4f}]")
+            out.append("" if b is None or b["length_spearman"] is None else f"{b['length_spearman']:+.3f}")
         print(f"| {name} | {' | '.join(out)} |")
 
 

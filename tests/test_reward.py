@@ -128,6 +128,13 @@ def test_question_is_cut_before_the_answer():
     assert tok.decode(ids).endswith("short answer here [SEP]")
 
 
+def test_question_budget_at_or_above_the_room_still_fits():
+    _, tok = load_backbone(default_backbone())
+    for question_tokens in (61, 62, 63, 200):  # room for an encoder at 64 is 61 (3 special tokens)
+        ids = encode_pair(tok, "Question: " + "long " * 200, "answer " * 300, 64, question_tokens)
+        assert len(ids) <= 64
+
+
 def test_two_pair_datasets_at_once(tmp_path):
     a = write_pairs(tmp_path / "votes", 40, 10, seed=1, site="votes.example")
     b = write_pairs(tmp_path / "human", 24, 0, seed=2, site="human.example")

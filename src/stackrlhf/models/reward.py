@@ -56,9 +56,9 @@ def encode_pair(tok, question: str, answer: str, max_length: int, max_question_t
     q = tok(question, add_special_tokens=False)["input_ids"]
     a = tok(answer, add_special_tokens=False)["input_ids"]
     encoder = tok.cls_token_id is not None and tok.sep_token_id is not None
-    room = max_length - (3 if encoder else 0)
-    q = fit_prompt_ids(q, min(len(q), max(max_question_tokens, room - len(a))))
-    a = a[: room - len(q)]
+    room = max(max_length - (3 if encoder else 0), 0)
+    q = fit_prompt_ids(q, min(len(q), room, max(max_question_tokens, room - len(a))))
+    a = a[: max(room - len(q), 0)]  # never a negative slice: question + answer always fit max_length
     if encoder:
         return [tok.cls_token_id] + q + [tok.sep_token_id] + a + [tok.sep_token_id]
     return q + a

@@ -52,6 +52,9 @@ class PPOConfig:
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters; the reference is adapters-off."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16"), "help":
+        "auto: bfloat16 on a capable GPU, else float32. With bfloat16 the frozen trunk and reference are bf16, the "
+        "trained weights float32 (master copy) and the forward runs under autocast."})
     # operation
     seed: int = field(default=0, metadata={"help": "Random seed."})
     log_every: int = field(default=1, metadata={"help": "Log metrics every N steps."})
@@ -106,6 +109,9 @@ class ILQLConfig:
     steps_for_target_q_sync: int = field(default=1, metadata={"help": "Sync the target Q heads every N steps."})
     two_qs: bool = field(default=True, metadata={"help": "Two Q heads (the minimum is used), against overestimation."})
     num_layers_unfrozen: int = field(default=2, metadata={"help": "Train the top k blocks + head + Q/V heads (-1: all)."})
+    dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16"), "help":
+        "auto: bfloat16 on a capable GPU, else float32. With bfloat16 the frozen trunk is bf16, the trained weights "
+        "and the Q/V heads float32 (master copy) and the forward runs under autocast."})
     # decoding defaults saved with the model
     beta: float = field(default=1.0, metadata={"help": "Decoding: logits + beta * (Q - V) (0: the plain LM)."})
     top_k: int = field(default=20, metadata={"help": "Decoding: sample among the top k after the shift (0: all)."})

@@ -35,7 +35,8 @@ from stackrlhf.config import save_config, write_text_atomic
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.models.confounders import spearman, words
 from stackrlhf.models.freezing import describe_trainable, freeze_bottom
-from stackrlhf.models.loading import load_causal_lm
+from stackrlhf.models.loading import load_causal_lm, resolve_dtype
+from stackrlhf.models.precision import autocast, upcast_trainable
 from stackrlhf.rl.checkpoints import load_latest, save_checkpoint
 from stackrlhf.rl.config import ILQLConfig
 
@@ -321,11 +322,14 @@ class ILQLTrainer:
         self.out = Path(cfg.out)
         self.accelerator = Accelerator()
         self._seed_everything()
+        self.dtype = resolve_dtype(cfg.dtype)
         if model is None:
-            model, tok = load_causal_lm(cfg.model, device=self.accelerator.device)
+            model, tok = load_causal_lm(cfg.model, dtype=cfg.dtype, device=self.accelerator.device)
         self.tok = tok
         freeze_bottom(model, cfg.num_layers_unfrozen)
         self.model = ILQLModel.create(model, cfg.two_qs).to(self.accelerator.device)
+        self.model.heads.float()  # the Polyak-averaged target heads too: alpha-sized steps vanish in bf16
+        upcast_trainable(self.model)
         self.model.train()
         console.print(f"ILQL: {describe_trainable(self.model)}")
         self.data_info: dict = {}
@@ -374,7 +378,8 @@ class ILQLTrainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         batch = collate(self.batch(self.step_index), self.tok.pad_token_id, self.accelerator.device)
-        loss, stats = self.wrapped(batch, cfg)
+        with autocast(self.accelerator.device, self.dtype):
+            loss, stats = self.wrapped(batch, cfg)
         if not torch.isfinite(loss):
             raise StackRLHFError(f"step {self.step_index}: the ILQL loss is NaN/inf; stopping (the last checkpoint "
                                  f"in {self.out / 'checkpoints'} is good). Lower the learning rate.")

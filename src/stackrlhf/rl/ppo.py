@@ -36,7 +36,8 @@ from stackrlhf.models.confounders import length_explained_gain, words
 from stackrlhf.models.freezing import apply_lora, describe_trainable
 from stackrlhf.models.generation import SamplingConfig, generate, pack_sequences
 from stackrlhf.models.heads import PolicyWithValue
-from stackrlhf.models.loading import load_causal_lm
+from stackrlhf.models.loading import load_causal_lm, resolve_dtype
+from stackrlhf.models.precision import autocast, upcast_trainable
 from stackrlhf.rl.checkpoints import load_latest, save_checkpoint
 from stackrlhf.rl.config import PPOConfig
 
@@ -119,11 +120,13 @@ class PPOTrainer:
         torch.manual_seed(cfg.seed + self.accelerator.process_index)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        lm, self.tok = load_causal_lm(cfg.policy, device=self.accelerator.device)
+        self.dtype = resolve_dtype(cfg.dtype)
+        lm, self.tok = load_causal_lm(cfg.policy, dtype=cfg.dtype, device=self.accelerator.device)
         if cfg.lora:
             lm = apply_lora(lm, cfg.lora_r, cfg.lora_alpha)
         self.policy = PolicyWithValue(lm, cfg.num_layers_unfrozen, lora=cfg.lora,
                                       value_grad_to_trunk=cfg.value_grad_to_trunk).to(self.accelerator.device)
+        upcast_trainable(self.policy)  # the reference was copied before: it stays in the loaded dtype
         console.print(f"PPO policy ({self.policy.mode} reference): {describe_trainable(self.policy)}")
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.learning_rate, eps=1e-5)
         self.model, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
@@ -164,6 +167,10 @@ class PPOTrainer:
         return [self.prompts[i] for i in order[start:start + self.cfg.batch_size]]
 
     def step(self) -> dict:
+        with autocast(self.accelerator.device, self.dtype):
+            return self._step()
+
+    def _step(self) -> dict:
         cfg, device = self.cfg, self.accelerator.device
         policy = self.accelerator.unwrap_model(self.model)
         t0 = time.perf_counter()

@@ -42,7 +42,8 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool, **extra) -> 
         logging_steps=cfg.logging_steps,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=bf16,
+        bf16=bf16,  # autocast over float32 weights (the stages load them in float32): mixed precision
+        use_cpu=bf16 and not torch.cuda.is_available(),  # CPU bf16 autocast (transformers refuses it otherwise)
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,

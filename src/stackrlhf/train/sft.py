@@ -95,7 +95,9 @@ def sft(cfg: SFTConfig) -> dict:
     data, out = Path(cfg.data), Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model, tok = load_causal_lm(cfg.model, cfg.dtype)
+    # float32 weights whatever --dtype says: they are the optimizer's master copy; with bfloat16 the Trainer
+    # runs the forward under autocast (TrainingArguments.bf16)
+    model, tok = load_causal_lm(cfg.model, "float32")
     train_rows = load_split(data, "finetune", "train")
     eval_rows = load_split(data, "finetune", "eval")
     train_set = SFTDataset(tok, train_rows, cfg, cfg.max_train_samples)
