@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from stackrlhf.cli import cli
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.rl.config import ILQLConfig
-from stackrlhf.rl.ilql import ILQLHeads, ILQLModel, ILQLTrainer, ScoredSample, collate
+from stackrlhf.rl.ilql import ILQLHeads, ILQLModel, ILQLTrainer, ScoredSample, answer_ids, collate
 from stackrlhf.rl.randomwalks import evaluate, generate_random_walks, walk_model, walk_tokenizer
 
 
@@ -153,3 +153,9 @@ def test_beta_shifts_decoding_by_the_advantage(tiny_lm):
     processor.close()
     torch.testing.assert_close(shifted, expected)
     assert not torch.allclose(shifted, torch.log_softmax(logits, -1))
+
+
+def test_truncated_answers_get_no_eos():
+    assert answer_ids([5, 6, 7], eos=0, max_tokens=8) == [5, 6, 7, 0]  # fits: ends
+    assert answer_ids(list(range(1, 11)), eos=0, max_tokens=8) == list(range(1, 9))  # cut: no EOS
+    assert answer_ids(list(range(1, 8)), eos=0, max_tokens=8) == list(range(1, 8)) + [0]

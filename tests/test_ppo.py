@@ -14,7 +14,7 @@ from stackrlhf.models.freezing import apply_lora
 from stackrlhf.models.heads import PolicyWithValue
 from stackrlhf.models.loading import load_causal_lm
 from stackrlhf.rl.config import PPOConfig
-from stackrlhf.rl.ppo import PPOTrainer, gae, kl_per_token, train_ppo
+from stackrlhf.rl.ppo import PPOTrainer, clipped_policy_loss, gae, kl_per_token, train_ppo
 
 from conftest import save_tiny_lm
 
@@ -151,3 +151,11 @@ def test_nan_reward_stops_with_a_clear_error(tiny_policy, beer_data, tmp_path):
     with pytest.raises(StackRLHFError, match="NaN"):
         train_ppo(config(tiny_policy, beer_data, tmp_path / "nan", steps=5, save_every=1), scorer=scorer)
     assert (tmp_path / "nan" / "checkpoints" / "step-2" / "state.pt").is_file()
+
+
+def test_clip_fraction_counts_only_the_active_clipped_branch():
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0, 1.0])
+    ratio = torch.tensor([1.5, 1.5, 0.5, 0.5, 1.1])
+    losses, clipped = clipped_policy_loss(adv, ratio, 0.2)
+    assert clipped.tolist() == [True, False, True, False, False]
+    assert torch.allclose(losses, torch.tensor([-1.2, 1.5, 0.8, -0.5, -1.1]))

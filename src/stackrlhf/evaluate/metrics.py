@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,17 +69,19 @@ class Candidate:
             self.ilql, self.tok, saved = ILQLModel.from_pretrained(spec.path, device=device)
             self.lm = self.ilql.lm
             self.beta = saved.get("beta", 1.0) if spec.beta is None else spec.beta
+            self.top_k = saved.get("top_k", 0)  # ILQL decodes with the top-k it was trained for (trlx: 20)
         else:
             if spec.beta is not None:
                 raise StackRLHFError(f"--model {spec.name}: @beta applies to ILQL models only")
             self.lm, self.tok = load_causal_lm(spec.path, device=device)
-            self.beta = None
+            self.beta, self.top_k = None, 0
         self.lm.eval()
 
     def generate(self, prompts: list[str], sampling: SamplingConfig, batch_size: int, seed: int):
         if self.ilql is not None:
             from stackrlhf.rl.ilql import ilql_generate
 
+            sampling = replace(sampling, top_k=sampling.top_k or self.top_k)  # --top-k given: it wins, as in ask
             return ilql_generate(self.ilql, self.tok, prompts, sampling, self.beta, batch_size, seed)
         return generate(self.lm, self.tok, prompts, sampling, batch_size=batch_size, seed=seed)
 
@@ -176,7 +178,7 @@ def evaluate_models(cfg: EvalConfig) -> dict:
                                  "words": [float(words(t)) for t in gen.texts],
                                  **({"kl": kl} if kl is not None else {})}
         results[spec.name] = {
-            "path": spec.path, "beta": model.beta,
+            "path": spec.path, "beta": model.beta, "top_k": cfg.top_k or model.top_k,
             **{f"reward_{name}": float(np.mean(s)) for name, s in scores.items()},
             **{f"reward_{name}_std": float(np.std(s)) for name, s in scores.items()},
             "kl_to_reference": float(np.mean(kl)) if kl is not None else None,

@@ -29,7 +29,9 @@ class PPOConfig:
     missing_eos_penalty: float = field(default=0.0, metadata={
         "help": "Subtracted from the score of a response that never ends (0: off)."})
     # KL
-    kl_estimator: str = field(default="k1", metadata={"choices": ("k1", "k3"), "help": "Per-token KL estimator."})
+    kl_estimator: str = field(default="k1", metadata={"choices": ("k1", "k3"), "help":
+        "KL estimator of the adaptive controller and the logs (k3: >= 0, lower variance). The reward's per-token "
+        "penalty is always k1, whose expected gradient is the KL's; k3's is biased."})
     init_kl_coef: float = field(default=0.05, metadata={"help": "Initial beta."})
     adaptive_kl: bool = field(default=True, metadata={"help": "Adapt beta toward target_kl (Ziegler et al.)."})
     target_kl: float = field(default=6.0, metadata={"help": "Target KL per response for the adaptive controller."})

@@ -271,6 +271,12 @@ def scored_answers(data_dir: str) -> list[tuple[str, str, float, str]]:
     return out
 
 
+def answer_ids(ids: list[int], eos: int, max_tokens: int) -> list[int]:
+    """An answer's tokens for ILQL: ending in EOS when the whole answer fits, cut without EOS when it does not
+    (an EOS there would teach the model to stop mid-answer, as SFT's truncation avoids too)."""
+    return ids + [eos] if len(ids) < max_tokens else ids[:max_tokens]
+
+
 def samples_from_data(cfg: ILQLConfig, tok, scorer: Callable | None = None) -> tuple[list[ScoredSample], dict]:
     from stackrlhf.prompts import fit_prompt_ids
 
@@ -289,7 +295,7 @@ def samples_from_data(cfg: ILQLConfig, tok, scorer: Callable | None = None) -> t
     samples = []
     for (prompt, answer, _, _), reward in zip(rows, rewards):
         p = fit_prompt_ids(tok(prompt, add_special_tokens=False)["input_ids"], cfg.max_prompt_tokens)
-        a = tok(answer, add_special_tokens=False)["input_ids"][: cfg.max_answer_tokens - 1] + [eos]
+        a = answer_ids(tok(answer, add_special_tokens=False)["input_ids"], eos, cfg.max_answer_tokens)
         samples.append(ScoredSample(p, a, float(reward)))
     info = {"samples": len(samples), "reward_source": cfg.reward_source,
             "raw_reward_mean": float(np.mean(raw)), "raw_reward_std": float(np.std(raw)),

@@ -77,6 +77,14 @@ def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> 
     return logp - ref_logp
 
 
+def clipped_policy_loss(advantages: torch.Tensor, ratio: torch.Tensor, cliprange: float):
+    """PPO's pessimistic clipped surrogate per token, and where its clipped branch is the one in force (a ratio
+    outside [1-c, 1+c] is clipped only on the side its advantage pushes toward)."""
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
+    return torch.max(unclipped, clipped), clipped > unclipped
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """Generalised advantage estimation over response tokens; positions after the end have no value."""
     values = values * mask
@@ -205,8 +213,10 @@ class PPOTrainer:
         mask = batch["response_mask"]
 
         # 4. per-token rewards: -beta * KL_t everywhere, + the score on the last response token
+        # the reward's penalty is always k1: its expected gradient is that of the KL, while k3's is not
+        # (E_p[grad k3] != 0, a biased policy gradient); --kl-estimator picks what the controller and logs see
         kl = kl_per_token(old_logp, ref_logp, cfg.kl_estimator) * mask
-        rewards = -self.kl_ctl.value * kl
+        rewards = -self.kl_ctl.value * kl_per_token(old_logp, ref_logp, "k1") * mask
         last = mask.sum(1).long() - 1
         rewards[torch.arange(len(last)), last] += scores
 
@@ -273,8 +283,7 @@ class PPOTrainer:
                 # clipped policy loss
                 log_ratio = logp - old_logp[idx]
                 ratio = log_ratio.exp()
-                pg_losses = torch.max(-advantages[idx] * ratio,
-                                      -advantages[idx] * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
+                pg_losses, clipped = clipped_policy_loss(advantages[idx], ratio, cfg.cliprange)
                 pg_loss = masked_mean(pg_losses, m)
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 if not torch.isfinite(loss):
@@ -289,7 +298,7 @@ class PPOTrainer:
                     approx_kl = masked_mean((ratio - 1) - log_ratio, m)
                     totals["loss/policy"].append(float(pg_loss))
                     totals["loss/value"].append(float(vf_loss))
-                    totals["policy/clipfrac"].append(float(masked_mean(((ratio - 1).abs() > cfg.cliprange).float(), m)))
+                    totals["policy/clipfrac"].append(float(masked_mean(clipped.float(), m)))
                     totals["policy/approx_kl"].append(float(approx_kl))
                     totals["policy/entropy"].append(float(masked_mean(entropy_of(logits, cfg.temperature), m)))
                     totals["value/clipfrac"].append(float(masked_mean(((vpred - old_values[idx]).abs()
