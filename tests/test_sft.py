@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from stackrlhf.errors import StackRLHFError
 from stackrlhf.models.freezing import apply_lora, freeze_bottom, snapshot, transformer_blocks
 from stackrlhf.models.generation import SamplingConfig, generate
 from stackrlhf.models.loading import load_causal_lm
-from stackrlhf.train.common import GuardCallback
+from stackrlhf.train.common import GuardCallback, last_checkpoint
 from stackrlhf.train.config import PretrainConfig, SFTConfig
 from stackrlhf.train.pretrain import pretrain
 from stackrlhf.train.sft import IGNORE, encode_example, sft
@@ -159,11 +160,18 @@ def test_resume_from_last_checkpoint(beer_data, tiny_base, tmp_path):
     out = tmp_path / "resume"
     common = dict(model=str(tiny_base), data=str(beer_data), out=str(out), max_train_samples=64, max_eval_samples=8,
                   per_device_train_batch_size=4, report_to="none", save_steps=2)
-    sft(SFTConfig(max_steps=2, **common))
+    first = sft(SFTConfig(max_steps=2, **common))
     assert (out / "checkpoints" / "checkpoint-2").is_dir()
+    (out / "checkpoints" / "checkpoint-3").mkdir()  # killed -9 while saving: empty
+    partial = out / "checkpoints" / "checkpoint-5"
+    shutil.copytree(out / "checkpoints" / "checkpoint-2", partial)
+    (partial / "trainer_state.json").unlink()  # weights and optimizer written, the state not yet
+    assert last_checkpoint(out, True).endswith("checkpoint-2")
+    shutil.rmtree(partial)
     metrics = sft(SFTConfig(max_steps=4, **common))
-    assert metrics["steps"] == 4
-    assert "eval_loss_start" not in metrics  # it resumed rather than starting over
+    assert metrics["steps"] == 4 and metrics["resumed_from"] == "checkpoint-2"
+    assert metrics["eval_loss_start"] == first["eval_loss_start"]  # the first run's figure, kept
+    assert metrics["train_tokens"] > first["train_tokens"]  # whole-run count
     assert (out / "checkpoints" / "checkpoint-4").is_dir()
 
 

@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from transformers import TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from stackrlhf.config import save_config, write_text_atomic
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.train.config import TrainConfig
+
+console = Console(stderr=True)
 
 
 def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool, **extra) -> TrainingArguments:
@@ -64,11 +66,32 @@ def logging_callbacks(cfg: TrainConfig, out: Path) -> list:
     return [TensorBoardCallback(SummaryWriter(log_dir=str(out / "runs")))]
 
 
+WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+
+
+def checkpoint_complete(folder: Path) -> bool:
+    """A Trainer checkpoint that a kill -9 did not interrupt: weights, optimizer, scheduler and the trainer
+    state (written last) are all there and non-empty."""
+    def ok(name: str) -> bool:
+        return (folder / name).is_file() and (folder / name).stat().st_size > 0
+
+    return (ok("trainer_state.json") and any(ok(w) for w in WEIGHT_FILES) and ok("optimizer.pt")
+            and ok("scheduler.pt"))
+
+
 def last_checkpoint(out: Path, resume: bool) -> str | None:
+    """The newest complete ``checkpoint-N`` in ``OUT/checkpoints`` (incomplete ones, from a run killed while
+    saving, are named and passed over), or None to start afresh."""
     folder = out / "checkpoints"
     if not resume or not folder.is_dir():
         return None
-    return get_last_checkpoint(str(folder))
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    for candidate in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        if checkpoint_complete(candidate):
+            console.print(f"resuming from {candidate}")
+            return str(candidate)
+        console.print(f"[yellow]skipping {candidate}: incomplete (the run was stopped while saving it)[/]")
+    return None
 
 
 class GuardCallback(TrainerCallback):
@@ -97,10 +120,11 @@ class GuardCallback(TrainerCallback):
         return control
 
 
-def throughput(trainer, runtime_s: float) -> dict:
-    """Real (non-padding) training tokens and tokens per second, from the Trainer's own count."""
+def throughput(trainer, runtime_s: float, tokens_before: int = 0) -> dict:
+    """Real (non-padding) training tokens of the whole run (a resumed run included) and tokens per second of
+    this run (its tokens past ``tokens_before``, the count at the checkpoint it resumed from, over its runtime)."""
     tokens = int(trainer.state.num_input_tokens_seen)
-    return {"train_tokens": tokens, "train_tokens_per_second": tokens / max(runtime_s, 1e-9)}
+    return {"train_tokens": tokens, "train_tokens_per_second": (tokens - tokens_before) / max(runtime_s, 1e-9)}
 
 
 def write_metrics(out: Path, metrics: dict) -> None:

@@ -7,6 +7,7 @@ evaluation, checkpoints and resume, TensorBoard, and `accelerate launch` (DDP) u
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from rich.console import Console
 from torch.utils.data import Dataset
 from transformers import Trainer
 
+from stackrlhf.config import read_json, write_text_atomic
 from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.models.freezing import apply_lora, describe_trainable, freeze_bottom
@@ -121,12 +123,20 @@ def sft(cfg: SFTConfig) -> dict:
                       callbacks=[GuardCallback(cfg.max_minutes), *logging_callbacks(cfg, out)])
     metrics: dict = {}
     resume_from = last_checkpoint(out, cfg.resume)
+    start_file = out / "checkpoints" / "run_start.json"  # the first run's starting figures, kept for a resumed one
     if len(eval_set) and resume_from is None:
         metrics["eval_loss_start"] = evaluate_before_training(trainer)["eval_loss"]
+        write_text_atomic(start_file, json.dumps(metrics))
+    elif resume_from is not None:
+        metrics.update(read_json(start_file) or {})
+        metrics["resumed_from"] = Path(resume_from).name
+    tokens_before = (read_json(Path(resume_from) / "trainer_state.json") or {}).get("num_input_tokens_seen", 0) \
+        if resume_from else 0
     result = trainer.train(resume_from_checkpoint=resume_from)
     runtime = result.metrics["train_runtime"]
-    metrics.update({"train_loss": result.training_loss, "train_runtime_s": runtime,
-                    "steps": trainer.state.global_step, **throughput(trainer, runtime)})
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics.update({"train_loss": float(sum(logged) / len(logged)) if resume_from and logged else result.training_loss,
+                    "train_runtime_s": runtime, "steps": trainer.state.global_step, **throughput(trainer, runtime, tokens_before)})
     if len(eval_set):
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
