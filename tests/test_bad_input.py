@@ -55,6 +55,15 @@ def test_malformed_xml(tmp_path):
                          "Posts.xml", "line 101", "malformed XML")
 
 
+def test_entities_are_refused_with_the_reason(tmp_path):
+    xxe = (b'<?xml version="1.0" encoding="utf-8"?>\n<!DOCTYPE posts [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>\n'
+           b'<posts>\n  <row Id="1" PostTypeId="1" Body="&xxe;" Score="1" CreationDate="2020-01-01T00:00:00.000" />\n'
+           b'</posts>\n')
+    folder = dump_with_posts(tmp_path, xxe)
+    assert_clean_failure(run_build(str(folder), tmp_path / "out"), tmp_path / "out", "Posts.xml",
+                         "DTDs and entity declarations are not allowed")
+
+
 def test_non_utf8_bytes(tmp_path):
     lines = (SHARED / SITE / "Posts.xml").read_bytes().splitlines(keepends=True)
     lines[50] = lines[50].replace(b"beer", b"b\xff\xfeer", 1)
@@ -125,3 +134,38 @@ def test_console_script_exits_non_zero(tmp_path):
                            str(tmp_path / "missing"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("Error: ") and "Traceback" not in proc.stderr
+
+
+def test_ask_says_when_the_answer_ends_at_once(tiny_lm, tmp_path):
+    """A model that puts all its mass on EOS: `ask` says it answered nothing, and exits 0."""
+    import torch
+
+    from stackrlhf.models.loading import load_causal_lm
+
+    lm, tok = load_causal_lm(str(tiny_lm))
+    with torch.no_grad():
+        direction = torch.randn(lm.config.n_embd)
+        for weight in (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight):  # tied or not
+            weight.zero_()
+            weight[tok.eos_token_id] = 10 * direction
+        lm.transformer.ln_f.weight.zero_()
+        lm.transformer.ln_f.bias.copy_(direction)  # every final hidden state points at EOS
+    lm.save_pretrained(tmp_path / "eos-only")
+    tok.save_pretrained(tmp_path / "eos-only")
+    result = CliRunner().invoke(cli, ["ask", str(tmp_path / "eos-only"), "Which hops for a stout?", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert "ended its answer immediately" in result.output
+
+
+def test_bad_yaml_values_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  max_pairs_per_question: lots\n")
+    result = CliRunner().invoke(cli, ["data", "build", "--config", str(bad), "--out", str(tmp_path / "out")])
+    assert result.exit_code != 0
+    assert f"config file {bad}: max_pairs_per_question must be an integer, got 'lots'" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+    bad.write_bytes(b"data:\n  out: \xff\xfe\n")
+    result = CliRunner().invoke(cli, ["data", "build", "--config", str(bad)])
+    assert result.exit_code != 0 and f"{bad} is not UTF-8" in result.output
+    result = CliRunner().invoke(cli, ["data", "build", "--max-pairs-per-question", "-5", "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "max_pairs_per_question must be -1 (all pairs) or >= 0" in result.output

@@ -138,14 +138,17 @@ def ask_cmd(model, question, title, max_new_tokens, temperature, top_k, top_p, r
         streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         if top_k == 0:
             sampling.top_k = saved.get("top_k", 0)
-        ilql_generate(ilql, tok, [prompt], sampling, beta=saved.get("beta", 1.0) if beta is None else beta,
-                      batch_size=1, seed=seed, streamer=streamer)
-        return
-    if beta is not None:
-        raise StackRLHFError(f"--beta applies to ILQL models only; {model} has no ILQL heads")
-    lm, tok = load_causal_lm(model, device=device)
-    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    generate(lm, tok, [prompt], sampling, batch_size=1, seed=seed, streamer=streamer)
+        gen = ilql_generate(ilql, tok, [prompt], sampling, beta=saved.get("beta", 1.0) if beta is None else beta,
+                            batch_size=1, seed=seed, streamer=streamer)
+    else:
+        if beta is not None:
+            raise StackRLHFError(f"--beta applies to ILQL models only; {model} has no ILQL heads")
+        lm, tok = load_causal_lm(model, device=device)
+        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        gen = generate(lm, tok, [prompt], sampling, batch_size=1, seed=seed, streamer=streamer)
+    if not gen.texts[0].strip():  # a weak model may end at once: say so rather than print nothing
+        click.echo("(the model ended its answer immediately: it produced no text; try another --seed or a higher "
+                   "--temperature, or train it further)", err=True)
 
 
 @cli.command("rm")

@@ -96,7 +96,7 @@ def load_config(cls: type[C], config_file: str | os.PathLike | None = None, sect
         if value is None or (isinstance(value, tuple) and len(value) == 0):
             continue
         values[key] = list(value) if isinstance(value, tuple) else value
-    return config_from_dict(cls, values, cls.__name__)
+    return config_from_dict(cls, values, f"config file {config_file}" if config_file is not None else cls.__name__)
 
 
 def read_yaml_mapping(path: Path, what: str) -> dict:
@@ -105,6 +105,8 @@ def read_yaml_mapping(path: Path, what: str) -> dict:
         raise StackRLHFError(f"{what} {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise StackRLHFError(f"{what} {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
     except yaml.YAMLError as exc:
         raise StackRLHFError(f"{what} {path} is not valid YAML: {exc}".replace("\n", " ")) from exc
     if not isinstance(data, dict):
@@ -121,9 +123,44 @@ def check_settings(cls: type, values: dict, where: str) -> None:
                              f"valid: {', '.join(sorted(names))}")
 
 
+def check_types(cls: type, values: dict, where: str) -> None:
+    """Refuse a value whose type does not fit its field (``max_pairs_per_question: lots``), in one line that names
+    the place, the key and the type expected. Ints are taken where floats are expected; a list field takes a list
+    (or one scalar, which becomes a one-item list)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key not in hints or value is None:
+            continue
+        scalar, is_list = _field_kind(hints[key])
+        items = value if is_list and isinstance(value, (list, tuple)) else [value]
+        if not is_list and isinstance(value, (list, tuple, dict)):
+            raise StackRLHFError(f"{where}: {key} must be {_type_name(scalar)}, not a {type(value).__name__}")
+        for item in items:
+            if not _fits(item, scalar):
+                raise StackRLHFError(f"{where}: {key} must be {_type_name(scalar)}{' (or a list of them)' if is_list else ''}"
+                                     f", got {item!r}")
+
+
+def _fits(value: Any, scalar: Any) -> bool:
+    if scalar is bool:
+        return isinstance(value, bool)
+    if scalar is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if scalar is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if scalar is str:  # YAML reads 2024-01-01 as a date and 7 as an int: both are fine as text
+        return not isinstance(value, (bool, list, tuple, dict))
+    return True
+
+
+def _type_name(scalar: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(scalar, str(scalar))
+
+
 def config_from_dict(cls: type[C], values: dict, where: str) -> C:
     """``cls(**values)`` with the errors a user can act on."""
     check_settings(cls, values, where)
+    check_types(cls, values, where)
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:

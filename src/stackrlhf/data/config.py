@@ -56,6 +56,8 @@ class DataConfig:
         self._fractions = SplitFractions(  # validates; built once, read per question
             self.finetune_fraction, self.reward_fraction, self.rl_fraction, self.evaluation_fraction,
             self.finetune_eval_fraction, self.reward_eval_fraction)
+        if self.max_pairs_per_question < -1:
+            raise ValueError(f"max_pairs_per_question must be -1 (all pairs) or >= 0, got {self.max_pairs_per_question}")
         for name in ("date_from", "date_to"):
             value = getattr(self, name)
             if value is not None:

@@ -61,7 +61,10 @@ def iter_rows(path: str | os.PathLike, on_bytes: Callable[[int], None] | None = 
             line = exc.lineno if getattr(exc, "lineno", None) else "?"
             msg = str(getattr(exc, "msg", None) or exc).split(", line")[0].strip()
             truncated = not _ends_with_closing_tag(fh)
-            if "encoding" in msg.lower() or "utf-8" in msg.lower():
+            if "entity" in msg.lower() or "dtd" in msg.lower():
+                hint = ("DTDs and entity declarations are not allowed in dump files (they are refused, not "
+                        "expanded, to block XXE and entity-expansion attacks); remove the <!DOCTYPE> block")
+            elif "encoding" in msg.lower() or "utf-8" in msg.lower():
                 hint = "invalid UTF-8 bytes; dump files must be UTF-8"
             elif truncated:
                 hint = "the file ends early (truncated?); re-download or re-extract the dump"
