@@ -361,13 +361,29 @@ def feedback_queue(db, models, data, split, questions, answers_per_question, con
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True)
 @click.option("--replication", default=2, show_default=True, help="Annotators per task (R).")
-def feedback_serve(db, host, port, replication) -> None:
-    """Run the annotation web app."""
+@click.option("--cookie-secure/--no-cookie-secure", default=False, show_default=True,
+              help="Mark the sign-in cookie Secure (sent over HTTPS only): set it when TLS ends at a reverse proxy.")
+def feedback_serve(db, host, port, replication, cookie_secure) -> None:
+    """Run the annotation web app (plain HTTP: for annotators beyond this machine put it behind a TLS reverse
+    proxy, e.g. Caddy or nginx, and pass --cookie-secure)."""
     import uvicorn
 
     from stackrlhf.feedback.app import create_app
 
-    uvicorn.run(create_app(db, replication=replication), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(db, replication=replication, cookie_secure=cookie_secure), host=host, port=port,
+                log_level="warning", proxy_headers=True)
+
+
+@feedback.command("revoke")
+@click.argument("name")
+@DB_OPTION
+@user_errors
+def feedback_revoke(name, db) -> None:
+    """Invalidate annotator NAME's token at once (their labels stay)."""
+    from stackrlhf.feedback.store import FeedbackStore
+
+    FeedbackStore(db).revoke(name)
+    click.echo(f"revoked the token of {name}")
 
 
 @feedback.command("export")
@@ -386,18 +402,20 @@ def feedback_export(db, out) -> None:
 @feedback.command("stats")
 @DB_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--replication", default=2, show_default=True, help="Annotators per task (R), as `serve` ran with.")
 @user_errors
-def feedback_stats_cmd(db, as_json) -> None:
+def feedback_stats_cmd(db, as_json, replication) -> None:
     """Labels per annotator, agreement on the preference (Cohen's kappa, Krippendorff's alpha), ratings by model."""
     from stackrlhf.feedback.export import feedback_stats
     from stackrlhf.feedback.store import FeedbackStore
 
-    stats = feedback_stats(FeedbackStore(db))
+    stats = feedback_stats(FeedbackStore(db), replication)
     if as_json:
         click.echo(json.dumps(stats, indent=2, default=str))
         return
     click.echo(f"{stats['tasks']} tasks, {stats['labels']} labels ({stats['skipped']} skipped), "
-               f"{stats['annotators']} annotators")
+               f"{stats['annotators']} annotators; {stats['tasks_with_skips']} tasks skipped by someone, "
+               f"{stats['tasks_out_of_offers']} out of offers (skipped by everyone offered them)")
     for name, n in stats["labels_per_annotator"].items():
         click.echo(f"  {name}: {n} labels")
     click.echo(f"Krippendorff's alpha (preference): {stats['krippendorff_alpha']:.3f} over "

@@ -28,3 +28,10 @@ def author_name(display_name: str | None, user_id: int | None) -> str:
     if user_id is not None:
         return f"user{user_id}"
     return "anonymous"
+
+
+def http_url(url: str | None) -> str:
+    """``url`` when it is an http(s) link, else "": pages render links from the store and the dumps only through
+    this, so a ``javascript:`` or ``data:`` URL in either never becomes an href."""
+    url = (url or "").strip()
+    return url if url.lower().startswith(("https://", "http://")) else ""

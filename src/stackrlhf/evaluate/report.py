@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from stackrlhf.config import read_json, write_text_atomic  # noqa: E402
+from stackrlhf.data.attribution import http_url  # noqa: E402
 from stackrlhf.evaluate.config import ReportConfig  # noqa: E402
 
 CSS = """
@@ -268,6 +269,12 @@ def _gain_cell(m: dict, judge: str, base: str) -> str:
     return "" if adjusted is None else f"{m[f'gain_{judge}_vs_{base}']:+.3f} / {adjusted:+.3f}"
 
 
+def _link(url: str, text: str) -> str:
+    """An escaped link for an http(s) URL; the bare text for anything else (javascript:, data:, ...)."""
+    href = http_url(url)
+    return f'<a href="{_e(href)}">{_e(text)}</a>' if href else _e(text)
+
+
 def samples_section(samples: list[dict], n: int) -> str:
     if not samples:
         return _note("No samples: run `stackrlhf eval`.")
@@ -280,7 +287,7 @@ def samples_section(samples: list[dict], n: int) -> str:
         human = (f'<div class="answer"><h4>best human answer (the dump)</h4><pre>{_e(q["best_answer"])}</pre>'
                  f"</div>")
         out.append(
-            f'<div class="question"><h3><a href="{_e(q["question_link"])}">{_e(q["title"])}</a></h3>'
+            f'<div class="question"><h3>{_link(q["question_link"], q["title"])}</h3>'
             f'<div class="meta">{_e(q["site"])} · asked by {_e(q["question_author"])} · {_e(q["license"])}</div>'
             f'<pre>{_e(q["prompt"])}</pre><div class="answers">{answers}{human}</div></div>')
     return "".join(out)
@@ -327,5 +334,5 @@ def write_report(cfg: ReportConfig) -> Path:
             "style-src 'unsafe-inline'\">"
             f"<title>{_e(cfg.title)}</title><style>{CSS}</style></head><body><main>{''.join(body)}</main></body></html>")
     out = Path(cfg.out)
-    write_text_atomic(out, page)
+    write_text_atomic(out, page, mode=0o644)  # a report is for sharing (mkstemp alone would leave it 0600)
     return out

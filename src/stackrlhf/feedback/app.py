@@ -19,12 +19,16 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from markdown_it import MarkdownIt
 
-from stackrlhf.feedback.store import MAX_COMMENT, FeedbackStore
+from stackrlhf.data.attribution import http_url
+from stackrlhf.feedback.store import MAX_COMMENT, MAX_ID, FeedbackStore
 
 HERE = Path(__file__).parent
 COOKIE = "stackrlhf_token"
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: https:; object-src 'none'; "
+# img-src without remote hosts: opening a task never calls a server the answer's text names
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; object-src 'none'; "
        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+LOGIN_FAILURES = 10  # per client address and window; more are answered 429
+LOGIN_WINDOW_S = 60.0
 _markdown = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable("table")
 
 
@@ -76,17 +80,46 @@ class BodyLimit:
                            status_code=413)({"type": "http"}, None, send)
 
 
-def create_app(db: str, replication: int = 2, max_comment: int = MAX_COMMENT, max_body: int = 64 * 1024) -> FastAPI:
+def text_field(form, name: str, limit: int | None = None) -> str:
+    """A form field as text, refused (422) when it holds a NUL (PostgreSQL cannot store one)."""
+    value = str(form.get(name) or "")
+    if "\x00" in value:
+        raise BadInput(422, f"{name} must not contain NUL characters.")
+    return value
+
+
+def same_origin(request: Request) -> bool:
+    """A state-changing request from this site, or from no browser page at all (an API client sends neither
+    header). A cross-site page's POST carries its own Origin (or Referer): refused, so it cannot sign a victim
+    in as someone else (login CSRF) or submit in their name."""
+    from urllib.parse import urlsplit
+
+    host = request.headers.get("host", "")
+    for header in ("origin", "referer"):
+        value = request.headers.get(header)
+        if value:
+            return value != "null" and urlsplit(value).netloc == host
+    return True
+
+
+def create_app(db: str, replication: int = 2, max_comment: int = MAX_COMMENT, max_body: int = 64 * 1024,
+               cookie_secure: bool = False) -> FastAPI:
     store = FeedbackStore(db)
     app = FastAPI(title="stackrlhf feedback", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, limit=max_body)
     app.state.store = store
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters["http_url"] = http_url
+    failures: dict[str, list[float]] = {}
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
-        response = await call_next(request)
+        if request.method == "POST" and not same_origin(request):
+            response = JSONResponse({"error": "Cross-site request refused: post from this site's own pages."},
+                                    status_code=403)
+        else:
+            response = await call_next(request)
         response.headers["Content-Security-Policy"] = CSP
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"
@@ -118,12 +151,21 @@ def create_app(db: str, replication: int = 2, max_comment: int = MAX_COMMENT, ma
 
     @app.post("/login")
     async def login(request: Request):
+        client = request.client.host if request.client else "?"
+        recent = [t for t in failures.get(client, []) if time.monotonic() - t < LOGIN_WINDOW_S]
+        if len(recent) >= LOGIN_FAILURES:
+            failures[client] = recent
+            return page(request, "login.html", 429, annotator=None,
+                        error=f"Too many wrong tokens; wait {LOGIN_WINDOW_S:.0f} seconds and try again.")
         form = await request.form()
-        token = str(form.get("token") or "")
+        token = text_field(form, "token")
         if store.annotator_by_token(token) is None:
+            failures[client] = recent + [time.monotonic()]
             return page(request, "login.html", 401, annotator=None, error="Unknown token.")
+        failures.pop(client, None)
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", max_age=30 * 24 * 3600)
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", max_age=30 * 24 * 3600,
+                            secure=cookie_secure)
         return response
 
     @app.get("/logout")
@@ -145,6 +187,8 @@ def create_app(db: str, replication: int = 2, max_comment: int = MAX_COMMENT, ma
         return RedirectResponse(f"/task/{task_id}", status_code=303)
 
     def own_task(who, task_id: int):
+        if not 1 <= task_id <= MAX_ID:  # beyond the id column's range: no such task (and no database error)
+            raise BadInput(404, f"Task {task_id} is not one of your tasks.")
         task = store.get_task(task_id)
         if task is None or not store.is_assigned(task_id, who.id):
             raise BadInput(404, f"Task {task_id} is not one of your tasks.")
@@ -175,11 +219,11 @@ def create_app(db: str, replication: int = 2, max_comment: int = MAX_COMMENT, ma
             raise BadInput(401, "Sign in first: no valid token.")
         task = own_task(who, task_id)
         form = await request.form()
-        client_id = str(form.get("client_id") or "")
+        client_id = text_field(form, "client_id")
         if not 8 <= len(client_id) <= 64:
             raise BadInput(400, "client_id is missing or malformed (8 to 64 characters).")
         skipped = str(form.get("skip") or "0") == "1"
-        comment = str(form.get("comment") or "")
+        comment = text_field(form, "comment")
         if len(comment) > max_comment:
             raise BadInput(413, f"The comment is {len(comment)} characters; at most {max_comment} are allowed.")
         ratings, best = {}, None
@@ -207,8 +251,10 @@ def create_app(db: str, replication: int = 2, max_comment: int = MAX_COMMENT, ma
                 best = ids[choice]
             else:
                 raise BadInput(422, "Choose the better answer (or a tie).")
-        started = str(form.get("started") or "")
-        seconds = max(time.time() - int(started) / 1000, 0.0) if started.isdigit() else 0.0
+        started = text_field(form, "started")
+        if started and not (started.isascii() and started.isdigit() and len(started) <= 15):
+            raise BadInput(422, "started must be the page's opening time in milliseconds since 1970 (digits).")
+        seconds = max(time.time() - int(started) / 1000, 0.0) if started else 0.0
         stored = store.save_label(who.id, task_id, client_id, ratings, best, skipped, comment, min(seconds, 86400.0))
         if "text/html" in request.headers.get("accept", ""):
             return RedirectResponse("/", status_code=303)
@@ -244,14 +290,15 @@ def create_app(db: str, replication: int = 2, max_comment: int = MAX_COMMENT, ma
         from stackrlhf.feedback.export import feedback_stats
 
         who = admin_of(request)
-        return page(request, "admin.html", annotator=who, stats=feedback_stats(store))
+        return page(request, "admin.html", annotator=who, stats=feedback_stats(store, replication))
 
     @app.get("/admin/stats.json")
     def admin_stats(request: Request):
         from stackrlhf.feedback.export import feedback_stats
 
         admin_of(request)
-        return JSONResponse(json.loads(json.dumps(feedback_stats(store), default=str).replace("NaN", "null")))
+        return JSONResponse(json.loads(json.dumps(feedback_stats(store, replication), default=str)
+                                       .replace("NaN", "null")))
 
     @app.get("/admin/pairs.jsonl")
     def admin_pairs(request: Request):

@@ -61,7 +61,7 @@ def krippendorff_alpha(units: list[list[str]]) -> float:
     return 1.0 if expected == 0 else 1.0 - observed / expected
 
 
-def feedback_stats(store: FeedbackStore) -> dict:
+def feedback_stats(store: FeedbackStore, replication: int = 2) -> dict:
     tasks = {t.id: t for t in store.all_tasks()}
     names = {a.id: a.name for a in store.annotators()}
     labels = store.all_labels()
@@ -101,7 +101,7 @@ def feedback_stats(store: FeedbackStore) -> dict:
                 for m, r in ratings.items()}
     distribution = {kind: {m: dict(sorted(Counter(r[kind]).items())) for m, r in ratings.items()}
                     for kind in ("usefulness", "accuracy")}
-    return {**store.counts(), "skipped": sum(label.skipped for label in labels),
+    return {**store.counts(), "skipped": sum(label.skipped for label in labels), **store.skipped_tasks(replication),
             "labels_per_annotator": dict(per_annotator), "items_with_two_or_more_labels":
             sum(len(v) >= 2 for v in prefs.values()), "krippendorff_alpha": alpha,
             "cohen_kappa": kappas, "by_model": by_model, "rating_distribution": distribution}

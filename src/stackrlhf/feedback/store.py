@@ -1,8 +1,11 @@
 """The feedback store (SQLAlchemy): annotators, comparison tasks with their candidate answers, assignments,
 and labels. SQLite (WAL) by default; any SQLAlchemy URL works (PostgreSQL: ``postgresql+psycopg://...``).
 
-A label carries the client's id for its submission, unique in the table, so a retried submit is stored once.
-A task goes to at most ``replication`` annotators, never twice to the same one (a unique assignment row).
+Every submission carries a client id, scoped to its annotator (two annotators' clients may pick the same id)
+and remembered for good: a retried submit is stored once, and a late replay of an older submission is
+acknowledged and ignored, so it never overwrites a newer edit. A task goes to at most ``replication``
+annotators who label it, never twice to the same one (a unique assignment row); a skip frees its slot for
+another annotator, up to ``MAX_OFFERS_PER_SLOT`` offers per slot, so a task that everyone skips ends.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from stackrlhf.errors import StackRLHFError
 
 MAX_COMMENT = 2000
 DEFAULT_DB = "sqlite:///feedback.db"
+MAX_OFFERS_PER_SLOT = 3  # a task is offered to at most replication * this annotators (skips free slots)
+MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER columns on PostgreSQL
 
 
 def now() -> datetime:
@@ -87,6 +92,22 @@ class Assignment(Base):
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"), index=True)
     annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"), index=True)
     slot: Mapped[int] = mapped_column(Integer, default=0)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+def scoped_client_id(annotator_id: int, client_id: str) -> str:
+    """The stored form of a client id: hashed with its annotator, so ids are unique per annotator (64 hex)."""
+    return hashlib.sha256(f"{annotator_id}:{client_id}".encode("utf-8")).hexdigest()
+
+
+class Submission(Base):
+    """Every client id ever accepted (scoped to its annotator): a replay of any of them is a no-op."""
+
+    __tablename__ = "submissions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    client_key: Mapped[str] = mapped_column(String(64), unique=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"), index=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
@@ -185,15 +206,15 @@ class FeedbackStore:
         for _ in range(50):
             with self.session() as s:
                 mine = select(Assignment.task_id).where(Assignment.annotator_id == annotator_id)
-                counts = (select(Assignment.task_id, func.count().label("n")).group_by(Assignment.task_id).subquery())
-                taken = func.coalesce(counts.c.n, 0)
+                offered, held = self._slot_counts()
                 row = s.execute(
-                    select(Task.id, taken).outerjoin(counts, counts.c.task_id == Task.id)
-                    .where(Task.id.not_in(mine), taken < replication)
-                    .order_by(taken.desc(), Task.id).limit(1)).first()
+                    select(Task.id, offered).outerjoin(self._counts, self._counts.c.task_id == Task.id)
+                    .outerjoin(self._skips, self._skips.c.task_id == Task.id)
+                    .where(Task.id.not_in(mine), held < replication, offered < replication * MAX_OFFERS_PER_SLOT)
+                    .order_by(held.desc(), Task.id).limit(1)).first()
                 if row is None:
                     return None
-                candidate, slot = row
+                candidate, slot = row  # the next slot number: unique per task, so concurrent takers collide
                 s.add(Assignment(task_id=candidate, annotator_id=annotator_id, slot=slot))
                 try:
                     s.commit()
@@ -201,6 +222,24 @@ class FeedbackStore:
                 except IntegrityError:
                     s.rollback()
         return None
+
+    @property
+    def _counts(self):
+        if not hasattr(self, "_counts_q"):
+            self._counts_q = select(Assignment.task_id, func.count().label("n")).group_by(Assignment.task_id).subquery()
+        return self._counts_q
+
+    @property
+    def _skips(self):
+        if not hasattr(self, "_skips_q"):
+            self._skips_q = (select(Label.task_id, func.count().label("n")).where(Label.skipped.is_(True))
+                             .group_by(Label.task_id).subquery())
+        return self._skips_q
+
+    def _slot_counts(self):
+        """(annotators offered the task, annotators holding a slot: offered minus those who skipped it)."""
+        offered = func.coalesce(self._counts.c.n, 0)
+        return offered, offered - func.coalesce(self._skips.c.n, 0)
 
     def is_assigned(self, task_id: int, annotator_id: int) -> bool:
         with self.session() as s:
@@ -212,9 +251,12 @@ class FeedbackStore:
         with self.session() as s:
             done = s.scalar(select(func.count()).select_from(Label).where(Label.annotator_id == annotator_id)) or 0
             mine = select(Assignment.task_id).where(Assignment.annotator_id == annotator_id)
-            counts = select(Assignment.task_id, func.count().label("n")).group_by(Assignment.task_id).subquery()
-            available = s.scalar(select(func.count()).select_from(Task).outerjoin(counts, counts.c.task_id == Task.id)
-                                 .where(Task.id.not_in(mine), func.coalesce(counts.c.n, 0) < replication)) or 0
+            offered, held = self._slot_counts()
+            available = s.scalar(select(func.count()).select_from(Task)
+                                 .outerjoin(self._counts, self._counts.c.task_id == Task.id)
+                                 .outerjoin(self._skips, self._skips.c.task_id == Task.id)
+                                 .where(Task.id.not_in(mine), held < replication,
+                                        offered < replication * MAX_OFFERS_PER_SLOT)) or 0
             assigned = s.scalar(select(func.count()).select_from(Assignment)
                                 .where(Assignment.annotator_id == annotator_id)) or 0
             return done, assigned + available
@@ -222,16 +264,18 @@ class FeedbackStore:
     # labels
     def save_label(self, annotator_id: int, task_id: int, client_id: str, ratings: dict, best: int | None,
                    skipped: bool, comment: str, seconds: float = 0.0) -> bool:
-        """Store (or, from the same annotator, replace) a label. Returns False when this ``client_id`` was
-        stored already (a retried submit): nothing changes then."""
+        """Store (or, from the same annotator, replace) a label. Returns False when this annotator's ``client_id``
+        was accepted before (a retried submit, or a late replay of an older edit): nothing changes then."""
+        key = scoped_client_id(annotator_id, client_id)
         with self.session() as s:
-            if s.scalar(select(Label.id).where(Label.client_id == client_id)) is not None:
+            if s.scalar(select(Submission.id).where(Submission.client_key == key)) is not None:
                 return False
+            s.add(Submission(client_key=key, annotator_id=annotator_id, task_id=task_id))
             label = s.scalar(select(Label).where(Label.task_id == task_id, Label.annotator_id == annotator_id))
             if label is None:
-                label = Label(task_id=task_id, annotator_id=annotator_id, client_id=client_id)
+                label = Label(task_id=task_id, annotator_id=annotator_id, client_id=key)
                 s.add(label)
-            label.client_id = client_id
+            label.client_id = key
             label.ratings = {str(k): v for k, v in ratings.items()}
             label.best_candidate_id = best
             label.skipped = skipped
@@ -262,6 +306,25 @@ class FeedbackStore:
     def annotators(self) -> list[Annotator]:
         with self.session() as s:
             return list(s.scalars(select(Annotator).order_by(Annotator.id)))
+
+    def revoke(self, name: str) -> None:
+        """Invalidate an annotator's token (their labels stay); `add-annotator` is refused for the name, so a
+        new token is issued with :meth:`reissue`."""
+        with self.session() as s:
+            who = s.scalar(select(Annotator).where(Annotator.name == name))
+            if who is None:
+                raise StackRLHFError(f"no annotator named {name!r}")
+            who.token_hash = "revoked:" + secrets.token_hex(24)  # matches no token's hash
+            s.commit()
+
+    def skipped_tasks(self, replication: int) -> dict:
+        """Tasks someone skipped, and those that ran out of offers without ``replication`` labels."""
+        with self.session() as s:
+            skipped = dict(s.execute(select(Label.task_id, func.count()).where(Label.skipped.is_(True))
+                                     .group_by(Label.task_id)).all())
+            offered = dict(s.execute(select(Assignment.task_id, func.count()).group_by(Assignment.task_id)).all())
+        exhausted = [t for t, n in skipped.items() if offered.get(t, 0) >= replication * MAX_OFFERS_PER_SLOT]
+        return {"tasks_with_skips": len(skipped), "tasks_out_of_offers": len(exhausted)}
 
     def counts(self) -> dict:
         with self.session() as s:
