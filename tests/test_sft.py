@@ -175,6 +175,28 @@ def test_resume_from_last_checkpoint(beer_data, tiny_base, tmp_path):
     assert (out / "checkpoints" / "checkpoint-4").is_dir()
 
 
+def test_resume_is_exact_with_the_default_length_grouping(beer_data, tiny_base, tmp_path):
+    """Killed after step 3 (of 4 per epoch) and resumed: steps 4-7 (into the second epoch) have the losses of an
+    uninterrupted run, with --group-by-length on (the default)."""
+    def run(out, steps):
+        return sft(SFTConfig(model=str(tiny_base), data=str(beer_data), out=str(out), max_train_samples=16,
+                             max_eval_samples=4, per_device_train_batch_size=4, report_to="none", save_steps=3,
+                             logging_steps=1, max_steps=steps, lr_scheduler_type="constant", warmup_ratio=0.0))
+
+    def losses(out, step):
+        state = json.loads((out / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").read_text())
+        return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+    assert SFTConfig(model="m", data="d").group_by_length
+    run(tmp_path / "whole", 6)
+    run(tmp_path / "cut", 3)
+    run(tmp_path / "cut", 6)
+    whole, resumed = losses(tmp_path / "whole", 6), losses(tmp_path / "cut", 6)
+    assert set(whole) == set(resumed) == set(range(1, 7))
+    for step in range(4, 7):
+        assert abs(whole[step] - resumed[step]) < 1e-6, (step, whole[step], resumed[step])
+
+
 def test_guard_stops_on_nan():
     guard = GuardCallback()
 
