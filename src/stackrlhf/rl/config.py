@@ -57,6 +57,8 @@ class PPOConfig:
     dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16"), "help":
         "auto: bfloat16 on a capable GPU, else float32. With bfloat16 the frozen trunk and reference are bf16, the "
         "trained weights float32 (master copy) and the forward runs under autocast."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute the LM's activations in the backward pass: less memory, about a third more compute."})
     # operation
     seed: int = field(default=0, metadata={"help": "Random seed."})
     log_every: int = field(default=1, metadata={"help": "Log metrics every N steps."})
@@ -114,6 +116,8 @@ class ILQLConfig:
     dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16"), "help":
         "auto: bfloat16 on a capable GPU, else float32. With bfloat16 the frozen trunk is bf16, the trained weights "
         "and the Q/V heads float32 (master copy) and the forward runs under autocast."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute the LM's activations in the backward pass: less memory, about a third more compute."})
     # decoding defaults saved with the model
     beta: float = field(default=1.0, metadata={"help": "Decoding: logits + beta * (Q - V) (0: the plain LM)."})
     top_k: int = field(default=20, metadata={"help": "Decoding: sample among the top k after the shift (0: all)."})

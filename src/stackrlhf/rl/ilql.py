@@ -332,6 +332,8 @@ class ILQLTrainer:
         if model is None:
             model, tok = load_causal_lm(cfg.model, dtype=cfg.dtype, device=self.accelerator.device)
         self.tok = tok
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         freeze_bottom(model, cfg.num_layers_unfrozen)
         self.model = ILQLModel.create(model, cfg.two_qs).to(self.accelerator.device)
         self.model.heads.float()  # the Polyak-averaged target heads too: alpha-sized steps vanish in bf16

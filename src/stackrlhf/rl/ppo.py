@@ -130,6 +130,8 @@ class PPOTrainer:
         np.random.seed(cfg.seed)
         self.dtype = resolve_dtype(cfg.dtype)
         lm, self.tok = load_causal_lm(cfg.policy, dtype=cfg.dtype, device=self.accelerator.device)
+        if cfg.gradient_checkpointing:  # active in the update's forward (train mode), not in the rollout's
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora:
             lm = apply_lora(lm, cfg.lora_r, cfg.lora_alpha)
         self.policy = PolicyWithValue(lm, cfg.num_layers_unfrozen, lora=cfg.lora,

@@ -32,7 +32,10 @@ class TrainConfig:
     save_steps: int = field(default=200, metadata={"help": "Checkpoint every N steps (for resume)."})
     logging_steps: int = field(default=10, metadata={"help": "Log metrics every N steps."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on a capable GPU, else fp32), float32, bfloat16."})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a capable GPU, else fp32), float32, "
+                                                          "bfloat16; the trained weights stay float32 either way."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute activations in the backward pass: less memory, about a third more compute."})
     report_to: str = field(default="tensorboard", metadata={"help": "Where metrics go: tensorboard (OUT/runs), wandb, both (tensorboard,wandb), or none."})
     resume: bool = field(default=True, metadata={"help": "Resume from the last checkpoint in OUT/checkpoints."})
 
