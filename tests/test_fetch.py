@@ -118,3 +118,30 @@ def test_unknown_site_downloads_from_base_url(tmp_path, archive_dir):
     with FileServer(archive_dir) as srv:
         d = resolve_dump("other", cache_dir=tmp_path, base_url=srv.url)
     assert d.site == "other.stackexchange.com" and (d.folder / "Posts.xml").is_file()
+
+
+def test_demo_sites_download_on_a_clone_without_shared(tmp_path, monkeypatch):
+    """A connected user's fresh clone (no ../shared, no $STACKRLHF_DUMPS): the demo's data section names its
+    four sites, so the build downloads them (here from a local server standing in for archive.org)."""
+    import stackrlhf.data.dumps as dumps
+    from stackrlhf.config import load_config
+    from stackrlhf.data.build import build_dataset
+    from stackrlhf.data.config import DataConfig
+
+    from conftest import REPO, SITES
+
+    served = tmp_path / "served"
+    served.mkdir()
+    for site in SITES:
+        with py7zr.SevenZipFile(served / f"{site}.7z", "w") as z:
+            for name in ("Posts.xml", "Votes.xml", "Users.xml"):
+                if (SHARED / site / name).is_file():
+                    z.write(SHARED / site / name, arcname=name)
+    monkeypatch.setattr(dumps, "shared_dump_dirs", lambda: [])  # as on a clone with nothing beside it
+    with FileServer(served) as srv:
+        cfg = load_config(DataConfig, REPO / "configs" / "demo.yaml", section="data", base_url=srv.url,
+                          out=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"), progress=False)
+        assert sorted(cfg.dump) == ["beer", "cardano", "matheducators", "quantumcomputing"]
+        build_dataset(cfg)
+    assert len(list((tmp_path / "cache").rglob("Posts.xml"))) == 4  # all four fetched and unpacked
+    assert (tmp_path / "data" / "stats.json").is_file()

@@ -148,3 +148,26 @@ def test_reward_model_on_the_runs_sft_model():
     assert stages["rm"].cfg.backbone == "/tmp/run/sft" and stages["rm"].parents == ["data", "sft"]
     assert stages["rm"].cfg.learning_rate == 1e-4 and stages["rm"].cfg.pairs_half == "proxy"
     assert stages["gold_rm"].cfg.backbone == "" and stages["gold_rm"].parents == ["data"]
+
+
+def test_base_auto_picks_gpt2_only_with_a_gpu_and_the_model_at_hand(tiny_lm, monkeypatch):
+    import requests
+
+    from stackrlhf.pipeline import auto_base, plan
+
+    base, why = auto_base(gpu=False)
+    assert base == "pretrain" and "no GPU" in why
+    base, why = auto_base(model=str(tiny_lm), gpu=True)  # a local directory standing in for the cache
+    assert base == str(tiny_lm) and "local model directory" in why
+    base, why = auto_base(gpu=True)  # the tests run with HF_HUB_OFFLINE=1 and an empty cache
+    assert base == "pretrain" and "not cached" in why
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def unreachable(*args, **kwargs):
+        raise requests.ConnectionError("no network")
+
+    monkeypatch.setattr(requests, "head", unreachable)
+    base, why = auto_base(model="no-such-org/no-such-model", gpu=True, hub_timeout_s=0.1)
+    assert base == "pretrain" and "did not answer" in why
+    stages = {s.name: s for s in plan({"base": "auto", "data": {}, "sft": {}, "rm": {}}, Path("/tmp/auto-run"))}
+    assert "pretrain" in stages  # this CPU: the offline base
