@@ -1,6 +1,6 @@
 """ILQL on the randomwalks task: training speed and the optimality of decoded walks, beta = 0 vs beta > 0.
 
-    python benchmarks/ilql.py [--steps 300] [--repeats 3]
+    python benchmarks/ilql.py [--steps 300] [--repeats 3] [--alpha 0.1 --sync-every 5]
 
 Prints a table (median over repeats with different seeds) and a last machine-readable line
 ``optimality=<beta > 0> behaviour_optimality=<data mean>``. No peer column: trlx (the only other ILQL for
@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--beta", type=float, default=10.0)
+    parser.add_argument("--alpha", type=float, default=0.1, help="Polyak rate of the target Q heads")
+    parser.add_argument("--sync-every", type=int, default=5, help="steps between target syncs")
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     task = generate_random_walks()
@@ -36,8 +38,8 @@ def main() -> None:
     for seed in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
             cfg = ILQLConfig(model="randomwalks", out=str(Path(tmp) / "ilql"), steps=args.steps, batch_size=100,
-                             learning_rate=1e-3, warmup_steps=10, num_layers_unfrozen=-1, tau=0.8, alpha=0.1,
-                             steps_for_target_q_sync=5, cql_scale=0.1, report_to="none", progress=False,
+                             learning_rate=1e-3, warmup_steps=10, num_layers_unfrozen=-1, tau=0.8, alpha=args.alpha,
+                             steps_for_target_q_sync=args.sync_every, cql_scale=0.1, report_to="none", progress=False,
                              save_every=0, seed=seed)
             trainer = ILQLTrainer(cfg, task.samples(tok), walk_model(tok, seed=seed), tok)
             metrics = trainer.train()
@@ -48,7 +50,8 @@ def main() -> None:
                                                                temperature=1.0, seed=seed))
                 rows[f"beta={beta:g} greedy"].append(evaluate(task, model, tok, beta, seed=seed))
     print(f"randomwalks: 21 nodes, 1000 walks, behaviour data optimality {behaviour:.3f}; "
-          f"{args.steps} steps x 100, median of {args.repeats} seeds")
+          f"{args.steps} steps x 100, median of {args.repeats} seeds; target sync alpha {args.alpha:g} "
+          f"every {args.sync_every} steps")
     print(f"{'measure':24} {'median':>9} {'min':>9} {'max':>9}")
     for name, values in rows.items():
         print(f"{name:24} {statistics.median(values):9.3f} {min(values):9.3f} {max(values):9.3f}")

@@ -121,7 +121,8 @@ def test_report_renders_its_plots_in_chromium(browser, tmp_path):
         "question_author": "a", "license": "CC BY-SA 4.0", "prompt": "Question: Q", "best_answer": "<b>hi</b>",
         "answers": {"sft": {"text": "<script>window.__pwned = 1</script>", "proxy": 0.1}}}) + "\n")
     (run / "ppo" / "history.jsonl").write_text("".join(json.dumps(
-        {"step": i, "reward/score_mean": 0.1 * i, "reward/total_mean": 0.05 * i, "kl/mean": 0.3 * i, "kl/beta": 0.05})
+        {"step": i, "reward/score_mean": 0.1 * i, "reward/total_mean": 0.05 * i, "kl/mean": 0.3 * i, "kl/beta": 0.05,
+         "response/words": 20 + i, "response/words_each": [20 + i, 22 + i], "reward/score_each": [0.1 * i, 0.1 * i]})
         + "\n" for i in range(1, 6)))
     (run / "ilql" / "history.jsonl").write_text("".join(json.dumps(
         {"step": i, "loss/q": 1 / i, "loss/v": 0.5 / i, "loss/awac": 6 - i / 10, "values/q_mean": 0.1,
@@ -139,7 +140,7 @@ def test_report_renders_its_plots_in_chromium(browser, tmp_path):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(out.as_uri())
     plots = page.eval_on_selector_all("img.plot", "els => els.map(e => [e.dataset.plot, e.complete, e.naturalWidth])")
-    assert {name for name, _, _ in plots} == {"reward_vs_kl", "ppo", "ilql", "rm_accuracy", "feedback"}
+    assert {name for name, _, _ in plots} == {"reward_vs_kl", "ppo", "ppo_length", "ilql", "rm_accuracy", "feedback"}
     assert all(complete and width > 300 for _, complete, width in plots)  # decoded, not broken images
     assert page.evaluate("window.__pwned") is None
     ARTIFACTS.mkdir(exist_ok=True)

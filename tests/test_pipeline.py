@@ -21,7 +21,7 @@ TINY = {
     "sft": {"max_steps": 2, "max_train_samples": 32, "max_eval_samples": 8, "max_length": 64,
             "max_prompt_length": 32, "report_to": "none"},
     "rm": {"max_steps": 2, "max_train_pairs": 32, "max_eval_pairs": 16, "max_length": 48,
-           "max_question_tokens": 16, "report_to": "none"},
+           "max_question_tokens": 16, "report_to": "none", "adjust": ["length", "time"]},
     "gold_rm": {"max_steps": 2, "max_train_pairs": 32, "max_eval_pairs": 16, "max_length": 48,
                 "max_question_tokens": 16, "report_to": "none"},
     "ppo": {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "min_new_tokens": 4, "max_new_tokens": 8,
@@ -58,7 +58,14 @@ def test_run_skips_unchanged_stages_reruns_changed_ones_and_resumes_after_a_kill
     assert (rm_cfg["pairs_half"], gold_cfg["pairs_half"]) == ("proxy", "gold")
     assert yaml.safe_load((run / "ppo" / "config.yaml").read_text())["policy"] == str(run / "sft")
     page = (run / "report.html").read_text()
-    assert {"ppo", "ilql", "reward_vs_kl", "rm_accuracy"} <= set(re.findall(r'data-plot="(\w+)"', page))
+    assert {"ppo", "ppo_length", "ilql", "reward_vs_kl", "rm_accuracy"} <= set(re.findall(r'data-plot="(\w+)"', page))
+    assert "log-loss gain beyond it" in page  # the RM table beyond length and time
+    assert "length explains" in page or "Too few steps" in page  # PPO's length analysis
+    rm_metrics = json.loads((run / "rm" / "metrics.json").read_text())
+    assert set(rm_metrics["confounder_weights"]) == {"length", "time"}
+    assert abs(rm_metrics["test"]["length_spearman"] or 0) <= 1
+    assert "gain_proxy_vs_sft_length_adjusted" in ev["models"]["ppo"]
+    assert "length" in json.loads((run / "ppo" / "metrics.json").read_text())
 
     sft_weights = (run / "sft" / "model.safetensors").stat().st_mtime_ns
     second = pipeline.run_pipeline(config)
