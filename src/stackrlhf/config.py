@@ -132,8 +132,12 @@ def check_types(cls: type, values: dict, where: str) -> None:
         if key not in hints or value is None:
             continue
         scalar, is_list = _field_kind(hints[key])
+        if (typing.get_origin(scalar) or scalar) is dict:
+            if not isinstance(value, dict):
+                raise StackRLHFError(f"{where}: {key} must be a mapping of settings, got {value!r}")
+            continue
         items = value if is_list and isinstance(value, (list, tuple)) else [value]
-        if not is_list and isinstance(value, (list, tuple, dict)):
+        if scalar in (bool, int, float, str) and not is_list and isinstance(value, (list, tuple, dict)):
             raise StackRLHFError(f"{where}: {key} must be {_type_name(scalar)}, not a {type(value).__name__}")
         for item in items:
             if not _fits(item, scalar):
@@ -154,7 +158,7 @@ def _fits(value: Any, scalar: Any) -> bool:
 
 
 def _type_name(scalar: Any) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(scalar, str(scalar))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(scalar, "of its type")
 
 
 def config_from_dict(cls: type[C], values: dict, where: str) -> C:
