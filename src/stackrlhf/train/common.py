@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 from transformers import TrainerCallback, TrainingArguments
 
-from stackrlhf.config import save_config, write_text_atomic
+from stackrlhf.config import read_json, save_config, write_text_atomic
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.train.config import TrainConfig
 
@@ -127,6 +127,25 @@ def throughput(trainer, runtime_s: float, tokens_before: int = 0) -> dict:
     this run (its tokens past ``tokens_before``, the count at the checkpoint it resumed from, over its runtime)."""
     tokens = int(trainer.state.num_input_tokens_seen)
     return {"train_tokens": tokens, "train_tokens_per_second": (tokens - tokens_before) / max(runtime_s, 1e-9)}
+
+
+def train_whole_run(trainer, resume_from: str | None) -> tuple:
+    """``trainer.train()`` from ``resume_from`` (None: afresh), and figures of the whole run even when it resumed:
+    ``train_loss`` averages every logged loss since step 0 (the Trainer's own covers the resumed part only),
+    ``train_tokens`` counts from step 0, tokens/s is this process's tokens over its own time, and
+    ``resumed_from`` names the checkpoint."""
+    tokens_before = 0
+    if resume_from:
+        tokens_before = (read_json(Path(resume_from) / "trainer_state.json") or {}).get("num_input_tokens_seen", 0)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    runtime = result.metrics["train_runtime"]
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics = {"train_loss": float(sum(logged) / len(logged)) if resume_from and logged else result.training_loss,
+               "train_runtime_s": runtime, "steps": trainer.state.global_step,
+               **throughput(trainer, runtime, tokens_before)}
+    if resume_from:
+        metrics["resumed_from"] = Path(resume_from).name
+    return result, metrics
 
 
 def write_metrics(out: Path, metrics: dict) -> None:

@@ -22,7 +22,7 @@ from stackrlhf.errors import StackRLHFError
 from stackrlhf.models.base import make_model, train_tokenizer
 from stackrlhf.models.freezing import count_parameters
 from stackrlhf.train.config import SIZES, PretrainConfig
-from stackrlhf.train.common import (GuardCallback, last_checkpoint, logging_callbacks, save_stage, throughput,
+from stackrlhf.train.common import (GuardCallback, last_checkpoint, logging_callbacks, save_stage, train_whole_run,
                                     training_arguments)
 
 console = Console(stderr=True)
@@ -114,16 +114,14 @@ def pretrain(cfg: PretrainConfig) -> dict:
     model: GPT2LMHeadModel = make_model(cfg.size, tok)
     trainable, total = count_parameters(model)
     console.print(f"model: {model.config.n_layer} layers x {model.config.n_embd}, {total:,} parameters")
-    if cfg.max_steps < 0 and cfg.max_minutes > 0 and last_checkpoint(out, cfg.resume) is None:
+    resume_from = last_checkpoint(out, cfg.resume)
+    if cfg.max_steps < 0 and cfg.max_minutes > 0 and resume_from is None:
         cfg.max_steps = steps_for_budget(model, cfg, len(train_set))
     args = training_arguments(cfg, out, has_eval=len(eval_set) > 0)
     trainer = Trainer(model=model, args=args, train_dataset=train_set,
                       eval_dataset=eval_set if len(eval_set) else None, callbacks=[GuardCallback(cfg.max_minutes), *logging_callbacks(cfg, out)])
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(out, cfg.resume))
-    metrics = {"train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"],
-               "steps": trainer.state.global_step, "parameters": total, "vocab_size": len(tok),
-               "train_corpus_tokens": train_set.tokens}
-    metrics.update(throughput(trainer, result.metrics["train_runtime"]))
+    _, metrics = train_whole_run(trainer, resume_from)
+    metrics.update({"parameters": total, "vocab_size": len(tok), "train_corpus_tokens": train_set.tokens})
     if len(eval_set):
         ev = trainer.evaluate()
         metrics["eval_loss"] = ev["eval_loss"]

@@ -35,8 +35,8 @@ from stackrlhf.models.freezing import apply_lora, describe_trainable, freeze_bot
 from stackrlhf.models.reward import RewardEnsemble, RewardModel, default_backbone, encode_pair, load_backbone
 from stackrlhf.config import save_config
 from stackrlhf.errors import StackRLHFError
-from stackrlhf.train.common import (GuardCallback, last_checkpoint, logging_callbacks, throughput, training_arguments,
-                                    write_metrics)
+from stackrlhf.train.common import (GuardCallback, last_checkpoint, logging_callbacks, train_whole_run,
+                                    training_arguments, write_metrics)
 from stackrlhf.train.config import RMConfig
 
 console = Console(stderr=True)
@@ -312,7 +312,7 @@ def train_reward_model(cfg: RMConfig) -> dict:
                             callbacks=[GuardCallback(cfg.max_minutes), *logging_callbacks(cfg, out)],
                             margin_scale=cfg.margin, decorrelation=cfg.decorrelation,
                             confounder_lr=cfg.confounder_learning_rate)
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(out, cfg.resume))
+    _, whole = train_whole_run(trainer, last_checkpoint(out, cfg.resume))
     final = trainer.model.merge_and_unload() if cfg.lora else trainer.model
     w = confounder_param(final)
     learnt = w.detach().float().tolist() if w is not None else []
@@ -323,13 +323,11 @@ def train_reward_model(cfg: RMConfig) -> dict:
         p.requires_grad_(True)
     rm = RewardModel(final, tok, cfg.max_length, cfg.max_question_tokens)
     rm.adjusted_for = dict(zip(cfg.adjust, learnt))
-    metrics = {"train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"],
-               "steps": trainer.state.global_step, "train_pairs": len(train_set),
+    metrics = {**whole, "train_pairs": len(train_set),
                "train_pairs_against_bias": sum(against_bias(r) for r in train_pairs),
                "train_pairs_dropped_time_only": dropped, "adjust": list(cfg.adjust),
                "confounder_weights": rm.adjusted_for,
-               "confounder_weights_start": dict(zip(cfg.adjust, start_weights)),
-               **throughput(trainer, result.metrics["train_runtime"])}
+               "confounder_weights_start": dict(zip(cfg.adjust, start_weights))}
     train_scores = answer_scores(rm, train_pairs, cfg.per_device_eval_batch_size, "scoring the training answers")
     rm.stats = score_stats(train_scores)
     metrics.update(reward_mean=rm.stats["mean"], reward_std=rm.stats["std"])

@@ -25,7 +25,7 @@ from stackrlhf.models.loading import load_causal_lm
 from stackrlhf.prompts import fit_prompt_ids
 from stackrlhf.train.config import SFTConfig
 from stackrlhf.train.common import (GuardCallback, evaluate_before_training, last_checkpoint, logging_callbacks,
-                                    save_stage, throughput, training_arguments)
+                                    save_stage, train_whole_run, training_arguments)
 
 console = Console(stderr=True)
 IGNORE = -100
@@ -157,14 +157,8 @@ def sft(cfg: SFTConfig) -> dict:
         write_text_atomic(start_file, json.dumps(metrics))
     elif resume_from is not None:
         metrics.update(read_json(start_file) or {})
-        metrics["resumed_from"] = Path(resume_from).name
-    tokens_before = (read_json(Path(resume_from) / "trainer_state.json") or {}).get("num_input_tokens_seen", 0) \
-        if resume_from else 0
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    runtime = result.metrics["train_runtime"]
-    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    metrics.update({"train_loss": float(sum(logged) / len(logged)) if resume_from and logged else result.training_loss,
-                    "train_runtime_s": runtime, "steps": trainer.state.global_step, **throughput(trainer, runtime, tokens_before)})
+    _, whole = train_whole_run(trainer, resume_from)
+    metrics.update(whole)
     if len(eval_set):
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
