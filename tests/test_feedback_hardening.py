@@ -120,6 +120,8 @@ def test_login_csrf_rate_limit_secure_cookie_and_revoke(db_url):
     r = client.post("/login", data={"token": tokens["ann"]}, headers={"referer": "https://evil.example/page"},
                     follow_redirects=False)
     assert r.status_code == 403
+    r = client.post("/login", data={"token": tokens["ann"]}, headers={"origin": "null"}, follow_redirects=False)
+    assert r.status_code == 403  # an attacker's no-referrer page
     r = client.post("/login", data={"token": tokens["ann"]}, headers={"origin": "http://testserver"},
                     follow_redirects=False)
     assert r.status_code == 303 and "secure" in r.headers["set-cookie"].lower()

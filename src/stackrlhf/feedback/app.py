@@ -122,7 +122,9 @@ def create_app(db: str, replication: int = 2, max_comment: int = MAX_COMMENT, ma
             response = await call_next(request)
         response.headers["Content-Security-Policy"] = CSP
         response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
+        # same-origin, not no-referrer: with no-referrer a browser sends `Origin: null` on our own form posts,
+        # which the cross-site check must refuse (an attacker's page can make its own Origin null that way)
+        response.headers["Referrer-Policy"] = "same-origin"
         return response
 
     def annotator_of(request: Request):
