@@ -83,6 +83,7 @@ def planted(tmp_path_factory) -> dict:
     for name, adjust in (("plain", []), ("adjusted", ["length,time"])):
         metrics = train_reward_model(RMConfig(data=[str(data)], out=str(root / name), adjust=adjust, **FAST))
         out[name] = (RewardModel.from_pretrained(root / name), metrics)
+    out["data"] = data
     return out
 
 
@@ -193,3 +194,23 @@ def test_time_adjustment_needs_dates(tmp_path):
     result = CliRunner().invoke(cli, ["rm", "--data", str(data), "--out", str(tmp_path / "rm2"), "--adjust", "size"])
     assert result.exit_code != 0 and "unknown confounder 'size'" in result.output
     assert not (tmp_path / "rm2").exists()
+
+
+def test_residualized_length_trend_is_removed_from_scores(planted, tmp_path):
+    """--residualize-length: the plain RM's linear trend in log words, fitted on its training answers, comes off
+    every score (and survives a save and reload), so its length correlation on new answers falls."""
+    from stackrlhf.train.reward import answer_scores, load_pairs, load_test_pairs, residualize_length
+
+    rm, _ = planted["plain"]
+    train, test = load_pairs([str(planted["data"])], "train"), load_test_pairs([str(planted["data"])])
+    answers = sorted({(r["prompt"], a) for r in test for a in (r["chosen"], r["rejected"])})
+    before = spearman([words(a) for _, a in answers], rm.score([q for q, _ in answers], [a for _, a in answers]))
+    assert before > 0.35
+    corrected = residualize_length(rm, answer_scores(rm, train, 32, ""))
+    assert abs(spearman([words(a) for _, a in corrected], list(corrected.values()))) < 0.2  # on training answers
+    assert rm.length_slope > 0
+    rm.save_pretrained(tmp_path / "res")
+    again = RewardModel.from_pretrained(tmp_path / "res")
+    after = spearman([words(a) for _, a in answers], again.score([q for q, _ in answers], [a for _, a in answers]))
+    assert abs(after) < 0.2 and after < before - 0.2
+    rm.length_slope = 0.0  # leave the shared fixture as it was

@@ -8,6 +8,7 @@ mean and std of its scores on the training answers, for the RL stages to normali
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -75,6 +76,7 @@ class RewardModel:
         self.max_question_tokens = max_question_tokens
         self.stats = stats or {"mean": 0.0, "std": 1.0}
         self.adjusted_for: dict[str, float] = {}  # confounder -> learnt weight, for an adjusted RM (provenance)
+        self.length_slope, self.length_center = 0.0, 0.0  # --residualize-length: r - slope * (log words - center)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "RewardModel | RewardEnsemble":
@@ -90,6 +92,7 @@ class RewardModel:
         model.to(device).eval()
         rm = cls(model, tok, settings.get("max_length", 256), settings.get("max_question_tokens", 64), stats)
         rm.adjusted_for = settings.get("adjusted_for", {})
+        rm.length_slope, rm.length_center = settings.get("length_slope", 0.0), settings.get("length_center", 0.0)
         return rm
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -98,7 +101,9 @@ class RewardModel:
         self.tokenizer.save_pretrained(str(path))
         write_text_atomic(path / SETTINGS_FILE, json.dumps({"max_length": self.max_length,
                                                             "max_question_tokens": self.max_question_tokens,
-                                                            "adjusted_for": self.adjusted_for}))
+                                                            "adjusted_for": self.adjusted_for,
+                                                            "length_slope": self.length_slope,
+                                                            "length_center": self.length_center}))
         write_text_atomic(path / STATS_FILE, json.dumps(self.stats, indent=2))
 
     def collate(self, ids: list[list[int]]) -> dict:
@@ -132,6 +137,8 @@ class RewardModel:
         bar.close()
         if was_training:
             self.model.train()
+        if self.length_slope:  # the reward's linear trend in length, fitted on the training answers, removed
+            out = [r - self.length_slope * (math.log1p(len(a.split())) - self.length_center) for r, a in zip(out, answers)]
         if normalize:
             mean, std = self.stats["mean"], max(self.stats["std"], 1e-6)
             out = [(r - mean) / std for r in out]

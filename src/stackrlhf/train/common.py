@@ -46,14 +46,14 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool, **extra) -> 
         data_seed=cfg.seed,
         bf16=bf16,  # autocast over float32 weights (the stages load them in float32): mixed precision
         use_cpu=bf16 and not torch.cuda.is_available(),  # CPU bf16 autocast (transformers refuses it otherwise)
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
         disable_tqdm=False,
         include_num_input_tokens_seen="non_padding",
     )
+    if cfg.gradient_checkpointing:  # named only when on: transformers warns about the name on every use
+        settings.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     settings.update(extra)  # a stage may override any of the above (the RM saves per epoch, say)
     return TrainingArguments(**settings)
 

@@ -121,6 +121,10 @@ class RMConfig(TrainConfig):
     decorrelation: float = field(default=1.0, metadata={"help":
         "With --adjust: weight of cov(r, z / std z)^2 (= var(r) corr(r, z)^2) per confounder on each batch, which keeps the confounders' effect "
         "in w and out of the reward (0: off)."})
+    residualize_length: bool = field(default=False, metadata={"help":
+        "After training, remove the reward's linear trend in log words, fitted on the training answers, from every "
+        "score: its correlation with length is then 0 on the training answers whatever the data size (the batch "
+        "penalty of --adjust does not carry over to new answers when there are few pairs)."})
     confounder_learning_rate: float = field(default=1e-2, metadata={"help":
         "With --adjust: learning rate of the confounder weights w (they start from the covariates-only fit)."})
     pairs_half: str = field(default="all", metadata={"choices": ("all", "proxy", "gold"), "help":

@@ -329,6 +329,9 @@ def train_reward_model(cfg: RMConfig) -> dict:
                "confounder_weights": rm.adjusted_for,
                "confounder_weights_start": dict(zip(cfg.adjust, start_weights))}
     train_scores = answer_scores(rm, train_pairs, cfg.per_device_eval_batch_size, "scoring the training answers")
+    if cfg.residualize_length:
+        train_scores = residualize_length(rm, train_scores)
+        metrics.update(length_slope=rm.length_slope, length_center=rm.length_center)
     rm.stats = score_stats(train_scores)
     metrics.update(reward_mean=rm.stats["mean"], reward_std=rm.stats["std"])
     eval_rewards = None
@@ -370,6 +373,16 @@ def answer_scores(rm, pairs: datasets.Dataset, batch_size: int, progress: str) -
     answers = sorted({(r["prompt"], a) for r in pairs for a in (r["chosen"], r["rejected"])})
     questions, texts = (list(x) for x in zip(*answers)) if answers else ([], [])
     return dict(zip(answers, rm.score(questions, texts, batch_size, progress=progress)))
+
+
+def residualize_length(rm, scores: dict) -> dict:
+    """Set ``rm``'s length correction: the least-squares slope of its scores on log(1 + words) over the training
+    answers (and their mean log words); returns those scores with the trend removed, as ``rm.score`` now gives."""
+    x = np.array([np.log1p(words(a)) for _, a in scores])
+    y = np.array(list(scores.values()))
+    slope = float(np.polyfit(x, y, 1)[0]) if len(x) > 2 and x.std() > 0 else 0.0
+    rm.length_slope, rm.length_center = slope, float(x.mean()) if len(x) else 0.0
+    return {k: v - slope * (xi - rm.length_center) for (k, v), xi in zip(scores.items(), x)}
 
 
 def score_stats(scores: dict) -> dict:
