@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from stackrlhf.config import write_text_atomic
+from stackrlhf.models.confounders import words
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.prompts import fit_prompt_ids
 
@@ -138,7 +139,7 @@ class RewardModel:
         if was_training:
             self.model.train()
         if self.length_slope:  # the reward's linear trend in length, fitted on the training answers, removed
-            out = [r - self.length_slope * (math.log1p(len(a.split())) - self.length_center) for r, a in zip(out, answers)]
+            out = [r - self.length_slope * (math.log1p(words(a)) - self.length_center) for r, a in zip(out, answers)]
         if normalize:
             mean, std = self.stats["mean"], max(self.stats["std"], 1e-6)
             out = [(r - mean) / std for r in out]
