@@ -57,7 +57,7 @@ def build_base(data: str, out: Path, shape: dict) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from stackrlhf.data.load import load_split
-    from stackrlhf.models.base import train_tokenizer
+    from stackrlhf.models.offline_base import train_tokenizer
 
     texts = list(load_split(data, "finetune", "train")["completion"])[:2000]
     tok = train_tokenizer(texts, vocab_size=8000 if shape is GPT2_SMALL else 500)

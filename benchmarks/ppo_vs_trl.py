@@ -50,7 +50,7 @@ def prepare(root: Path) -> dict:
     from stackrlhf.data.build import build_dataset
     from stackrlhf.data.config import DataConfig
     from stackrlhf.data.load import load_split
-    from stackrlhf.models.base import make_model, train_tokenizer
+    from stackrlhf.models.offline_base import make_model, train_tokenizer
 
     data = root / "data"
     build_dataset(DataConfig(dump=["beer"], out=str(data), progress=False))

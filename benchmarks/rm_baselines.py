@@ -24,7 +24,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from stackrlhf.models.reward import RewardModel
-from stackrlhf.train.reward import confounder_report, evaluation_report, load_pairs, load_test_pairs, pair_scores
+from stackrlhf.train.reward import (answer_scores, confounder_report, evaluation_report, load_pairs, load_test_pairs,
+                                    pair_scores, residualize_length)
 
 
 def structure(text: str) -> list[float]:
@@ -47,6 +48,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a `stackrlhf data build` output")
     parser.add_argument("--rm", action="append", default=[], help="a reward-model or ensemble directory")
+    parser.add_argument("--residualize", action="store_true",
+                        help="also score each --rm with its length trend over the training answers removed, as "
+                             "`stackrlhf rm --residualize-length` would have saved it")
     args = parser.parse_args()
     train = load_pairs([args.data], "train")
     sets = {"held-out": load_pairs([args.data], "eval"), "test": load_test_pairs([args.data])}
@@ -60,6 +64,11 @@ def main() -> None:
     for path in args.rm:
         rm = RewardModel.from_pretrained(path)
         scorers[path] = lambda pairs, rm=rm: pair_scores(rm, pairs, 32, progress="scoring")
+        if args.residualize and not getattr(rm, "length_slope", 0.0):
+            flat = RewardModel.from_pretrained(path)
+            residualize_length(flat, answer_scores(flat, train, 32, progress="scoring the training answers"))
+            print(f"{path}: length slope over the training answers {flat.length_slope:+.4f}")
+            scorers[f"{path}, length residualized"] = lambda pairs, rm=flat: pair_scores(rm, pairs, 32, progress="scoring")
     rows = {}
     for key, pairs in sets.items():
         first = evaluation_report(pairs, np.zeros((len(pairs), 2)))
@@ -82,7 +91,9 @@ def main() -> None:
                 **rows}
         print(f"covariates-only model on test: accuracy {covariates['covariates_accuracy']:.3f}, log-loss "
               f"{covariates['covariates_log_loss']:.4f} (fit on the {covariates['covariates_fit_on']} pairs)")
-    extra = ["test: log-loss gain beyond length+time [95% CI]", "test: reward~length Spearman"] if beyond else []
+    sites = sorted({s for b in beyond.values() for s in b["length_spearman_per_site"]})
+    extra = (["test: log-loss gain beyond length+time [95% CI]", "test: reward~length Spearman"]
+             + [f"Spearman, {site}" for site in sites]) if beyond else []
     print(f"\n| model | {' | '.join(f'{k} accuracy [95% CI] | {k}, shorter-is-better' for k in sets)} |"
           + "".join(f" {c} |" for c in extra))
     print("|---|" + "---|---|" * len(sets) + "---|" * len(extra))
@@ -97,6 +108,9 @@ def main() -> None:
             gain_ci = (b or {}).get("incremental_log_loss_gain_ci95") or [0.0, 0.0]
             out.append("" if b is None else f"{b['incremental_log_loss_gain']:+.4f} [{gain_ci[0]:+.4f}, {gain_ci[1]:+.4f}]")
             out.append("" if b is None or b["length_spearman"] is None else f"{b['length_spearman']:+.3f}")
+            for site in sites:
+                v = (b or {}).get("length_spearman_per_site", {}).get(site, {}).get("spearman")
+                out.append("" if v is None else f"{v:+.3f}")
         print(f"| {name} | {' | '.join(out)} |")
 
 

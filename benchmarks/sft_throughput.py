@@ -22,7 +22,7 @@ from transformers.utils import logging as hf_logging
 from stackrlhf.data.build import build_dataset
 from stackrlhf.data.config import DataConfig
 from stackrlhf.data.load import load_split
-from stackrlhf.models.base import make_model, train_tokenizer
+from stackrlhf.models.offline_base import make_model, train_tokenizer
 from stackrlhf.train.config import SFTConfig
 from stackrlhf.train.sft import sft
 

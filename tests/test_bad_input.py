@@ -7,7 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from conftest import SHARED
+from helpers import SHARED
 from http_server import FileServer
 from stackrlhf.cli import cli
 

@@ -14,7 +14,7 @@ from playwright.sync_api import expect
 
 from stackrlhf.feedback.store import FeedbackStore
 
-from conftest import REPO, free_port, start_server
+from helpers import REPO, free_port, start_server
 
 ARTIFACTS = REPO / "test-artifacts"
 EVIL = "Is <script>window.__pwned = 1</script> safe? <img src=x onerror=\"window.__pwned = 2\">"

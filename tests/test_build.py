@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 import datasets
 import pytest
 
-from conftest import SHARED, SITES, read_parquet_rows
+from helpers import SHARED, SITES, read_parquet_rows
 from stackrlhf.data.build import build_dataset
 from stackrlhf.data.config import DataConfig
 from stackrlhf.data.load import load_split

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from stackrlhf.models.reward import RewardModel, default_backbone, load_backbone
 
-from conftest import REPO
+from helpers import REPO
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
           str(REPO / "configs" / "accelerate" / "cpu-2proc.yaml"), "-m", "stackrlhf.cli"]

@@ -12,10 +12,11 @@ from click.testing import CliRunner
 from stackrlhf.cli import cli
 from stackrlhf.data.splits import pair_half
 from stackrlhf.errors import StackRLHFError
-from stackrlhf.evaluate.metrics import distinct_n, parse_model_spec, win_rate
+from stackrlhf.evaluate.metrics import distinct_n, win_rate
+from stackrlhf.models.answerer import parse_model_spec
 from stackrlhf.models.loading import load_causal_lm
 from stackrlhf.models.reward import RewardModel, default_backbone, load_backbone
-from stackrlhf.rl.ilql import ILQLModel
+from stackrlhf.models.ilql import ILQLModel
 from stackrlhf.train.reward import load_pairs
 
 

@@ -20,7 +20,7 @@ from stackrlhf.feedback.store import FeedbackStore, Label, scoped_client_id
 from stackrlhf.data.load import load_split
 from stackrlhf.train.reward import load_pairs
 
-from conftest import free_port, start_server
+from helpers import free_port, start_server
 
 EVIL = "Is <script>window.__pwned = 1</script> safe? <img src=x onerror=alert(1)>"
 

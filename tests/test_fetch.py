@@ -10,7 +10,7 @@ import py7zr
 import pytest
 from click.testing import CliRunner
 
-from conftest import SHARED
+from helpers import SHARED
 from http_server import FileServer
 from stackrlhf.cli import cli
 from stackrlhf.data.dumps import resolve_dump
@@ -128,7 +128,7 @@ def test_demo_sites_download_on_a_clone_without_shared(tmp_path, monkeypatch):
     from stackrlhf.data.build import build_dataset
     from stackrlhf.data.config import DataConfig
 
-    from conftest import REPO, SITES
+    from helpers import REPO, SITES
 
     served = tmp_path / "served"
     served.mkdir()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_gpu_smoke_runs_on_cpu(beer_data, tmp_path):

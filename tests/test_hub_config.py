@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from conftest import read_parquet_rows
+from helpers import read_parquet_rows
 from stackrlhf.cli import cli
 from stackrlhf.config import load_config
 from stackrlhf.data.config import DataConfig

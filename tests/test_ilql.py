@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from stackrlhf.cli import cli
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.rl.config import ILQLConfig
-from stackrlhf.rl.ilql import ILQLHeads, ILQLModel, ILQLTrainer, ScoredSample, answer_ids, collate
+from stackrlhf.models.ilql import ILQLHeads, ILQLModel
+from stackrlhf.rl.ilql import ILQLTrainer, ScoredSample, answer_ids, collate
 from stackrlhf.rl.randomwalks import evaluate, generate_random_walks, walk_model, walk_tokenizer
 
 
@@ -139,7 +140,7 @@ def test_cli_ilql_on_the_dump_then_ask_with_beta(tiny_lm, beer_data, tmp_path):
 def test_beta_shifts_decoding_by_the_advantage(tiny_lm):
     """The processor's output is exactly log_softmax(logits) + beta * (min Qtarget - V)."""
     from stackrlhf.models.loading import load_causal_lm
-    from stackrlhf.rl.ilql import ILQLLogitsProcessor
+    from stackrlhf.models.ilql import ILQLLogitsProcessor
 
     lm, tok = load_causal_lm(str(tiny_lm))
     model = ILQLModel.create(lm).eval()

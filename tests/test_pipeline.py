@@ -14,7 +14,7 @@ from stackrlhf import pipeline
 from stackrlhf.cli import cli
 from stackrlhf.errors import StackRLHFError
 
-from conftest import SHARED
+from helpers import SHARED
 
 TINY = {
     "data": {"dump": [str(SHARED / "beer.stackexchange.com")], "progress": False},

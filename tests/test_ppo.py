@@ -11,12 +11,12 @@ import torch
 from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.models.freezing import apply_lora
-from stackrlhf.models.heads import PolicyWithValue
+from stackrlhf.models.policy import PolicyWithValue
 from stackrlhf.models.loading import load_causal_lm
 from stackrlhf.rl.config import PPOConfig
 from stackrlhf.rl.ppo import PPOTrainer, clipped_policy_loss, gae, kl_per_token, train_ppo
 
-from conftest import save_tiny_lm
+from helpers import save_tiny_lm
 
 TARGET = "e"
 

@@ -18,7 +18,7 @@ from stackrlhf.rl.ppo import PPOTrainer
 from stackrlhf.train.config import SFTConfig
 from stackrlhf.train.sft import sft
 
-from conftest import save_tiny_lm
+from helpers import save_tiny_lm
 
 
 @pytest.fixture(scope="module")

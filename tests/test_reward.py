@@ -110,7 +110,7 @@ def test_scores_any_text_deterministically_and_reload_identical(planted_rm, tmp_
 
 def test_text_from_another_tokenizer_is_scored(planted_rm):
     """The policy's tokenizer (a byte-level BPE) is not the RM's (WordPiece): scoring goes through text."""
-    from stackrlhf.models.base import train_tokenizer
+    from stackrlhf.models.offline_base import train_tokenizer
 
     out, _ = planted_rm
     rm = RewardModel.from_pretrained(out)
@@ -205,7 +205,7 @@ def test_drop_time_only_pairs(tmp_path):
 
 
 def test_causal_lm_backbone(tmp_path):
-    from stackrlhf.models.base import make_model, train_tokenizer
+    from stackrlhf.models.offline_base import make_model, train_tokenizer
 
     tok = train_tokenizer([" ".join(WORDS)] * 50, vocab_size=300)
     make_model("tiny", tok).save_pretrained(str(tmp_path / "lm"))

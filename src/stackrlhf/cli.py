@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
+import typing
 
 import click
 
@@ -14,6 +16,8 @@ from stackrlhf.data.config import DataConfig
 from stackrlhf.train.config import PretrainConfig, RMConfig, SFTConfig
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.evaluate.config import EvalConfig, ReportConfig
+from stackrlhf.feedback import DEFAULT_DB
+from stackrlhf.models.sampling import SamplingConfig
 from stackrlhf.rl.config import ILQLConfig, PPOConfig
 
 
@@ -100,22 +104,36 @@ def sft_cmd(config_file, **options) -> None:
     sft(load_config(SFTConfig, config_file, section="sft", **options))
 
 
+def sampling_options(**defaults):
+    """One option per :class:`SamplingConfig` field (``ask`` and ``feedback queue`` share them), with the command's
+    own defaults; the command rebuilds the config with :func:`pop_sampling`."""
+    hints = typing.get_type_hints(SamplingConfig)
+
+    def decorate(func):
+        for f in reversed(dataclasses.fields(SamplingConfig)):
+            default = defaults.get(f.name, f.default)
+            func = click.option("--" + f.name.replace("_", "-"), f.name, type=hints[f.name], default=default,
+                                show_default=True, help=f.metadata.get("help", ""))(func)
+        return func
+
+    return decorate
+
+
+def pop_sampling(options: dict) -> SamplingConfig:
+    return SamplingConfig(**{f.name: options.pop(f.name) for f in dataclasses.fields(SamplingConfig)})
+
+
 @cli.command("ask")
 @click.argument("model")
 @click.argument("question")
 @click.option("--title", default="", help="The question's title; QUESTION is then its body.")
-@click.option("--max-new-tokens", default=200, show_default=True, help="Most tokens to generate.")
-@click.option("--temperature", default=0.7, show_default=True, help="Sampling temperature (0: greedy).")
-@click.option("--top-k", default=0, show_default=True, help="Sample among the k most likely tokens (0: off).")
-@click.option("--top-p", default=0.95, show_default=True, help="Nucleus sampling mass (1: off).")
-@click.option("--repetition-penalty", default=1.0, show_default=True, help="Penalty for repeated tokens.")
+@sampling_options(max_new_tokens=200)
 @click.option("--seed", default=None, type=int, help="Seed for reproducible sampling.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda if available]")
 @click.option("--beta", default=None, type=float,
               help="ILQL models: logits + beta * (Q - V) (0: the plain LM) [the value saved with the model].")
 @user_errors
-def ask_cmd(model, question, title, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-            device, beta) -> None:
+def ask_cmd(model, question, title, seed, device, beta, **options) -> None:
     """Answer QUESTION with MODEL (a model directory, a hub id, or a `stackrlhf ilql` output), streamed."""
     import torch
     import transformers
@@ -123,29 +141,13 @@ def ask_cmd(model, question, title, max_new_tokens, temperature, top_k, top_p, r
 
     transformers.utils.logging.disable_progress_bar()  # stdout carries the answer alone
 
-    from stackrlhf.models.generation import SamplingConfig, generate
-    from stackrlhf.models.loading import load_causal_lm
+    from stackrlhf.models.answerer import Answerer, ModelSpec
     from stackrlhf.prompts import format_prompt
 
-    from stackrlhf.rl.ilql import ILQLModel, ilql_generate, is_ilql_model
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    prompt = format_prompt(title, question)
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              repetition_penalty=repetition_penalty)
-    if is_ilql_model(model):
-        ilql, tok, saved = ILQLModel.from_pretrained(model, device=device)
-        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        if top_k == 0:
-            sampling.top_k = saved.get("top_k", 0)
-        gen = ilql_generate(ilql, tok, [prompt], sampling, beta=saved.get("beta", 1.0) if beta is None else beta,
-                            batch_size=1, seed=seed, streamer=streamer)
-    else:
-        if beta is not None:
-            raise StackRLHFError(f"--beta applies to ILQL models only; {model} has no ILQL heads")
-        lm, tok = load_causal_lm(model, device=device)
-        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        gen = generate(lm, tok, [prompt], sampling, batch_size=1, seed=seed, streamer=streamer)
+    answerer = Answerer(ModelSpec(model, model, beta), device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    streamer = TextStreamer(answerer.tok, skip_prompt=True, skip_special_tokens=True)
+    gen = answerer.generate([format_prompt(title, question)], pop_sampling(options), batch_size=1, seed=seed,
+                            streamer=streamer)
     if not gen.texts[0].strip():  # a weak model may end at once: say so rather than print nothing
         click.echo("(the model ended its answer immediately: it produced no text; try another --seed or a higher "
                    "--temperature, or train it further)", err=True)
@@ -251,7 +253,7 @@ def report_cmd(config_file, **options) -> None:
 
     Example: stackrlhf report --run outputs/demo --out outputs/demo/report.html
     """
-    from stackrlhf.evaluate.report import write_report
+    from stackrlhf.pipeline import write_report
 
     click.echo(str(write_report(load_config(ReportConfig, config_file, section="report", **options))))
 
@@ -312,7 +314,7 @@ def feedback() -> None:
     """Human feedback: queue model answers, annotate them in the web app, export pairs, measure agreement."""
 
 
-DB_OPTION = click.option("--db", default="sqlite:///feedback.db", show_default=True,
+DB_OPTION = click.option("--db", default=DEFAULT_DB, show_default=True,
                          help="SQLAlchemy URL of the feedback store (SQLite file, or postgresql+psycopg://...).")
 
 
@@ -338,21 +340,16 @@ def feedback_add_annotator(name, db, admin) -> None:
 @click.option("--answers-per-question", default=2, show_default=True, help="Candidates per task (K).")
 @click.option("--control/--no-control", default=False, show_default=True,
               help="Mix in the dump's best answer as one of the K (evaluation split).")
-@click.option("--max-new-tokens", default=160, show_default=True)
-@click.option("--temperature", default=0.7, show_default=True)
-@click.option("--top-p", default=0.95, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@sampling_options(max_new_tokens=160)
+@click.option("--seed", default=0, show_default=True, help="Seed of the questions' choice and of the sampling.")
 @click.option("--batch", default="", help="A name for this batch of tasks (recorded with each).")
 @user_errors
-def feedback_queue(db, models, data, split, questions, answers_per_question, control, max_new_tokens, temperature,
-                   top_p, seed, batch) -> None:
+def feedback_queue(db, models, data, split, questions, answers_per_question, control, seed, batch, **options) -> None:
     """Generate K candidate answers per question and store them as comparison tasks."""
     from stackrlhf.feedback.queue import queue_tasks
-    from stackrlhf.models.generation import SamplingConfig
 
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    result = queue_tasks(db, list(models), split, questions, answers_per_question, control, sampling, data, seed,
-                         batch)
+    result = queue_tasks(db, list(models), split, questions, answers_per_question, control, pop_sampling(options),
+                         data, seed, batch)
     click.echo(f"queued {result['tasks']} tasks of {answers_per_question} answers in {db}")
 
 
@@ -428,6 +425,7 @@ def feedback_stats_cmd(db, as_json, replication) -> None:
 
 
 def main() -> None:
+    _cpu_processes_without_gpu()
     cli(prog_name="stackrlhf")
 
 
@@ -441,9 +439,6 @@ def _cpu_processes_without_gpu() -> None:
 
         if not torch.cuda.is_available():
             os.environ["ACCELERATE_USE_CPU"] = "true"
-
-
-_cpu_processes_without_gpu()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -199,3 +199,18 @@ def write_text_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+REPORT_TARGETS = ("tensorboard", "wandb")
+
+
+def report_targets(report_to: str) -> list[str]:
+    """Where metrics go, from a ``report_to`` setting: ``tensorboard``, ``wandb``, ``both`` (or a comma list of
+    the two), or ``none``; anything else is refused with a message that lists the choices."""
+    names = [n.strip() for n in report_to.split(",") if n.strip()]
+    out: list[str] = []
+    for name in names:
+        if name not in (*REPORT_TARGETS, "both", "none"):
+            raise StackRLHFError(f"--report-to {report_to}: {name!r} is not one of tensorboard, wandb, both, none")
+        out.extend(REPORT_TARGETS if name == "both" else [] if name == "none" else [name])
+    return list(dict.fromkeys(out))

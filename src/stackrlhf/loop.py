@@ -21,8 +21,10 @@ from rich.console import Console
 from rich.table import Table
 
 from stackrlhf.config import config_from_dict, read_json, read_yaml_mapping, save_config, write_text_atomic
+from stackrlhf.data.schema import shard_file
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.evaluate.config import EvalConfig
+from stackrlhf.feedback import DEFAULT_DB
 from stackrlhf.pipeline import Stage, run_stage, stage_key
 from stackrlhf.rl.config import PPOConfig
 from stackrlhf.train.config import RMConfig
@@ -35,18 +37,21 @@ SETTINGS_FILE = "loop.yaml"
 @dataclass
 class LoopConfig:
     """The registry's settings, saved in ``REGISTRY/loop.yaml`` by the first turn and read by the next ones."""
-    data: str = ""  # the votes: a `stackrlhf data build` output (pairs, and the rl prompts)
-    db: str = "sqlite:///feedback.db"  # the feedback store
-    gold_reward: str = ""  # a held-out judge for the evaluation (rm --pairs-half gold); optional
-    min_labels: int = 20  # labels of the queued batch needed before a turn trains
-    questions: int = 20  # questions queued per turn (from the rl split)
-    answers_per_question: int = 2
-    max_new_tokens: int = 96
-    temperature: float = 0.8
-    top_p: float = 0.95
-    rm: dict = field(default_factory=dict)  # RMConfig settings (data and out are filled in)
-    ppo: dict = field(default_factory=dict)  # PPOConfig settings (policy, reward, data, out filled in)
-    eval: dict = field(default_factory=dict)  # EvalConfig settings (models, judges, out filled in)
+    data: str = field(default="", metadata={"help": "The votes: a `stackrlhf data build` output (pairs, rl prompts)."})
+    db: str = field(default=DEFAULT_DB, metadata={"help": "SQLAlchemy URL of the feedback store."})
+    gold_reward: str = field(default="", metadata={
+        "help": "A held-out judge for the evaluation (an RM trained with --pairs-half gold); optional."})
+    min_labels: int = field(default=20, metadata={"help": "Labels of the queued batch needed before a turn trains."})
+    questions: int = field(default=20, metadata={"help": "Questions queued per turn (from the rl split)."})
+    answers_per_question: int = field(default=2, metadata={"help": "Candidate answers per queued question (K)."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Most tokens per queued answer."})
+    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of the queued answers."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass of the queued answers."})
+    rm: dict = field(default_factory=dict, metadata={"help": "RMConfig settings (data and out are filled in)."})
+    ppo: dict = field(default_factory=dict, metadata={
+        "help": "PPOConfig settings (policy, reward, data and out are filled in)."})
+    eval: dict = field(default_factory=dict, metadata={
+        "help": "EvalConfig settings (models, judges and out are filled in)."})
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -140,7 +145,7 @@ def _train_turn(registry: Path, reg: dict, cfg: LoopConfig, current: dict, label
     vdir = registry / f"v{n}"
     feedback = vdir / "feedback"
     summary = export_feedback(FeedbackStore(cfg.db), feedback)
-    pairs_blob = (feedback / "reward" / "train-00000-of-00001.parquet").read_bytes()
+    pairs_blob = (feedback / "reward" / shard_file("train")).read_bytes()
     keys = {"data": json.loads((Path(cfg.data) / "stats.json").read_text()).get("build_key", cfg.data),
             "feedback": hashlib.sha256(pairs_blob).hexdigest()[:16]}
     stamps = vdir / ".pipeline"

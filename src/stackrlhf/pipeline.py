@@ -47,7 +47,6 @@ STAGES: dict[str, tuple[str, type]] = {
 }
 REQUIRED = ("data", "sft", "rm")
 TOP_LEVEL = {"out", "base"}
-PIPELINE_ONLY = {"eval": {"ilql_betas", "include_base"}}  # eval keys the pipeline reads, not EvalConfig
 # settings that do not change a stage's result
 NOT_IN_KEY = {"out", "progress", "report_to", "resume", "overwrite", "cache_dir"}
 DEMO_CONFIG = "configs/demo.yaml"
@@ -205,8 +204,25 @@ RUNNERS = {  # stage -> its function, imported late: the CLI starts fast and a s
     "ppo": "stackrlhf.rl.ppo:train_ppo",
     "ilql": "stackrlhf.rl.ilql:train_ilql",
     "eval": "stackrlhf.evaluate.metrics:evaluate_models",
-    "report": "stackrlhf.evaluate.report:write_report",
+    "report": "stackrlhf.pipeline:write_report",
 }
+
+
+def write_report(cfg: ReportConfig) -> Path:
+    """The report stage. Human feedback given as the store's URL is exported first (to a temp folder), so the
+    report reads only artifacts, the ``ratings.parquet`` of a ``feedback export``."""
+    import tempfile
+
+    from stackrlhf.evaluate.report import write_report as write
+
+    if "://" not in cfg.feedback:
+        return write(cfg)
+    from stackrlhf.feedback.export import export_feedback
+    from stackrlhf.feedback.store import FeedbackStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_feedback(FeedbackStore(cfg.feedback), Path(tmp) / "feedback")
+        return write(dataclasses.replace(cfg, feedback=str(Path(tmp) / "feedback")))
 
 
 def runner(name: str) -> Callable[[Any], Any]:

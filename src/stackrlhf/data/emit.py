@@ -89,10 +89,10 @@ class SplitWriters:
     """One Parquet writer per output split, and per-site row counts."""
 
     def __init__(self, root: Path):
-        from stackrlhf.data.schema import SCHEMAS
+        from stackrlhf.data.schema import SCHEMAS, shard_file
 
         # Small row groups: a pair or evaluation row holds several posts, and every writer buffers at once.
-        self.writers = {key: ParquetRowWriter(root / key[0] / f"{key[1]}-00000-of-00001.parquet", SCHEMAS[key[0]],
+        self.writers = {key: ParquetRowWriter(root / key[0] / shard_file(key[1]), SCHEMAS[key[0]],
                                               flush_rows=512)
                         for key in (FINETUNE_TRAIN, FINETUNE_EVAL, REWARD_TRAIN, REWARD_EVAL, RL_TRAIN,
                                     EVALUATION, EVALUATION_PAIRS)}

@@ -9,7 +9,6 @@ their number of wins within their question; the given pairs are kept as they are
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -17,6 +16,7 @@ from urllib.parse import urlparse
 from tqdm.auto import tqdm
 
 from stackrlhf.data.config import DataConfig
+from stackrlhf.data.output import build_key, build_stats, console, finish_build, temp_build_dir, up_to_date
 from stackrlhf.errors import StackRLHFError
 
 PAIRED_COLUMNS = ("qid", "question", "date", "metadata", "response_j", "response_k")
@@ -63,7 +63,6 @@ def _site_of(metadata: list[str] | None, fallback: str) -> str:
 def build_from_hub(cfg: DataConfig) -> dict:
     import pyarrow.parquet as pq
 
-    from stackrlhf.data import build as b
     from stackrlhf.data.emit import Answer, Question, SplitWriters, arrow_batches, connect, emit_question
     from stackrlhf.data.pairs import sample_pairs
 
@@ -76,13 +75,12 @@ def build_from_hub(cfg: DataConfig) -> dict:
                                  f"expected lvwerra/stack-exchange-paired's {', '.join(PAIRED_COLUMNS)}")
     out = Path(cfg.out)
     fallback = "hub:" + Path(cfg.from_hub).stem if Path(cfg.from_hub).exists() else "hub:" + cfg.from_hub
-    key = b.build_key(cfg, {"hub": files})
-    previous = b.up_to_date(out, key, cfg.overwrite)
+    key = build_key(cfg, {"hub": files})
+    previous = up_to_date(out, key, cfg.overwrite)
     if previous is not None:
         return previous
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=b._parent(out)))
-    try:
+    with temp_build_dir(out) as tmp:
         writers = SplitWriters(tmp)
         per_site: dict[str, dict] = {}
         con = connect(cfg, tmp / "_duckdb")
@@ -127,12 +125,8 @@ def build_from_hub(cfg: DataConfig) -> dict:
         con.close()
         writers.close()
         shutil.rmtree(tmp / "_duckdb", ignore_errors=True)
-        stats = b._stats(cfg, key, per_site, writers, 0, time.perf_counter() - start, 1.0)
+        stats = build_stats(cfg, key, per_site, writers, 0, time.perf_counter() - start, 1.0)
         stats["source"] = cfg.from_hub
-        b._write_metadata(tmp, cfg, stats)
-        b._swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    b.console.print(f"[green]wrote {out}[/] from {cfg.from_hub}")
+        finish_build(tmp, out, cfg, stats)
+    console.print(f"[green]wrote {out}[/] from {cfg.from_hub}")
     return stats

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+
+def shard_file(split: str) -> str:
+    """The Parquet file a split is written to (one shard, in the hub's naming, so ``load_dataset`` finds it)."""
+    return f"{split}-00000-of-00001.parquet"
+
+
 _QUESTION_FIELDS = [
     pa.field("site", pa.string()),
     pa.field("qid", pa.int64()),

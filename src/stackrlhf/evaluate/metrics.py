@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
@@ -26,79 +25,11 @@ from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.evaluate.config import EvalConfig
 from stackrlhf.models.confounders import length_adjusted_gains, words
-from stackrlhf.models.generation import SamplingConfig, generate, pack_sequences
-from stackrlhf.models.loading import load_causal_lm
-from stackrlhf.rl.ilql import is_ilql_model
+from stackrlhf.models.generation import SamplingConfig, pack_sequences
+from stackrlhf.models.answerer import Answerer, ModelSpec, parse_model_spec
+from stackrlhf.models.ilql import is_ilql_model
 
 console = Console(stderr=True)
-
-
-@dataclass
-class ModelSpec:
-    name: str
-    path: str
-    beta: float | None = None  # ILQL only; None: the beta saved with the model
-
-
-def parse_model_spec(text: str) -> ModelSpec:
-    """``NAME=PATH``, ``NAME=PATH@BETA`` or a bare ``PATH`` (named after its last folder)."""
-    name, sep, path = text.partition("=")
-    if not sep:
-        name, path = Path(text.rstrip("/")).name or text, text
-    beta = None
-    if "@" in path:
-        path, _, b = path.rpartition("@")
-        try:
-            beta = float(b)
-        except ValueError as exc:
-            raise StackRLHFError(f"--model {text}: the part after @ must be an ILQL beta, e.g. ilql=out/ilql@2") from exc
-    if not name or not path:
-        raise StackRLHFError(f"--model {text}: expected NAME=PATH")
-    return ModelSpec(name, path, beta)
-
-
-class Candidate:
-    """A model as it answers: a plain causal LM, or an ILQL model decoding with logits + beta * (Q - V)."""
-
-    def __init__(self, spec: ModelSpec, device):
-        from stackrlhf.rl.ilql import ILQLModel
-
-        self.spec = spec
-        self.ilql = None
-        if is_ilql_model(spec.path):
-            self.ilql, self.tok, saved = ILQLModel.from_pretrained(spec.path, device=device)
-            self.lm = self.ilql.lm
-            self.beta = saved.get("beta", 1.0) if spec.beta is None else spec.beta
-            self.top_k = saved.get("top_k", 0)  # ILQL decodes with the top-k it was trained for (trlx: 20)
-        else:
-            if spec.beta is not None:
-                raise StackRLHFError(f"--model {spec.name}: @beta applies to ILQL models only")
-            self.lm, self.tok = load_causal_lm(spec.path, device=device)
-            self.beta, self.top_k = None, 0
-        self.lm.eval()
-
-    def generate(self, prompts: list[str], sampling: SamplingConfig, batch_size: int, seed: int):
-        if self.ilql is not None:
-            from stackrlhf.rl.ilql import ilql_generate
-
-            sampling = replace(sampling, top_k=sampling.top_k or self.top_k)  # --top-k given: it wins, as in ask
-            return ilql_generate(self.ilql, self.tok, prompts, sampling, self.beta, batch_size, seed)
-        return generate(self.lm, self.tok, prompts, sampling, batch_size=batch_size, seed=seed)
-
-    @torch.no_grad()
-    def response_logprobs(self, batch: dict) -> torch.Tensor:
-        """log p(response token | prefix) under the distribution the model samples from (temperature 1)."""
-        R = batch["responses"].shape[1]
-        if self.ilql is None:
-            logits = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             position_ids=batch["position_ids"], use_cache=False, logits_to_keep=batch["keep"]).logits
-            logp = F.log_softmax(logits[:, :R].float(), -1)
-        else:
-            h = self.ilql.hidden_states(batch["input_ids"], batch["attention_mask"],
-                                        batch["position_ids"])[:, -batch["keep"]:][:, :R]
-            logits = self.lm.get_output_embeddings()(h)
-            logp = F.log_softmax(self.ilql.shifted_logprobs(logits, h, self.beta or 0.0), -1)
-        return logp.gather(-1, batch["responses"].unsqueeze(-1)).squeeze(-1) * batch["response_mask"]
 
 
 def distinct_n(texts: list[str], n: int = 2) -> float:
@@ -117,7 +48,7 @@ def same_vocabulary(a, b) -> bool:
     return len(a) == len(b) and a.get_vocab() == b.get_vocab()
 
 
-def batched_logprobs(model: Candidate, prompt_ids, response_ids, pad: int, device, batch_size: int) -> list[torch.Tensor]:
+def batched_logprobs(model: Answerer, prompt_ids, response_ids, pad: int, device, batch_size: int) -> list[torch.Tensor]:
     """Per answer, the log-probs of its tokens (a 1-D tensor each)."""
     out = []
     for start in range(0, len(prompt_ids), batch_size):
@@ -151,14 +82,14 @@ def evaluate_models(cfg: EvalConfig) -> dict:
     if cfg.gold_reward:
         judges["gold"] = RewardModel.from_pretrained(cfg.gold_reward, device=device)
     reference_path = cfg.reference or next(s.path for s in specs if s.name == baseline)
-    reference = Candidate(ModelSpec("reference", reference_path, 0.0 if is_ilql_model(reference_path) else None), device)
+    reference = Answerer(ModelSpec("reference", reference_path, 0.0 if is_ilql_model(reference_path) else None), device)
 
     answers: dict[str, list[str]] = {}
     per_answer: dict[str, dict[str, list[float]]] = {}
     results: dict[str, dict] = {}
     for spec in tqdm(specs, desc="models", disable=not cfg.progress):
         t0 = time.perf_counter()
-        model = Candidate(spec, device)
+        model = Answerer(spec, device)
         gen = model.generate(prompts, sampling, cfg.batch_size, cfg.seed)
         t_gen = time.perf_counter() - t0
         pad = model.tok.pad_token_id

@@ -221,14 +221,8 @@ def feedback_distribution(source: str) -> str:
 
 
 def load_rating_distribution(source: str) -> dict | None:
-    """{kind: {model: {rating: count}}} from a feedback export directory or the store's URL."""
-    if "://" in source:
-        from stackrlhf.feedback.export import feedback_stats
-        from stackrlhf.feedback.store import FeedbackStore
-
-        dist = feedback_stats(FeedbackStore(source))["rating_distribution"]
-        return {k: {m: {int(r): n for r, n in c.items()} for m, c in v.items()} for k, v in dist.items()} \
-            if any(dist.values()) else None
+    """{kind: {model: {rating: count}}} from a feedback export directory (a store's URL is exported to one first:
+    :func:`stackrlhf.pipeline.write_report`)."""
     path = Path(source) / "ratings.parquet"
     if not path.is_file():
         return None

@@ -20,6 +20,7 @@ from fastapi.templating import Jinja2Templates
 from markdown_it import MarkdownIt
 
 from stackrlhf.data.attribution import http_url
+from stackrlhf.data.schema import shard_file
 from stackrlhf.feedback.store import MAX_COMMENT, MAX_ID, FeedbackStore
 
 HERE = Path(__file__).parent
@@ -313,7 +314,7 @@ def create_app(db: str, replication: int = 2, max_comment: int = MAX_COMMENT, ma
         admin_of(request)
         with tempfile.TemporaryDirectory() as tmp:
             export_feedback(store, Path(tmp) / "export")
-            rows = pq.read_table(Path(tmp) / "export" / "reward" / "train-00000-of-00001.parquet").to_pylist()
+            rows = pq.read_table(Path(tmp) / "export" / "reward" / shard_file("train")).to_pylist()
         return PlainTextResponse("".join(json.dumps(r, default=str) + "\n" for r in rows),
                                  media_type="application/x-ndjson")
 

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stackrlhf.data.schema import PAIRS
+from stackrlhf.data.schema import PAIRS, shard_file
 from stackrlhf.feedback.store import FeedbackStore
 
 TIE = "tie"
@@ -153,7 +153,7 @@ def export_feedback(store: FeedbackStore, out: str | Path) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
         (tmp / "reward").mkdir()
-        pq.write_table(pa.Table.from_pylist(pairs, schema=PAIRS), tmp / "reward" / "train-00000-of-00001.parquet")
+        pq.write_table(pa.Table.from_pylist(pairs, schema=PAIRS), tmp / "reward" / shard_file("train"))
         pq.write_table(pa.Table.from_pylist(ratings) if ratings else pa.table({"task_id": pa.array([], pa.int64())}),
                        tmp / "ratings.parquet")
         summary = {"pairs": len(pairs), "ratings": len(ratings), "source": store.url.split("@")[-1]}

@@ -13,14 +13,13 @@ from tqdm.auto import tqdm
 from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.feedback.store import FeedbackStore
-from stackrlhf.models.generation import SamplingConfig
+from stackrlhf.models.answerer import Answerer, parse_model_spec
+from stackrlhf.models.sampling import SamplingConfig
 
 
 def queue_tasks(db: str, models: list[str], split: str = "evaluation", questions: int = 20,
                 answers_per_question: int = 2, control: bool = False, sampling: SamplingConfig | None = None,
                 data: str = "", seed: int = 0, batch: str = "", progress: bool = True) -> dict:
-    from stackrlhf.evaluate.metrics import Candidate, parse_model_spec
-
     if split not in ("rl", "evaluation"):
         raise StackRLHFError(f"--split {split}: use rl or evaluation")
     if control and split != "evaluation":
@@ -43,7 +42,7 @@ def queue_tasks(db: str, models: list[str], split: str = "evaluation", questions
         mine = [k for k, s in slots if s is spec]
         if not mine:
             continue
-        model = Candidate(spec, device)
+        model = Answerer(spec, device)
         for k in mine:
             gen = model.generate([q["prompt"] for q in picked], sampling, 8, seed + 1000 * k)
             for i, text in enumerate(gen.texts):

@@ -20,9 +20,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 from stackrlhf.errors import StackRLHFError
+from stackrlhf.feedback import DEFAULT_DB
 
 MAX_COMMENT = 2000
-DEFAULT_DB = "sqlite:///feedback.db"
 MAX_OFFERS_PER_SLOT = 3  # a task is offered to at most replication * this annotators (skips free slots)
 MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER columns on PostgreSQL
 

@@ -3,30 +3,14 @@ KV cache, stops at EOS, at most ``max_new_tokens``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from stackrlhf.models.padding import pad
+from stackrlhf.models.sampling import SamplingConfig
 from stackrlhf.prompts import fit_prompt_ids
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = field(default=128, metadata={"help": "Most tokens to generate per answer."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (0: greedy)."})
-    top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens (0: off)."})
-    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass (1: off)."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalty for repeated tokens (1: off)."})
-    max_prompt_tokens: int = field(default=384, metadata={"help": "Longer prompts are cut in the middle."})
-
-    def generate_kwargs(self) -> dict:
-        greedy = self.temperature <= 0
-        kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": not greedy, "use_cache": True,
-                  "repetition_penalty": self.repetition_penalty}
-        if not greedy:
-            kwargs.update(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p)
-        return kwargs
 
 
 @dataclass
@@ -57,11 +41,9 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
     all_ids = encode_prompts(tok, prompts, sampling.max_prompt_tokens)
     for start in range(0, len(all_ids), batch_size):
         chunk = all_ids[start:start + batch_size]
-        width = max(len(ids) for ids in chunk)
-        pad = tok.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
-        generated = model.generate(input_ids=input_ids, attention_mask=attention, pad_token_id=pad,
+        input_ids, attention = (t.to(device) for t in pad(chunk, tok.pad_token_id, side="left"))
+        width = input_ids.shape[1]
+        generated = model.generate(input_ids=input_ids, attention_mask=attention, pad_token_id=tok.pad_token_id,
                                    eos_token_id=eos, streamer=streamer, logits_processor=logits_processor,
                                    **sampling.generate_kwargs())
         for ids, row in zip(chunk, generated[:, width:].tolist()):

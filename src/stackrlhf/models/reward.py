@@ -19,6 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from stackrlhf.config import write_text_atomic
 from stackrlhf.models.confounders import words
 from stackrlhf.errors import StackRLHFError
+from stackrlhf.models.padding import pad
 from stackrlhf.prompts import fit_prompt_ids
 
 STATS_FILE = "reward_stats.json"
@@ -108,13 +109,7 @@ class RewardModel:
         write_text_atomic(path / STATS_FILE, json.dumps(self.stats, indent=2))
 
     def collate(self, ids: list[list[int]]) -> dict:
-        width = max(len(x) for x in ids)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, : len(x)] = torch.tensor(x)
-            mask[i, : len(x)] = 1
+        input_ids, mask = pad(ids, self.tokenizer.pad_token_id)
         return {"input_ids": input_ids, "attention_mask": mask}
 
     @torch.no_grad()

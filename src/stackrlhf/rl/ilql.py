@@ -13,9 +13,7 @@ Decoding (:class:`ILQLLogitsProcessor`): log_softmax(logits) + beta * (min Qtarg
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -29,20 +27,20 @@ from accelerate import Accelerator
 from rich.console import Console
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup
 
-from stackrlhf.config import save_config, write_text_atomic
+from stackrlhf.config import write_text_atomic
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.models.confounders import spearman, words
 from stackrlhf.models.freezing import describe_trainable, freeze_bottom
+from stackrlhf.models.ilql import SETTINGS_FILE, ILQLModel
 from stackrlhf.models.loading import load_causal_lm, resolve_dtype
 from stackrlhf.models.precision import autocast, upcast_trainable
-from stackrlhf.rl.checkpoints import load_latest, save_checkpoint
+from stackrlhf.rl.common import (MetricsWriter, load_latest, pass_batch, save_checkpoint, seed_everything,
+                                 write_run_artifacts)
 from stackrlhf.rl.config import ILQLConfig
 
 console = Console(stderr=True)
-HEADS_FILE = "ilql_heads.safetensors"
-SETTINGS_FILE = "ilql.json"
 
 
 @dataclass
@@ -54,106 +52,18 @@ class ScoredSample:
     reward: float
 
 
-# ---------------------------------------------------------------- heads
+# ---------------------------------------------------------------- the loss
 
-class MLPHead(nn.Module):
-    """hidden -> 2*hidden -> out (trlx's head shape). :meth:`gathered` computes only the chosen outputs."""
+class ILQLObjective(nn.Module):
+    """The loss as a module, so that DDP (``accelerate launch``) wraps it and syncs the model's gradients."""
 
-    def __init__(self, hidden: int, out: int):
+    def __init__(self, model: ILQLModel):
         super().__init__()
-        self.fc = nn.Linear(hidden, 2 * hidden)
-        self.out = nn.Linear(2 * hidden, out)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.out(F.relu(self.fc(h)))
-
-    def gathered(self, h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """``forward(h).gather(-1, index)`` without the vocabulary-wide product."""
-        z = F.relu(self.fc(h))
-        return (z * self.out.weight[index]).sum(-1) + self.out.bias[index]
-
-
-class ILQLHeads(nn.Module):
-    """Q heads (one or two), their target copies (never trained by gradient), and the V head."""
-
-    def __init__(self, hidden: int, vocab: int, two_qs: bool = True):
-        super().__init__()
-        self.q_heads = nn.ModuleList(MLPHead(hidden, vocab) for _ in range(2 if two_qs else 1))
-        self.target_q_heads = copy.deepcopy(self.q_heads)
-        for p in self.target_q_heads.parameters():
-            p.requires_grad_(False)
-        self.v_head = MLPHead(hidden, 1)
-
-    @torch.no_grad()
-    def sync_target(self, alpha: float) -> None:
-        """Polyak averaging: target <- alpha * online + (1 - alpha) * target."""
-        for target, online in zip(self.target_q_heads.parameters(), self.q_heads.parameters()):
-            target.mul_(1 - alpha).add_(online, alpha=alpha)
-
-    def advantage(self, h: torch.Tensor) -> torch.Tensor:
-        """min_i Qtarget_i(s, .) - V(s): the decoding shift, for every token of the vocabulary."""
-        q = torch.stack([head(h) for head in self.target_q_heads]).amin(0)
-        return q - self.v_head(h)
-
-
-class ILQLModel(nn.Module):
-    """A causal LM and the ILQL heads on its final hidden state."""
-
-    def __init__(self, lm: nn.Module, heads: ILQLHeads):
-        super().__init__()
-        self.lm = lm
-        self.heads = heads
-
-    @classmethod
-    def create(cls, lm: nn.Module, two_qs: bool = True) -> "ILQLModel":
-        head = lm.get_output_embeddings()
-        heads = ILQLHeads(head.weight.shape[1], head.weight.shape[0], two_qs)
-        p = next(lm.parameters())
-        return cls(lm, heads.to(p.device, dtype=p.dtype))
+        self.model = model
 
     def forward(self, batch: dict, cfg: ILQLConfig) -> tuple[torch.Tensor, dict]:
-        """The ILQL loss of a batch: through ``forward`` so that DDP (``accelerate launch``) syncs the gradients."""
-        return ilql_loss(self, batch, cfg)
+        return ilql_loss(self.model, batch, cfg)
 
-    def hidden_states(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
-        """Final hidden states (after the last norm: what the LM head reads), without computing any logits."""
-        trunk = getattr(self.lm, self.lm.base_model_prefix)  # GPT2Model, LlamaModel ... (ends with the final norm)
-        return trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     use_cache=False).last_hidden_state
-
-    def shifted_logprobs(self, logits: torch.Tensor, h: torch.Tensor, beta: float) -> torch.Tensor:
-        """The decoding distribution's scores: log_softmax(logits) + beta * (min Qtarget - V)."""
-        logp = F.log_softmax(logits.float(), dim=-1)
-        if not beta:
-            return logp
-        return logp + beta * self.heads.advantage(h).float()[..., : logp.shape[-1]]
-
-    def save_pretrained(self, out: Path) -> None:
-        from safetensors.torch import save_file
-
-        self.lm.save_pretrained(str(out), safe_serialization=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}, str(out / HEADS_FILE))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device=None, dtype: str | None = "auto"):
-        """(model, tokenizer, saved decoding settings) of a ``stackrlhf ilql`` output."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if not (path / HEADS_FILE).is_file():
-            raise StackRLHFError(f"{path}: not an ILQL model (no {HEADS_FILE}); train one with `stackrlhf ilql`")
-        lm, tok = load_causal_lm(str(path), dtype=dtype, device=device)
-        settings = json.loads((path / SETTINGS_FILE).read_text()) if (path / SETTINGS_FILE).is_file() else {}
-        model = cls.create(lm, two_qs=settings.get("two_qs", True))
-        model.heads.load_state_dict(load_file(str(path / HEADS_FILE), device=str(next(lm.parameters()).device)))
-        return model.eval(), tok, settings
-
-
-def is_ilql_model(path: str | Path) -> bool:
-    return (Path(path) / HEADS_FILE).is_file()
-
-
-# ---------------------------------------------------------------- the loss
 
 def ilql_loss(model: ILQLModel, batch: dict, cfg: ILQLConfig) -> tuple[torch.Tensor, dict]:
     """The ILQL objective on one batch. ``batch``: right-padded ``input_ids`` / ``attention_mask``,
@@ -202,42 +112,6 @@ def ilql_loss(model: ILQLModel, batch: dict, cfg: ILQLConfig) -> tuple[torch.Ten
              "values/advantage_mean": advantage.mean().item(), "values/reward_mean": batch["rewards"].float().mean().item(),
              "lm/nll": nll.mean().item(), "tokens": int(len(actions))}
     return loss, stats
-
-
-# ---------------------------------------------------------------- decoding
-
-class ILQLLogitsProcessor(LogitsProcessor):
-    """Shift each next-token distribution by beta * (min Qtarget - V) of the current state.
-
-    It reads the final hidden state that the LM head has just consumed (a forward pre-hook), so it works
-    inside ``model.generate`` with its KV cache; the sampler's temperature / top-k / top-p apply after it."""
-
-    def __init__(self, model: ILQLModel, beta: float):
-        self.model, self.beta = model, beta
-        self._hidden = None
-        self._hook = model.lm.get_output_embeddings().register_forward_pre_hook(self._capture)
-
-    def _capture(self, module, args):
-        self._hidden = args[0]
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return self.model.shifted_logprobs(scores, self._hidden[:, -1], self.beta)
-
-    def close(self) -> None:
-        self._hook.remove()
-
-
-def ilql_generate(model: ILQLModel, tok, prompts: Sequence[str], sampling, beta: float, batch_size: int = 8,
-                  seed: int | None = None, streamer=None):
-    """:func:`stackrlhf.models.generation.generate` with the ILQL shift."""
-    from stackrlhf.models.generation import generate
-
-    processor = ILQLLogitsProcessor(model, beta)
-    try:
-        return generate(model.lm, tok, list(prompts), sampling, batch_size=batch_size, seed=seed, streamer=streamer,
-                        logits_processor=[processor])
-    finally:
-        processor.close()
 
 
 # ---------------------------------------------------------------- data
@@ -327,7 +201,7 @@ class ILQLTrainer:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.accelerator = Accelerator()
-        self._seed_everything()
+        seed_everything(cfg.seed, self.accelerator.process_index)
         self.dtype = resolve_dtype(cfg.dtype)
         if model is None:
             model, tok = load_causal_lm(cfg.model, dtype=cfg.dtype, device=self.accelerator.device)
@@ -352,20 +226,10 @@ class ILQLTrainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, cfg.warmup_steps, cfg.steps)
-        self.wrapped, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.wrapped, self.optimizer = self.accelerator.prepare(ILQLObjective(self.model), self.optimizer)
         self.step_index = 0
         self.history: list[dict] = []
-        self.writer = None
-        if self.accelerator.is_main_process and "tensorboard" in cfg.report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(self.out / "runs"))
-
-    def _seed_everything(self) -> None:
-        seed = self.cfg.seed + self.accelerator.process_index
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed)
+        self.writer = MetricsWriter(self.out, cfg.report_to, self.accelerator.is_main_process, cfg)
 
     def _rm_scorer(self):
         from stackrlhf.models.reward import RewardModel
@@ -375,12 +239,9 @@ class ILQLTrainer:
 
     def batch(self, step: int) -> list[ScoredSample]:
         """A seeded permutation per pass over the data, each process its own slice: resumable exactly."""
-        per_step = self.cfg.batch_size * self.accelerator.num_processes
-        steps_per_pass = max(len(self.samples) // per_step, 1)
-        order = list(range(len(self.samples)))
-        random.Random(self.cfg.seed + step // steps_per_pass).shuffle(order)
-        start = (step % steps_per_pass) * per_step + self.accelerator.process_index * self.cfg.batch_size
-        return [self.samples[i] for i in order[start:start + self.cfg.batch_size]]
+        return [self.samples[i] for i in pass_batch(len(self.samples), step, self.cfg.batch_size,
+                                                    self.accelerator.num_processes, self.accelerator.process_index,
+                                                    self.cfg.seed)]
 
     def step(self) -> dict:
         cfg = self.cfg
@@ -444,9 +305,8 @@ class ILQLTrainer:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss/total']:.3f}", q=f"{metrics['values/q_mean']:.2f}",
                             v=f"{metrics['values/v_mean']:.2f}")
-            if self.writer is not None and self.step_index % cfg.log_every == 0:
-                for key, value in metrics.items():
-                    self.writer.add_scalar(key, value, self.step_index)
+            if self.step_index % cfg.log_every == 0:
+                self.writer.scalars(metrics, self.step_index)
             if cfg.save_every and self.step_index % cfg.save_every == 0:
                 self.save_checkpoint()
         bar.close()
@@ -467,12 +327,8 @@ class ILQLTrainer:
             self.tok.save_pretrained(str(self.out))
             settings = {"beta": self.cfg.beta, "top_k": self.cfg.top_k, "two_qs": self.cfg.two_qs}
             write_text_atomic(self.out / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
-            save_config(self.cfg, self.out / "config.yaml")
-            write_text_atomic(self.out / "history.jsonl", "".join(json.dumps(r) + "\n" for r in h))
-            clean = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()}
-            write_text_atomic(self.out / "metrics.json", json.dumps(clean, indent=2) + "\n")
-            if self.writer is not None:
-                self.writer.close()
+            write_run_artifacts(self.out, self.cfg, h, metrics)
+            self.writer.close()
         self.accelerator.wait_for_everyone()
         return metrics
 

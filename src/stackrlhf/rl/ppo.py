@@ -14,8 +14,6 @@ One iteration, top to bottom (:meth:`PPOTrainer.step`):
 
 from __future__ import annotations
 
-import json
-import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -29,16 +27,16 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
-from stackrlhf.config import save_config, write_text_atomic
 from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.models.confounders import length_explained_gain, words
 from stackrlhf.models.freezing import apply_lora, describe_trainable
 from stackrlhf.models.generation import SamplingConfig, generate, pack_sequences
-from stackrlhf.models.heads import PolicyWithValue
+from stackrlhf.models.policy import PolicyWithValue
 from stackrlhf.models.loading import load_causal_lm, resolve_dtype
 from stackrlhf.models.precision import autocast, upcast_trainable
-from stackrlhf.rl.checkpoints import load_latest, save_checkpoint
+from stackrlhf.rl.common import (MetricsWriter, load_latest, pass_batch, save_checkpoint, seed_everything,
+                                 write_run_artifacts)
 from stackrlhf.rl.config import PPOConfig
 
 console = Console(stderr=True)
@@ -125,9 +123,7 @@ class PPOTrainer:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.accelerator = Accelerator()
-        torch.manual_seed(cfg.seed + self.accelerator.process_index)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
+        seed_everything(cfg.seed, self.accelerator.process_index)
         self.dtype = resolve_dtype(cfg.dtype)
         lm, self.tok = load_causal_lm(cfg.policy, dtype=cfg.dtype, device=self.accelerator.device)
         if cfg.gradient_checkpointing:  # active in the update's forward (train mode), not in the rollout's
@@ -140,7 +136,7 @@ class PPOTrainer:
         console.print(f"PPO policy ({self.policy.mode} reference): {describe_trainable(self.policy)}")
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.learning_rate, eps=1e-5)
         self.model, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
-        self.scorer, self.normalize = (scorer, False) if scorer is not None else (self._load_rm(), True)
+        self.scorer = scorer if scorer is not None else self._load_rm()
         self.kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.init_kl_coef))
         rows = load_split(cfg.data, "rl", "train")
@@ -151,11 +147,7 @@ class PPOTrainer:
         self.step_index = 0
         self.history: list[dict] = []
         self.warned_negative_kl = False
-        self.writer = None
-        if self.accelerator.is_main_process and "tensorboard" in cfg.report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(self.out / "runs"))
+        self.writer = MetricsWriter(self.out, cfg.report_to, self.accelerator.is_main_process, cfg)
 
     def _load_rm(self):
         from stackrlhf.models.reward import RewardModel
@@ -168,13 +160,10 @@ class PPOTrainer:
     # ------------------------------------------------------------ one iteration
 
     def batch_prompts(self, step: int) -> list[str]:
-        """Prompts of a step: a seeded permutation per pass over the rl split, offset per process."""
-        per_step = self.cfg.batch_size * self.accelerator.num_processes
-        steps_per_pass = len(self.prompts) // per_step
-        order = list(range(len(self.prompts)))
-        random.Random(self.cfg.seed + step // max(steps_per_pass, 1)).shuffle(order)
-        start = (step % max(steps_per_pass, 1)) * per_step + self.accelerator.process_index * self.cfg.batch_size
-        return [self.prompts[i] for i in order[start:start + self.cfg.batch_size]]
+        """Prompts of a step: a seeded permutation per pass over the rl split, each process its own slice."""
+        return [self.prompts[i] for i in pass_batch(len(self.prompts), step, self.cfg.batch_size,
+                                                    self.accelerator.num_processes, self.accelerator.process_index,
+                                                    self.cfg.seed)]
 
     def step(self) -> dict:
         with autocast(self.accelerator.device, self.dtype):
@@ -357,10 +346,8 @@ class PPOTrainer:
             self.history.append(metrics)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['kl/mean']:.2f}")
-            if self.writer is not None and self.step_index % cfg.log_every == 0:
-                for key, value in metrics.items():
-                    if not isinstance(value, list):
-                        self.writer.add_scalar(key, value, self.step_index)
+            if self.step_index % cfg.log_every == 0:
+                self.writer.scalars(metrics, self.step_index)
             if cfg.sample_every and self.step_index % cfg.sample_every == 0:
                 self.log_samples(samples)
             if cfg.save_every and self.step_index % cfg.save_every == 0:
@@ -379,9 +366,8 @@ class PPOTrainer:
             table.add_row(q[-200:], r[:300], f"{s:.3f}")
             text.append(f"| {q[-200:]!r} | {r[:300]!r} | {s:.3f} |")
         console.print(table)
-        if self.writer is not None:
-            self.writer.add_text("samples", "| question | response | reward |\n|---|---|---|\n" + "\n".join(text),
-                                 self.step_index)
+        self.writer.text("samples", "| question | response | reward |\n|---|---|---|\n" + "\n".join(text),
+                         self.step_index)
 
     def finish(self, episodes_per_s: float) -> dict:
         history = self.history
@@ -403,11 +389,8 @@ class PPOTrainer:
 
             save_file({k: v.contiguous() for k, v in self.policy.value_head.state_dict().items()},
                       str(self.out / "value_head.safetensors"))
-            save_config(self.cfg, self.out / "config.yaml")
-            write_text_atomic(self.out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-            write_text_atomic(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-            if self.writer is not None:
-                self.writer.close()
+            write_run_artifacts(self.out, self.cfg, history, metrics)
+            self.writer.close()
         self.accelerator.wait_for_everyone()
         return metrics
 

@@ -16,7 +16,7 @@ import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from stackrlhf.models.base import EOS, PAD
+from stackrlhf.models.offline_base import EOS, PAD
 from stackrlhf.rl.ilql import ScoredSample
 
 GOAL = 0
@@ -135,7 +135,7 @@ def evaluate(task: RandomWalks, model, tok, beta: float, samples_per_start: int 
              top_k: int = 0, seed: int = 0) -> float:
     """Mean optimality of the walks the (ILQL) model decodes from every reachable start node."""
     from stackrlhf.models.generation import SamplingConfig
-    from stackrlhf.rl.ilql import ilql_generate
+    from stackrlhf.models.ilql import ilql_generate
 
     starts = [s for s in task.starts() for _ in range(samples_per_start)]
     sampling = SamplingConfig(max_new_tokens=task.max_length, temperature=temperature, top_k=top_k, top_p=1.0)

@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 from transformers import TrainerCallback, TrainingArguments
 
-from stackrlhf.config import read_json, save_config, write_text_atomic
+from stackrlhf.config import read_json, report_targets, save_config, write_text_atomic
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.train.config import TrainConfig
 
@@ -25,7 +25,7 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool, **extra) -> 
     eval_strategy = ("steps" if cfg.eval_steps else "epoch") if has_eval else "no"
     settings = dict(
         output_dir=str(out / "checkpoints"),
-        report_to=[r for r in cfg.report_to.split(",") if r not in ("none", "tensorboard", "")],
+        report_to=[r for r in report_targets(cfg.report_to) if r != "tensorboard"],  # ours: logging_callbacks
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
@@ -60,7 +60,7 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool, **extra) -> 
 
 def logging_callbacks(cfg: TrainConfig, out: Path) -> list:
     """TensorBoard into ``OUT/runs`` (the Trainer's own choice of folder is not configurable in v5)."""
-    if "tensorboard" not in cfg.report_to.split(","):
+    if "tensorboard" not in report_targets(cfg.report_to):
         return []
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback

@@ -5,12 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from stackrlhf.models.confounders import parse_confounders
-
-# offline base model sizes: name -> (layers, width, heads, context, vocabulary)
-SIZES = {
-    "tiny": (4, 256, 4, 512, 8000),
-    "small": (6, 384, 6, 512, 8000),
-}
+from stackrlhf.models.sizes import SIZES
 
 
 @dataclass
@@ -97,8 +92,8 @@ class RMConfig(TrainConfig):
         "help": "Pair datasets: `data build` outputs and/or feedback exports (repeatable)."})
     out: str = field(default="outputs/rm", metadata={"help": "Output reward-model directory."})
     max_length: int = field(default=256, metadata={"help":
-        "Most tokens of question + answer (MiniLM on the shared dumps: 256 scored 0.604 on the test pairs, "
-        "128 0.531; most answers are longer than 128 tokens)."})
+        "Most tokens of question + answer (most Stack Exchange answers are longer than 128 tokens; the README "
+        "has the measured effect)."})
     max_question_tokens: int = field(default=64, metadata={
         "help": "The question is cut (in the middle) to this many tokens before the answer is."})
     margin: float = field(default=0.0, metadata={
@@ -119,8 +114,8 @@ class RMConfig(TrainConfig):
         "-log sigmoid(r_j - r_k + w . (z_j - z_k)) with covariates z (log words; log hours after the question) and "
         "weights w learnt jointly, and only r is the reward. Pairs without dates (human labels) have no time term."})
     decorrelation: float = field(default=1.0, metadata={"help":
-        "With --adjust: weight of cov(r, z / std z)^2 (= var(r) corr(r, z)^2) per confounder on each batch, which keeps the confounders' effect "
-        "in w and out of the reward (0: off)."})
+        "With --adjust: weight of cov(r, z / std z)^2 (= var(r) corr(r, z)^2) per confounder on each batch, "
+        "which keeps the confounders' effect in w and out of the reward (0: off)."})
     residualize_length: bool = field(default=False, metadata={"help":
         "After training, remove the reward's linear trend in log words, fitted on the training answers, from every "
         "score: its correlation with length is then 0 on the training answers whatever the data size (the batch "
@@ -133,8 +128,7 @@ class RMConfig(TrainConfig):
     max_train_pairs: int = field(default=0, metadata={"help": "Use at most this many training pairs (0: all)."})
     max_eval_pairs: int = field(default=0, metadata={"help": "Use at most this many held-out pairs (0: all)."})
     learning_rate: float = field(default=1e-4, metadata={
-        "help": "Peak learning rate (MiniLM, 128 tokens, 2,844 vote pairs: 5e-5 and 2e-5 within noise of "
-                "each other on the test pairs, 0.537 and 0.568)."})
+        "help": "Peak learning rate."})
     num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs; the best held-out epoch is kept."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Pairs per micro-batch."})
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Pairs per evaluation batch."})

@@ -19,11 +19,12 @@ from transformers import AutoTokenizer, GPT2LMHeadModel, Trainer
 
 from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
-from stackrlhf.models.base import make_model, train_tokenizer
 from stackrlhf.models.freezing import count_parameters
-from stackrlhf.train.config import SIZES, PretrainConfig
+from stackrlhf.models.offline_base import make_model, train_tokenizer
+from stackrlhf.models.sizes import SIZES
 from stackrlhf.train.common import (GuardCallback, last_checkpoint, logging_callbacks, save_stage, train_whole_run,
                                     training_arguments)
+from stackrlhf.train.config import PretrainConfig
 
 console = Console(stderr=True)
 

@@ -32,6 +32,7 @@ from stackrlhf.data.splits import EVALUATION_PAIRS, pair_half
 from stackrlhf.models.confounders import (CONFOUNDERS, fit_bradley_terry, hours_after, pair_covariates,
                                           pair_differences, pair_log_loss, spearman, words)
 from stackrlhf.models.freezing import apply_lora, describe_trainable, freeze_bottom
+from stackrlhf.models.padding import pad
 from stackrlhf.models.reward import RewardEnsemble, RewardModel, default_backbone, encode_pair, load_backbone
 from stackrlhf.config import save_config
 from stackrlhf.errors import StackRLHFError
@@ -121,13 +122,7 @@ class PairCollator:
         self.pad_id = pad_id
 
     def __call__(self, batch: list[dict]) -> dict:
-        seqs = [b["chosen"] for b in batch] + [b["rejected"] for b in batch]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
+        ids, mask = pad([b["chosen"] for b in batch] + [b["rejected"] for b in batch], self.pad_id)
         k = len(batch[0]["z"]) // 2
         z = torch.tensor([b["z"] for b in batch], dtype=torch.float).reshape(len(batch), 2, k)
         return {"input_ids": ids, "attention_mask": mask,
@@ -404,7 +399,8 @@ def confounder_report(fit_pairs: datasets.Dataset, fit_rewards: np.ndarray, pair
     - ``incremental_log_loss_gain``: its log-loss minus that of covariates + the RM's score difference, both
       fitted on ``fit_pairs`` (the held-out pairs; the RM trained on its training pairs, so its scores there are
       overconfident), in nats per pair, with the question-bootstrap 95 % interval; > 0: the RM adds knowledge;
-    - ``length_spearman``: rank correlation of the reward with answer words over the distinct answers;
+    - ``length_spearman``: rank correlation of the reward with answer words over the distinct answers, and
+      ``length_spearman_per_site`` the same within each site (a pooled figure can hide opposite site trends);
     - accuracy on length-matched pairs (word counts within 20 %) and on pairs posted within 24 h of each other.
     """
     x_fit, x = pair_differences(fit_pairs), pair_differences(pairs)
@@ -422,9 +418,16 @@ def confounder_report(fit_pairs: datasets.Dataset, fit_rewards: np.ndarray, pair
     hk = np.array([hours_after(q, d) for q, d in zip(qdates, pairs["date_k"])])
     with np.errstate(invalid="ignore"):
         close = np.abs(hj - hk) <= 24.0
-    distinct = {}
-    for prompt, chosen, rejected, (pj, pk) in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"], rewards):
+    distinct, site_of = {}, {}
+    for site, prompt, chosen, rejected, (pj, pk) in zip(pairs["site"], pairs["prompt"], pairs["chosen"],
+                                                         pairs["rejected"], rewards):
         distinct[(prompt, chosen)], distinct[(prompt, rejected)] = pj, pk
+        site_of[(prompt, chosen)] = site_of[(prompt, rejected)] = site
+    per_site = {}
+    for site in sorted(set(site_of.values())):
+        keys = [k for k in distinct if site_of[k] == site]
+        per_site[site] = {"spearman": spearman([words(a) for _, a in keys], [distinct[k] for k in keys]),
+                          "answers": len(keys)}
     subsets = {}
     for key, sel in (("length_matched", matched), ("close_in_time", close)):
         subsets[f"{key}_pairs"] = int(sel.sum())
@@ -440,6 +443,7 @@ def confounder_report(fit_pairs: datasets.Dataset, fit_rewards: np.ndarray, pair
         "incremental_log_loss_gain_ci95": question_bootstrap_ci(gain, questions),
         "length_spearman": spearman([words(a) for _, a in distinct], list(distinct.values())),
         "length_spearman_answers": len(distinct),
+        "length_spearman_per_site": per_site,
         **subsets,
     }
 
@@ -524,4 +528,7 @@ def confounder_lines(t: dict) -> str:
         f"test: reward vs answer length Spearman {_fmt(t['length_spearman'], '+.3f')} over "
         f"{t['length_spearman_answers']} answers; accuracy on length-matched pairs {_fmt(t['length_matched_accuracy'])} "
         f"({t['length_matched_pairs']}), on pairs posted within 24 h {_fmt(t['close_in_time_accuracy'])} "
-        f"({t['close_in_time_pairs']})"])
+        f"({t['close_in_time_pairs']})",
+        *([("test: length Spearman per site: " + ", ".join(
+            f"{site} {_fmt(v['spearman'], '+.3f')} ({v['answers']})" for site, v in t["length_spearman_per_site"].items()))]
+          if len(t.get("length_spearman_per_site") or {}) > 1 else [])])

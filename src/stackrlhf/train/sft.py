@@ -22,6 +22,7 @@ from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.models.freezing import apply_lora, describe_trainable, freeze_bottom
 from stackrlhf.models.loading import load_causal_lm
+from stackrlhf.models.padding import pad
 from stackrlhf.prompts import fit_prompt_ids
 from stackrlhf.train.config import SFTConfig
 from stackrlhf.train.common import (GuardCallback, evaluate_before_training, last_checkpoint, logging_callbacks,
@@ -109,15 +110,8 @@ class SFTCollator:
         self.pad_id = pad_id
 
     def __call__(self, batch: list[dict]) -> dict:
-        width = max(len(e["input_ids"]) for e in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, e in enumerate(batch):
-            n = len(e["input_ids"])
-            ids[i, :n] = torch.tensor(e["input_ids"])
-            labels[i, :n] = torch.tensor(e["labels"])
-            mask[i, :n] = 1
+        ids, mask = pad([e["input_ids"] for e in batch], self.pad_id)
+        labels, _ = pad([e["labels"] for e in batch], IGNORE)
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from stackrlhf.train.config import SIZES
+from stackrlhf.models.sizes import SIZES
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

@@ -1,0 +1,81 @@
+"""The one "model that answers", used by ``ask``, ``feedback queue``, ``eval`` and the loop: a plain causal LM
+(a model directory or hub id) or a ``stackrlhf ilql`` output decoding with its beta shift, named by a spec
+``NAME=PATH``, ``NAME=PATH@BETA`` or a bare ``PATH``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from stackrlhf.errors import StackRLHFError
+from stackrlhf.models.generation import Generation, SamplingConfig, generate
+from stackrlhf.models.ilql import ILQLModel, ilql_generate, is_ilql_model
+from stackrlhf.models.loading import load_causal_lm
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    path: str
+    beta: float | None = None  # ILQL only; None: the beta saved with the model
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """``NAME=PATH``, ``NAME=PATH@BETA`` or a bare ``PATH`` (named after its last folder)."""
+    name, sep, path = text.partition("=")
+    if not sep:
+        name, path = Path(text.rstrip("/")).name or text, text
+    beta = None
+    if "@" in path:
+        path, _, b = path.rpartition("@")
+        try:
+            beta = float(b)
+        except ValueError as exc:
+            raise StackRLHFError(f"--model {text}: the part after @ must be an ILQL beta, e.g. ilql=out/ilql@2") from exc
+    if not name or not path:
+        raise StackRLHFError(f"--model {text}: expected NAME=PATH")
+    return ModelSpec(name, path, beta)
+
+
+class Answerer:
+    """A model as it answers: a plain causal LM, or an ILQL model decoding with logits + beta * (Q - V)."""
+
+    def __init__(self, spec: ModelSpec, device):
+        self.spec = spec
+        self.ilql = None
+        if is_ilql_model(spec.path):
+            self.ilql, self.tok, saved = ILQLModel.from_pretrained(spec.path, device=device)
+            self.lm = self.ilql.lm
+            self.beta = saved.get("beta", 1.0) if spec.beta is None else spec.beta
+            self.top_k = saved.get("top_k", 0)  # ILQL decodes with the top-k it was trained for (trlx: 20)
+        else:
+            if spec.beta is not None:
+                raise StackRLHFError(f"{spec.name}: beta applies to ILQL models only; {spec.path} has no ILQL heads")
+            self.lm, self.tok = load_causal_lm(spec.path, device=device)
+            self.beta, self.top_k = None, 0
+        self.lm.eval()
+
+    def generate(self, prompts: list[str], sampling: SamplingConfig, batch_size: int = 8, seed: int | None = None,
+                 streamer=None) -> Generation:
+        if self.ilql is not None:
+            sampling = replace(sampling, top_k=sampling.top_k or self.top_k)  # a --top-k given wins
+            return ilql_generate(self.ilql, self.tok, prompts, sampling, self.beta, batch_size, seed, streamer)
+        return generate(self.lm, self.tok, prompts, sampling, batch_size=batch_size, seed=seed, streamer=streamer)
+
+    @torch.no_grad()
+    def response_logprobs(self, batch: dict) -> torch.Tensor:
+        """log p(response token | prefix) under the distribution the model samples from (temperature 1)."""
+        R = batch["responses"].shape[1]
+        if self.ilql is None:
+            logits = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=batch["position_ids"], use_cache=False, logits_to_keep=batch["keep"]).logits
+            logp = F.log_softmax(logits[:, :R].float(), -1)
+        else:
+            h = self.ilql.hidden_states(batch["input_ids"], batch["attention_mask"],
+                                        batch["position_ids"])[:, -batch["keep"]:][:, :R]
+            logits = self.lm.get_output_embeddings()(h)
+            logp = F.log_softmax(self.ilql.shifted_logprobs(logits, h, self.beta or 0.0), -1)
+        return logp.gather(-1, batch["responses"].unsqueeze(-1)).squeeze(-1) * batch["response_mask"]

@@ -1,0 +1,126 @@
+"""What the RL trainers (PPO, ILQL) share, as plain functions rather than a base class, so each algorithm's
+``step`` still reads top to bottom in its own file: seeding, the per-pass batches, the metrics writer
+(TensorBoard, W&B), checkpoints and the final artifacts.
+
+Checkpoints are ``OUT/checkpoints/step-N/state.pt``, written to a temp folder and renamed when complete (a killed
+run never leaves half a checkpoint), the last two kept, RNG states included so a resumed run repeats the
+uninterrupted one."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stackrlhf.config import report_targets, save_config, write_text_atomic
+from stackrlhf.errors import StackRLHFError
+
+
+def seed_everything(seed: int, process_index: int = 0) -> None:
+    """Seed torch, numpy and ``random``, offset per process (each samples its own rollouts or dropout)."""
+    seed = seed + process_index
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def pass_batch(n: int, step: int, batch_size: int, num_processes: int = 1, process_index: int = 0,
+               seed: int = 0) -> list[int]:
+    """Indices of step ``step``'s batch: a seeded permutation per pass over ``n`` items, each process its own
+    slice, so a resumed run (or a run on more processes) sees exactly the items it would have."""
+    per_step = batch_size * num_processes
+    steps_per_pass = max(n // per_step, 1)
+    order = list(range(n))
+    random.Random(seed + step // steps_per_pass).shuffle(order)
+    start = (step % steps_per_pass) * per_step + process_index * batch_size
+    return order[start:start + batch_size]
+
+
+class MetricsWriter:
+    """Scalars and text to TensorBoard (``OUT/runs``) and/or Weights & Biases, as ``report_to`` says; a no-op on
+    processes other than the main one and with ``none``."""
+
+    def __init__(self, out: Path, report_to: str, enabled: bool = True, config: Any = None):
+        targets = report_targets(report_to) if enabled else []
+        self.tensorboard = self.wandb = None
+        if "tensorboard" in targets:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=str(out / "runs"))
+        if "wandb" in targets:
+            try:
+                import wandb
+            except ImportError as exc:
+                raise StackRLHFError("--report-to wandb needs the wandb package: pip install wandb (or use "
+                                     "--report-to tensorboard)") from exc
+            settings = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
+            self.wandb = wandb.init(name=out.name, dir=str(out), config=settings, resume="allow")
+
+    def scalars(self, metrics: dict, step: int) -> None:
+        numbers = {k: float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if self.tensorboard is not None:
+            for key, value in numbers.items():
+                self.tensorboard.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.add_text(tag, text, step)
+        if self.wandb is not None:
+            self.wandb.log({tag: text}, step=step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _steps(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.glob("step-*") if (p / "state.pt").is_file()),
+                  key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 2) -> Path:
+    target = folder / f"step-{step}"
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save({**state, "step": step, "rng": rng}, tmp / "state.pt")
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    for old in _steps(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_latest(folder: Path) -> tuple[dict, Path] | None:
+    """The newest complete checkpoint's state (RNG states already restored) and its folder, or None."""
+    done = _steps(folder)
+    if not done:
+        return None
+    state = torch.load(done[-1] / "state.pt", weights_only=False)
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return state, done[-1]
+
+
+def write_run_artifacts(out: Path, cfg: Any, history: list[dict], metrics: dict) -> None:
+    """``config.yaml`` (the exact settings), ``history.jsonl`` (one line per step) and ``metrics.json``."""
+    save_config(cfg, out / "config.yaml")
+    write_text_atomic(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    clean = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()}
+    write_text_atomic(out / "metrics.json", json.dumps(clean, indent=2) + "\n")
