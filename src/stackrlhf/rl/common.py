@@ -18,9 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 
 from stackrlhf.config import report_targets, save_config, write_text_atomic
 from stackrlhf.errors import StackRLHFError
+
+console = Console(stderr=True)
 
 
 def seed_everything(seed: int, process_index: int = 0) -> None:
@@ -116,6 +119,21 @@ def load_latest(folder: Path) -> tuple[dict, Path] | None:
     np.random.set_state(state["rng"]["numpy"])
     torch.set_rng_state(state["rng"]["torch"])
     return state, done[-1]
+
+
+def resume_latest(folder: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+    """Load the newest complete checkpoint's tensors (``params``) into ``module`` and its optimizer state; returns
+    the whole state (step, history, the trainer's own values) for the caller to take the rest, or None."""
+    found = load_latest(folder)
+    if found is None:
+        return None
+    state, where = found
+    result = module.load_state_dict(state["params"], strict=False)
+    if result.unexpected_keys:
+        raise StackRLHFError(f"{where}: checkpoint does not match this model ({result.unexpected_keys[:3]})")
+    optimizer.load_state_dict(state["optimizer"])
+    console.print(f"resumed from {where} (step {state['step']})")
+    return state
 
 
 def write_run_artifacts(out: Path, cfg: Any, history: list[dict], metrics: dict) -> None:

@@ -36,7 +36,7 @@ from stackrlhf.models.freezing import describe_trainable, freeze_bottom
 from stackrlhf.models.ilql import SETTINGS_FILE, ILQLModel
 from stackrlhf.models.loading import load_causal_lm, resolve_dtype
 from stackrlhf.models.precision import autocast, upcast_trainable
-from stackrlhf.rl.common import (MetricsWriter, load_latest, pass_batch, save_checkpoint, seed_everything,
+from stackrlhf.rl.common import (MetricsWriter, pass_batch, resume_latest, save_checkpoint, seed_everything,
                                  write_run_artifacts)
 from stackrlhf.rl.config import ILQLConfig
 
@@ -278,17 +278,10 @@ class ILQLTrainer:
             "history": self.history})
 
     def maybe_resume(self) -> None:
-        found = load_latest(self.out / "checkpoints") if self.cfg.resume else None
-        if found is None:
-            return
-        state, folder = found
-        result = self.model.load_state_dict(state["params"], strict=False)
-        if result.unexpected_keys:
-            raise StackRLHFError(f"{folder}: checkpoint does not match this model ({result.unexpected_keys[:3]})")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step_index, self.history = state["step"], state["history"]
-        console.print(f"resumed from {folder} (step {self.step_index})")
+        state = resume_latest(self.out / "checkpoints", self.model, self.optimizer) if self.cfg.resume else None
+        if state is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step_index, self.history = state["step"], state["history"]
 
     # ------------------------------------------------------------ the loop
 

@@ -35,7 +35,7 @@ from stackrlhf.models.generation import SamplingConfig, generate, pack_sequences
 from stackrlhf.models.policy import PolicyWithValue
 from stackrlhf.models.loading import load_causal_lm, resolve_dtype
 from stackrlhf.models.precision import autocast, upcast_trainable
-from stackrlhf.rl.common import (MetricsWriter, load_latest, pass_batch, save_checkpoint, seed_everything,
+from stackrlhf.rl.common import (MetricsWriter, pass_batch, resume_latest, save_checkpoint, seed_everything,
                                  write_run_artifacts)
 from stackrlhf.rl.config import PPOConfig
 
@@ -312,23 +312,15 @@ class PPOTrainer:
             return
         trainable = {n: p.detach().cpu() for n, p in self.policy.named_parameters() if p.requires_grad}
         save_checkpoint(self.checkpoint_dir(), self.step_index, {
-            "trainable": trainable, "optimizer": self.optimizer.state_dict(), "kl_coef": self.kl_ctl.value,
+            "params": trainable, "optimizer": self.optimizer.state_dict(), "kl_coef": self.kl_ctl.value,
             "history": self.history, "warned_negative_kl": self.warned_negative_kl})
 
     def maybe_resume(self) -> None:
-        found = load_latest(self.checkpoint_dir()) if self.cfg.resume else None
-        if found is None:
-            return
-        state, folder = found
-        missing = self.policy.load_state_dict(state["trainable"], strict=False)
-        if missing.unexpected_keys:
-            raise StackRLHFError(f"{folder}: checkpoint does not match this model ({missing.unexpected_keys[:3]})")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.kl_ctl.value = state["kl_coef"]
-        self.step_index = state["step"]
-        self.history = state["history"]
-        self.warned_negative_kl = state["warned_negative_kl"]
-        console.print(f"resumed from {folder} (step {self.step_index})")
+        state = resume_latest(self.checkpoint_dir(), self.policy, self.optimizer) if self.cfg.resume else None
+        if state is not None:
+            self.kl_ctl.value = state["kl_coef"]
+            self.step_index, self.history = state["step"], state["history"]
+            self.warned_negative_kl = state["warned_negative_kl"]
 
     # ------------------------------------------------------------ the loop
 
