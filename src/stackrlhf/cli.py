@@ -13,7 +13,7 @@ import click
 from stackrlhf import __version__
 from stackrlhf.config import config_options, load_config
 from stackrlhf.data.config import DataConfig
-from stackrlhf.train.config import PretrainConfig, RMConfig, SFTConfig
+from stackrlhf.train.config import DPOConfig, PretrainConfig, RMConfig, SFTConfig
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.evaluate.config import EvalConfig, ReportConfig
 from stackrlhf.feedback import DEFAULT_DB
@@ -151,6 +151,19 @@ def ask_cmd(model, question, title, seed, device, beta, **options) -> None:
     if not gen.texts[0].strip():  # a weak model may end at once: say so rather than print nothing
         click.echo("(the model ended its answer immediately: it produced no text; try another --seed or a higher "
                    "--temperature, or train it further)", err=True)
+
+
+@cli.command("dpo")
+@config_options(DPOConfig)
+@user_errors
+def dpo_cmd(config_file, **options) -> None:
+    """Direct preference optimisation (DPO, IPO, length-normalised DPO) from answer pairs, no reward model.
+
+    Example: stackrlhf dpo --model outputs/sft --data outputs/data --data outputs/feedback --out outputs/dpo
+    """
+    from stackrlhf.train.dpo import dpo
+
+    dpo(load_config(DPOConfig, config_file, section="dpo", **options))
 
 
 @cli.command("rm")

@@ -24,9 +24,9 @@ from stackrlhf.config import write_text_atomic
 from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.evaluate.config import EvalConfig
+from stackrlhf.models.answerer import Answerer, ModelSpec, parse_model_spec, same_vocabulary
 from stackrlhf.models.confounders import length_adjusted_gains, words
-from stackrlhf.models.generation import SamplingConfig, pack_sequences
-from stackrlhf.models.answerer import Answerer, ModelSpec, parse_model_spec
+from stackrlhf.models.generation import SamplingConfig
 from stackrlhf.models.ilql import is_ilql_model
 
 console = Console(stderr=True)
@@ -42,21 +42,6 @@ def win_rate(scores: list[float], baseline: list[float]) -> float:
     """Share of questions where the model's answer scores above the baseline's (ties count half)."""
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline)]
     return float(np.mean(wins)) if wins else math.nan
-
-
-def same_vocabulary(a, b) -> bool:
-    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
-
-
-def batched_logprobs(model: Answerer, prompt_ids, response_ids, pad: int, device, batch_size: int) -> list[torch.Tensor]:
-    """Per answer, the log-probs of its tokens (a 1-D tensor each)."""
-    out = []
-    for start in range(0, len(prompt_ids), batch_size):
-        p, r = prompt_ids[start:start + batch_size], response_ids[start:start + batch_size]
-        batch = pack_sequences(p, r, pad, device)
-        logp = model.response_logprobs(batch).cpu()
-        out.extend(logp[i, :len(ri)] for i, ri in enumerate(r))
-    return out
 
 
 def evaluate_models(cfg: EvalConfig) -> dict:
@@ -92,16 +77,15 @@ def evaluate_models(cfg: EvalConfig) -> dict:
         model = Answerer(spec, device)
         gen = model.generate(prompts, sampling, cfg.batch_size, cfg.seed)
         t_gen = time.perf_counter() - t0
-        pad = model.tok.pad_token_id
-        logp = batched_logprobs(model, gen.prompt_ids, gen.response_ids, pad, device, cfg.batch_size)
+        logp = model.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size)
         kl = None
         if same_vocabulary(model.tok, reference.tok):
-            ref = batched_logprobs(reference, gen.prompt_ids, gen.response_ids, pad, device, cfg.batch_size)
+            ref = reference.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size)
             kl = [float((a - b).sum()) for a, b in zip(logp, ref)]
         # perplexity of the held-out human answers (the best one per question)
         human = [model.tok(q["best_answer"], add_special_tokens=False)["input_ids"][: cfg.max_new_tokens]
                  + [model.tok.eos_token_id] for q in questions]
-        human_logp = batched_logprobs(model, gen.prompt_ids, human, pad, device, cfg.batch_size)
+        human_logp = model.logprobs_of(gen.prompt_ids, human, cfg.batch_size)
         nll = -float(torch.cat(human_logp).mean())
         scores = {name: judge.score(prompts, gen.texts, normalize=True) for name, judge in judges.items()}
         answers[spec.name] = gen.texts

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from stackrlhf.errors import StackRLHFError
-from stackrlhf.models.generation import Generation, SamplingConfig, generate
+from stackrlhf.models.generation import Generation, SamplingConfig, generate, pack_sequences
 from stackrlhf.models.ilql import ILQLModel, ilql_generate, is_ilql_model
 from stackrlhf.models.loading import load_causal_lm
 
@@ -58,6 +58,14 @@ class Answerer:
             self.beta, self.top_k = None, 0
         self.lm.eval()
 
+    @classmethod
+    def from_model(cls, lm, tok, name: str = "model") -> "Answerer":
+        """A plain LM already in memory (a model just trained, say)."""
+        answerer = cls.__new__(cls)
+        answerer.spec, answerer.ilql, answerer.lm, answerer.tok = ModelSpec(name, ""), None, lm, tok
+        answerer.beta, answerer.top_k = None, 0
+        return answerer
+
     def generate(self, prompts: list[str], sampling: SamplingConfig, batch_size: int = 8, seed: int | None = None,
                  streamer=None) -> Generation:
         if self.ilql is not None:
@@ -79,3 +87,29 @@ class Answerer:
             logits = self.lm.get_output_embeddings()(h)
             logp = F.log_softmax(self.ilql.shifted_logprobs(logits, h, self.beta or 0.0), -1)
         return logp.gather(-1, batch["responses"].unsqueeze(-1)).squeeze(-1) * batch["response_mask"]
+
+    def logprobs_of(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
+                    batch_size: int = 8) -> list[torch.Tensor]:
+        """Per answer, the log-probs of its tokens under this model (a 1-D tensor each)."""
+        device = next(self.lm.parameters()).device
+        out = []
+        for start in range(0, len(prompt_ids), batch_size):
+            p, r = prompt_ids[start:start + batch_size], response_ids[start:start + batch_size]
+            logp = self.response_logprobs(pack_sequences(p, r, self.tok.pad_token_id, device)).cpu()
+            out.extend(logp[i, :len(ri)] for i, ri in enumerate(r))
+        return out
+
+
+def same_vocabulary(a, b) -> bool:
+    """Two tokenizers that map every token to the same id (log-probs of one's tokens mean the same in the other)."""
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
+def sample_kl(policy: Answerer, reference: Answerer, prompts: list[str], sampling: SamplingConfig,
+              batch_size: int = 8, seed: int = 0) -> list[float]:
+    """Per prompt, log p_policy(y) - log p_ref(y) of one answer y sampled from the policy: a Monte-Carlo estimate of
+    KL(policy || reference) per sequence (its mean over prompts is the KL the RL stages report)."""
+    gen = policy.generate(prompts, sampling, batch_size, seed)
+    mine = policy.logprobs_of(gen.prompt_ids, gen.response_ids, batch_size)
+    ref = reference.logprobs_of(gen.prompt_ids, gen.response_ids, batch_size)
+    return [float((a - b).sum()) for a, b in zip(mine, ref)]

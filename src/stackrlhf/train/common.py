@@ -20,6 +20,11 @@ console = Console(stderr=True)
 
 
 def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool, **extra) -> TrainingArguments:
+    return TrainingArguments(**training_settings(cfg, out, has_eval, **extra))
+
+
+def training_settings(cfg: TrainConfig, out: Path, has_eval: bool, **extra) -> dict:
+    """The TrainingArguments of a stage, as a dict (a TRL trainer's own config class takes the same)."""
     bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.cuda.is_available()
                                          and torch.cuda.is_bf16_supported())
     eval_strategy = ("steps" if cfg.eval_steps else "epoch") if has_eval else "no"
@@ -55,7 +60,7 @@ def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool, **extra) -> 
     if cfg.gradient_checkpointing:  # named only when on: transformers warns about the name on every use
         settings.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     settings.update(extra)  # a stage may override any of the above (the RM saves per epoch, say)
-    return TrainingArguments(**settings)
+    return settings
 
 
 def logging_callbacks(cfg: TrainConfig, out: Path) -> list:

@@ -145,3 +145,52 @@ class RMConfig(TrainConfig):
         if self.max_question_tokens >= self.max_length:
             raise ValueError("--max-question-tokens must be below --max-length")
         self.adjust = parse_confounders([self.adjust] if isinstance(self.adjust, str) else self.adjust)
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "sigmoid_norm")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation (Rafailov et al. 2023) from answer pairs, no reward model."""
+
+    model: str = field(default="", metadata={"help": "The policy to start from (the SFT model): a directory or hub id."})
+    reference: str = field(default="", metadata={
+        "help": "The frozen reference (default: --model). Must share --model's tokenizer."})
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "Pair datasets: `data build` outputs (vote pairs) and/or `feedback export`s (human labels), "
+                "repeatable."})
+    out: str = field(default="outputs/dpo", metadata={"help": "Output model directory."})
+    loss: str = field(default="sigmoid", metadata={"choices": DPO_LOSSES, "help":
+        "sigmoid: DPO; ipo: IPO (squared, per-token averaged log-ratios); sigmoid_norm: DPO on per-token "
+        "averaged log-ratios, so a longer answer does not win by its length alone."})
+    beta: float = field(default=0.1, metadata={"help": "KL strength: higher stays closer to the reference."})
+    max_length: int = field(default=512, metadata={"help": "Most tokens of prompt + answer (the answer is cut)."})
+    max_prompt_tokens: int = field(default=256, metadata={"help": "The question is cut (in the middle) to this."})
+    precompute_ref_log_probs: bool = field(default=True, metadata={
+        "help": "Score the pairs with the reference once before training, so only the policy is in memory."})
+    num_layers_unfrozen: int = field(default=-1, metadata={"help": "Train only the top k blocks + head (-1: all)."})
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead (peft)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    max_train_pairs: int = field(default=0, metadata={"help": "Use at most this many training pairs (0: all)."})
+    max_eval_pairs: int = field(default=0, metadata={"help": "Use at most this many held-out pairs (0: all)."})
+    kl_prompts: int = field(default=32, metadata={
+        "help": "Held-out questions the trained policy answers to measure its KL to the reference (0: off)."})
+    learning_rate: float = field(default=5e-6, metadata={"help": "Peak learning rate."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Pairs per micro-batch."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Pairs per evaluation batch."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of steps with linear warm-up."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if not self.model:
+            raise ValueError("--model is required: the policy to start from (the SFT model)")
+        if not self.data:
+            raise ValueError("--data is required: a `data build` output and/or a `feedback export` (repeatable)")
+        if self.lora and self.num_layers_unfrozen >= 0:
+            raise ValueError("choose --lora or --num-layers-unfrozen, not both")
+        if self.beta <= 0:
+            raise ValueError("--beta must be positive")

@@ -1,0 +1,159 @@
+"""``stackrlhf dpo``: direct preference optimisation from answer pairs, with TRL's ``DPOTrainer``.
+
+Every vote pair (``reward/train`` of a data build) and every human-label pair (a ``feedback export``) is a DPO
+pair; no reward model is trained. The loss, for the policy pi and the frozen reference pi_ref:
+
+    sigmoid (DPO):    -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))])
+    ipo:              ([(..)/|y_w| - (..)/|y_l|] - 1 / (2 beta))^2              (per-token averaged log-ratios)
+    sigmoid_norm:     DPO on per-token averaged log-ratios (a longer answer gains nothing by its length alone)
+
+With ``--precompute-ref-log-probs`` (the default) the reference scores every pair once before training, so only
+the policy is in memory while it trains. Questions are cut in the middle to ``max_prompt_tokens`` with the prompt
+template's rule, as every other stage does; answers are cut at the end to fit ``max_length``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from rich.console import Console
+
+from stackrlhf.config import read_json, write_text_atomic
+from stackrlhf.data.load import load_split
+from stackrlhf.errors import StackRLHFError
+from stackrlhf.models.answerer import Answerer, same_vocabulary, sample_kl
+from stackrlhf.models.freezing import describe_trainable, freeze_bottom
+from stackrlhf.models.loading import load_causal_lm
+from stackrlhf.models.sampling import SamplingConfig
+from stackrlhf.prompts import fit_prompt_ids
+from stackrlhf.train.common import (GuardCallback, last_checkpoint, logging_callbacks, save_stage, train_whole_run,
+                                    training_settings)
+from stackrlhf.train.config import DPOConfig
+from stackrlhf.train.reward import load_pairs, load_test_pairs
+
+console = Console(stderr=True)
+
+
+def dpo_pairs(pairs: datasets.Dataset, tok, max_prompt_tokens: int) -> datasets.Dataset:
+    """TRL's preference columns (prompt, chosen, rejected), the question cut in the middle like everywhere else."""
+    def cut(prompt: str) -> str:
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        return prompt if len(ids) <= max_prompt_tokens else tok.decode(fit_prompt_ids(ids, max_prompt_tokens))
+
+    return datasets.Dataset.from_dict({"prompt": [cut(p) for p in pairs["prompt"]],
+                                       "chosen": list(pairs["chosen"]), "rejected": list(pairs["rejected"])})
+
+
+def dpo_trainer(cfg: DPOConfig, model, tok, train_set, eval_set, out: Path, reference=None):
+    from peft import LoraConfig
+    from trl import DPOConfig as TRLDPOConfig
+    from trl import DPOTrainer
+
+    settings = training_settings(cfg, out, has_eval=bool(eval_set))
+    settings.setdefault("gradient_checkpointing", False)  # TRL's configs turn it on by default; ours is opt-in
+    args = TRLDPOConfig(**settings, beta=cfg.beta, loss_type=[cfg.loss], max_length=cfg.max_length,
+                        precompute_ref_log_probs=cfg.precompute_ref_log_probs, disable_dropout=True)
+    peft = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      task_type="CAUSAL_LM") if cfg.lora else None
+    return DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                      processing_class=tok, peft_config=peft,
+                      callbacks=[GuardCallback(cfg.max_minutes), *logging_callbacks(cfg, out)])
+
+
+PAIR_KEYS = {"rewards/accuracies": "accuracy", "rewards/margins": "margin", "logps/chosen": "logp_chosen",
+             "logps/rejected": "logp_rejected", "loss": "loss"}
+
+
+def pair_metrics(trainer) -> dict:
+    """TRL's implicit-reward figures on each evaluation set (``heldout``: reward/eval, ``test``: the evaluation
+    questions' pairs): accuracy (the chosen answer's beta * log-ratio above the rejected's), margin, and the
+    policy's log-probs of the chosen and rejected answers. One set at a time: TRL logs these figures without the
+    set's name."""
+    sets, out = trainer.eval_dataset or {}, {}
+    try:
+        for name, prepared in sets.items():
+            trainer.eval_dataset = prepared  # already tokenized and scored by the reference at init
+            loss = trainer.evaluate()["eval_loss"]
+            logged = next(h for h in reversed(trainer.state.log_history) if "eval_rewards/accuracies" in h)
+            out[f"{name}_loss"] = float(loss)
+            out.update({f"{name}_{short}": float(logged[f"eval_{k}"]) for k, short in PAIR_KEYS.items()
+                        if k != "loss" and f"eval_{k}" in logged})
+    finally:
+        trainer.eval_dataset = sets or None
+    return out
+
+
+def dpo(cfg: DPOConfig) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model, tok = load_causal_lm(cfg.model, "float32")  # fp32 master weights; bf16 runs under autocast
+    reference = None
+    if cfg.reference and cfg.reference != cfg.model:
+        reference, ref_tok = load_causal_lm(cfg.reference, "float32")
+        if not same_vocabulary(tok, ref_tok):
+            raise StackRLHFError(f"--reference {cfg.reference} has another tokenizer than --model {cfg.model}: DPO "
+                                 "compares their log-probs of the same tokens; use the policy's own starting point")
+    train_pairs = load_pairs(cfg.data, "train", cfg.max_train_pairs, cfg.seed)
+    if not len(train_pairs):
+        raise StackRLHFError(f"no training pairs in {', '.join(cfg.data)} (reward/train): give a `data build` output "
+                             "or a `feedback export` with labels")
+    eval_pairs = load_pairs(cfg.data, "eval", cfg.max_eval_pairs, cfg.seed)
+    test_pairs = load_test_pairs(cfg.data, cfg.max_eval_pairs, cfg.seed)
+    if not cfg.lora:
+        freeze_bottom(model, cfg.num_layers_unfrozen)
+    train_set = dpo_pairs(train_pairs, tok, cfg.max_prompt_tokens)
+    eval_sets = {name: dpo_pairs(p, tok, cfg.max_prompt_tokens)
+                 for name, p in (("heldout", eval_pairs), ("test", test_pairs)) if len(p)}
+    trainer = dpo_trainer(cfg, model, tok, train_set, eval_sets or None, out, reference)
+    console.print(f"DPO ({cfg.loss}, beta {cfg.beta}) on {len(train_set)} pairs from {', '.join(cfg.data)}; "
+                  f"{len(eval_pairs)} held out; {describe_trainable(trainer.model)}")
+    metrics: dict = {"loss_type": cfg.loss, "beta": cfg.beta, "train_pairs": len(train_set)}
+    resume_from = last_checkpoint(out, cfg.resume)
+    start_file = out / "checkpoints" / "run_start.json"  # the reference's figures before any step, kept for resume
+    if eval_sets and resume_from is None:
+        start = pair_metrics(trainer)
+        metrics.update({f"{k}_start": v for k, v in start.items()})
+        write_text_atomic(start_file, json.dumps(metrics))
+    elif resume_from is not None:
+        metrics.update(read_json(start_file) or {})
+    _, whole = train_whole_run(trainer, resume_from)
+    metrics.update(whole)
+    metrics.update(pair_metrics(trainer))
+    final = trainer.model
+    if cfg.lora:
+        final.save_pretrained(str(out / "adapter"))
+        final = final.merge_and_unload()
+    for p in final.parameters():
+        p.requires_grad_(True)
+    if cfg.kl_prompts:
+        metrics.update(kl_to_reference(final, tok, cfg))
+    save_stage(out, final, tok, cfg, metrics)
+    console.print(f"[green]wrote {out}[/]: held-out pair accuracy {metrics.get('heldout_accuracy_start', math.nan):.3f}"
+                  f" -> {metrics.get('heldout_accuracy', math.nan):.3f}, margin {metrics.get('heldout_margin', math.nan):+.3f}"
+                  f", KL to the reference {metrics.get('kl_to_reference', math.nan):.2f} nats")
+    return metrics
+
+
+@torch.no_grad()
+def kl_to_reference(policy, tok, cfg: DPOConfig) -> dict:
+    """KL(policy || reference) per answer on held-out questions (``evaluation`` split of the first data build with
+    one), sampled at temperature 1 without top-k/top-p, so the estimate is unbiased."""
+    data = next((d for d in cfg.data if list((Path(d) / "evaluation").glob("test-*.parquet"))), None)
+    if data is None:
+        return {}
+    rows = load_split(data, "evaluation", "test")
+    prompts = list(rows["prompt"])[: cfg.kl_prompts]
+    ref_lm, ref_tok = load_causal_lm(cfg.reference or cfg.model, "float32", device=next(policy.parameters()).device)
+    mine, ref = Answerer.from_model(policy.eval(), tok), Answerer.from_model(ref_lm.eval(), ref_tok)
+    sampling = SamplingConfig(max_new_tokens=min(128, cfg.max_length), temperature=1.0, top_p=1.0,
+                              max_prompt_tokens=cfg.max_prompt_tokens)
+    kl = sample_kl(mine, ref, prompts, sampling, batch_size=cfg.per_device_eval_batch_size, seed=cfg.seed)
+    return {"kl_to_reference": float(np.mean(kl)), "kl_to_reference_se": float(np.std(kl) / math.sqrt(len(kl))),
+            "kl_prompts": len(kl)}
+
