@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo) under `accelerate launch` give what one process gives, for SFT, PPO and ILQL.
+"""Two CPU processes (gloo) under `accelerate launch` give what one process gives, for SFT, PPO, RLOO and ILQL.
 
 The runs are set up so that both see the same global batches: the per-process batch is half the single run's,
 no shuffling in SFT, greedy rollouts of a fixed length in PPO, and dropout off (its masks are drawn per
@@ -83,6 +83,30 @@ def test_ppo_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path):
     assert weights_gap(tmp_path / "one", no_dropout_lm) > 1e-3  # training moved the weights
     assert weights_gap(tmp_path / "one", tmp_path / "two") < 1e-5
     assert weights_gap(tmp_path / "one", tmp_path / "two", "value_head.safetensors") < 1e-5
+
+
+def test_rloo_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path):
+    """Sampled (not greedy) answers, so the k answers of a prompt differ: the rollout's sampling seeds continue
+    from one process to the next, so 2 processes x 2 prompts sample what 1 process x 4 prompts does."""
+    torch.manual_seed(0)
+    model, tok = load_backbone(default_backbone())
+    RewardModel(model, tok, max_length=48, max_question_tokens=16).save_pretrained(tmp_path / "rm")
+    common = ["ppo", "--algorithm", "rloo", "--rloo-k", "2", "--policy", str(no_dropout_lm), "--reward",
+              str(tmp_path / "rm"), "--data", str(beer_data), "--steps", "2", "--min-new-tokens", "8",
+              "--max-new-tokens", "8", "--temperature", "1", "--ppo-epochs", "1", "--no-whiten-advantages",
+              "--num-layers-unfrozen", "1", "--learning-rate", "1e-3", "--report-to", "none", "--no-progress",
+              "--save-every", "0", "--sample-every", "0", "--seed", "0", "--generation-batch-size", "4"]
+    run(common + ["--out", str(tmp_path / "one"), "--batch-size", "4", "--mini-batch-size", "8"], 1)
+    run(common + ["--out", str(tmp_path / "two"), "--batch-size", "2", "--mini-batch-size", "4"], 2)
+    one, two = ([json.loads(line) for line in (tmp_path / d / "history.jsonl").read_text().splitlines()]
+                for d in ("one", "two"))
+    for a, b in zip(one, two):
+        assert sorted(b["reward/score_each"]) == pytest.approx(sorted(a["reward/score_each"]), abs=1e-5)
+        for key in ("reward/score_mean", "kl/mean", "response/length"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    assert len(set(one[0]["reward/score_each"])) > 1  # the answers differ, so the advantages are not all zero
+    assert weights_gap(tmp_path / "one", no_dropout_lm) > 1e-3  # training moved the weights
+    assert weights_gap(tmp_path / "one", tmp_path / "two") < 1e-5
 
 
 def test_ilql_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path):

@@ -159,3 +159,36 @@ def test_clip_fraction_counts_only_the_active_clipped_branch():
     losses, clipped = clipped_policy_loss(adv, ratio, 0.2)
     assert clipped.tolist() == [True, False, True, False, False]
     assert torch.allclose(losses, torch.tensor([-1.2, 1.5, 0.8, -0.5, -1.1]))
+
+
+# ---------------------------------------------------------------- RLOO (--algorithm rloo), in the same trainer
+
+def test_rloo_advantages_are_leave_one_out():
+    from stackrlhf.rl.rloo import rloo_advantages
+
+    rewards = torch.tensor([1.0, 2.0, 6.0, 0.0, -1.0, 4.0])  # two prompts, k = 3
+    got = rloo_advantages(rewards, 3)
+    expected = []
+    for p in range(2):
+        group = rewards[3 * p:3 * p + 3].tolist()
+        for i, r in enumerate(group):
+            others = group[:i] + group[i + 1:]
+            expected.append(r - sum(others) / len(others))
+    assert torch.allclose(got, torch.tensor(expected))
+    assert torch.allclose(got.view(2, 3).sum(1), torch.zeros(2))  # each prompt's advantages: (k/(k-1)) x centred
+    with pytest.raises(ValueError):
+        rloo_advantages(rewards, 1)
+
+
+def test_rloo_raises_a_synthetic_reward_without_a_value_head(tiny_policy, beer_data, tmp_path):
+    _, tok = load_causal_lm(str(tiny_policy))
+    metrics = train_ppo(config(tiny_policy, beer_data, tmp_path / "rloo", steps=30, learning_rate=1e-3,
+                               algorithm="rloo", rloo_k=2, batch_size=8), scorer=target_fraction(tok))
+    history = [json.loads(line) for line in (tmp_path / "rloo" / "history.jsonl").read_text().splitlines()]
+    start = sum(h["reward/score_mean"] for h in history[:3]) / 3
+    end = sum(h["reward/score_mean"] for h in history[-3:]) / 3
+    assert end > 2 * start and end > start + 0.1, (start, end)
+    assert metrics["algorithm"] == "rloo" and len(history[0]["reward/score_each"]) == 16  # 8 prompts x k = 2
+    assert "loss/value" not in history[-1] and not (tmp_path / "rloo" / "value_head.safetensors").exists()
+    with pytest.raises(ValueError, match="rloo-k"):
+        config(tiny_policy, beer_data, tmp_path / "x", algorithm="rloo", rloo_k=1)

@@ -30,9 +30,8 @@ def encode_prompts(tok: PreTrainedTokenizerBase, prompts: list[str], max_prompt_
 def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[str],
              sampling: SamplingConfig = SamplingConfig(), batch_size: int = 8, seed: int | None = None,
              streamer=None, logits_processor=None) -> Generation:
-    """Answer each prompt. With ``seed`` the output is reproducible for the same model and settings."""
-    if seed is not None:
-        torch.manual_seed(seed)
+    """Answer each prompt. With ``seed`` the output is reproducible for the same model and settings: the chunk of
+    prompts starting at row i samples with seed + i, so it does not depend on the chunks before it."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -41,6 +40,8 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
     all_ids = encode_prompts(tok, prompts, sampling.max_prompt_tokens)
     for start in range(0, len(all_ids), batch_size):
         chunk = all_ids[start:start + batch_size]
+        if seed is not None:
+            torch.manual_seed(seed + start)
         input_ids, attention = (t.to(device) for t in pad(chunk, tok.pad_token_id, side="left"))
         width = input_ids.shape[1]
         generated = model.generate(input_ids=input_ids, attention_mask=attention, pad_token_id=tok.pad_token_id,

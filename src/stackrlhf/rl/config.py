@@ -11,8 +11,13 @@ class PPOConfig:
     reward: str = field(default="", metadata={"help": "The reward-model directory (`stackrlhf rm` output)."})
     data: str = field(default="", metadata={"help": "A `stackrlhf data build` output (its rl split gives prompts)."})
     out: str = field(default="outputs/ppo", metadata={"help": "Output directory."})
+    algorithm: str = field(default="ppo", metadata={"choices": ("ppo", "rloo"), "help":
+        "ppo: GAE advantages from a value head; rloo: k answers per prompt, each one's advantage its sequence "
+        "reward minus the mean of the other k - 1 (no value head)."})
+    rloo_k: int = field(default=2, metadata={"help": "RLOO: answers sampled per prompt (>= 2)."})
     steps: int = field(default=100, metadata={"help": "PPO iterations (rollout + update)."})
-    batch_size: int = field(default=32, metadata={"help": "Prompts per rollout (per process)."})
+    batch_size: int = field(default=32, metadata={"help": "Prompts per rollout (per process); RLOO answers each "
+                                                          "rloo_k times."})
     mini_batch_size: int = field(default=8, metadata={"help": "Sequences per gradient step."})
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout."})
     learning_rate: float = field(default=1e-5, metadata={"help": "Adam learning rate (constant)."})
@@ -24,6 +29,8 @@ class PPOConfig:
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1: off)."})
     max_prompt_tokens: int = field(default=256, metadata={"help": "Longer prompts are cut in the middle."})
+    generation_batch_size: int = field(default=0, metadata={
+        "help": "Answers generated at once in a rollout (0: all of the step's; less: less memory)."})
     # reward
     score_clip: float = field(default=0.0, metadata={"help": "Clip the normalised RM score to +-this (0: off)."})
     missing_eos_penalty: float = field(default=0.0, metadata={
@@ -72,8 +79,12 @@ class PPOConfig:
         for name in ("policy", "data"):
             if not getattr(self, name):
                 raise ValueError(f"--{name} is required")
-        if self.batch_size % self.mini_batch_size:
-            raise ValueError("batch_size must be a multiple of mini_batch_size")
+        rollouts = self.batch_size * (self.rloo_k if self.algorithm == "rloo" else 1)
+        if rollouts % self.mini_batch_size:
+            raise ValueError(f"the {rollouts} answers of a rollout (batch_size, x rloo_k with RLOO) must be a multiple "
+                             "of mini_batch_size")
+        if self.algorithm == "rloo" and self.rloo_k < 2:
+            raise ValueError("--rloo-k must be at least 2: the leave-one-out baseline needs another answer")
         if not 0 < self.min_new_tokens <= self.max_new_tokens:
             raise ValueError("need 0 < min_new_tokens <= max_new_tokens")
         if self.lora and self.num_layers_unfrozen >= 0:

@@ -7,6 +7,7 @@ One iteration, top to bottom (:meth:`PPOTrainer.step`):
   3. forward once, no grad: log-probs and values of the policy, log-probs of the frozen reference
   4. rewards: -beta * KL_t on every response token, + the score on the last one
   5. advantages: GAE(gamma, lambda), whitened; returns = advantages + values
+     (``--algorithm rloo``: k answers per prompt, the leave-one-out advantage of :mod:`stackrlhf.rl.rloo`)
   6. ppo_epochs x minibatches: clipped policy loss + vf_coef * clipped value loss, gradient clipping,
      early stop when the approximate KL to the rollout policy exceeds max_approx_kl
   7. adapt beta (Ziegler's proportional controller), log, checkpoint
@@ -14,6 +15,7 @@ One iteration, top to bottom (:meth:`PPOTrainer.step`):
 
 from __future__ import annotations
 
+import random
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -38,6 +40,7 @@ from stackrlhf.models.precision import autocast, upcast_trainable
 from stackrlhf.rl.common import (MetricsWriter, pass_batch, resume_latest, save_checkpoint, seed_everything,
                                  write_run_artifacts)
 from stackrlhf.rl.config import PPOConfig
+from stackrlhf.rl.rloo import rloo_advantages
 
 console = Console(stderr=True)
 Scorer = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
@@ -133,6 +136,10 @@ class PPOTrainer:
         self.policy = PolicyWithValue(lm, cfg.num_layers_unfrozen, lora=cfg.lora,
                                       value_grad_to_trunk=cfg.value_grad_to_trunk).to(self.accelerator.device)
         upcast_trainable(self.policy)  # the reference was copied before: it stays in the loaded dtype
+        self.rloo = cfg.algorithm == "rloo"
+        if self.rloo:  # no critic: the value head is not trained (nor, under DDP, expected to get gradients)
+            self.policy.value_head.requires_grad_(False)
+        self.rollouts_per_step = cfg.batch_size * (cfg.rloo_k if self.rloo else 1)
         console.print(f"PPO policy ({self.policy.mode} reference): {describe_trainable(self.policy)}")
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.learning_rate, eps=1e-5)
         self.model, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
@@ -176,10 +183,15 @@ class PPOTrainer:
 
         # 1. rollout
         prompts = self.batch_prompts(self.step_index)
-        limit = int(torch.randint(cfg.min_new_tokens, cfg.max_new_tokens + 1, (1,)))
+        if self.rloo:  # k answers per prompt, prompt-major
+            prompts = [p for p in prompts for _ in range(cfg.rloo_k)]
+        # the same length limit and sampling seeds on every process: process p's rows continue process p-1's
+        limit = random.Random(cfg.seed * 100_003 + self.step_index).randint(cfg.min_new_tokens, cfg.max_new_tokens)
+        seed = cfg.seed * 1_000_003 + self.step_index * 10_007 + self.accelerator.process_index * len(prompts)
         sampling = SamplingConfig(max_new_tokens=limit, temperature=cfg.temperature, top_k=cfg.top_k,
                                   top_p=cfg.top_p, max_prompt_tokens=cfg.max_prompt_tokens)
-        rollout = generate(policy.lm, self.tok, prompts, sampling, batch_size=len(prompts))
+        rollout = generate(policy.lm, self.tok, prompts, sampling, batch_size=cfg.generation_batch_size or len(prompts),
+                           seed=seed)
         t_gen = time.perf_counter() - t0
 
         # 2. score the decoded text (the RM has its own tokenizer)
@@ -212,7 +224,10 @@ class PPOTrainer:
         rewards[torch.arange(len(last)), last] += scores
 
         # 5. advantages
-        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        if self.rloo:  # the sequence reward (score - beta * KL) minus the mean of the prompt's other answers'
+            advantages, returns = rloo_advantages(rewards.sum(1), cfg.rloo_k)[:, None] * mask, old_values
+        else:
+            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         advantages = advantages * mask
@@ -229,7 +244,7 @@ class PPOTrainer:
                           "away from the distribution the log-probs are computed under", stacklevel=2)
             self.warned_negative_kl = True
         beta = self.kl_ctl.value
-        self.kl_ctl.update(mean_kl, cfg.batch_size * self.accelerator.num_processes)
+        self.kl_ctl.update(mean_kl, self.rollouts_per_step * self.accelerator.num_processes)
         seconds = time.perf_counter() - t0
         n_tokens = float(mask.sum())
         metrics = {
@@ -276,7 +291,7 @@ class PPOTrainer:
                 ratio = log_ratio.exp()
                 pg_losses, clipped = clipped_policy_loss(advantages[idx], ratio, cfg.cliprange)
                 pg_loss = masked_mean(pg_losses, m)
-                loss = pg_loss + cfg.vf_coef * vf_loss
+                loss = pg_loss if self.rloo else pg_loss + cfg.vf_coef * vf_loss
                 if not torch.isfinite(loss):
                     raise StackRLHFError(f"step {self.step_index}: the PPO loss is NaN/inf; stopping (the last "
                                          f"checkpoint in {self.out / 'checkpoints'} is good). Lower the learning rate.")
@@ -288,12 +303,14 @@ class PPOTrainer:
                 with torch.no_grad():
                     approx_kl = masked_mean((ratio - 1) - log_ratio, m)
                     totals["loss/policy"].append(float(pg_loss))
-                    totals["loss/value"].append(float(vf_loss))
+                    if not self.rloo:
+                        totals["loss/value"].append(float(vf_loss))
                     totals["policy/clipfrac"].append(float(masked_mean(clipped.float(), m)))
                     totals["policy/approx_kl"].append(float(approx_kl))
                     totals["policy/entropy"].append(float(masked_mean(entropy_of(logits, cfg.temperature), m)))
-                    totals["value/clipfrac"].append(float(masked_mean(((vpred - old_values[idx]).abs()
-                                                                       > cfg.cliprange_value).float(), m)))
+                    if not self.rloo:
+                        totals["value/clipfrac"].append(float(masked_mean(((vpred - old_values[idx]).abs()
+                                                                           > cfg.cliprange_value).float(), m)))
                     epoch_kl.append(float(approx_kl))
             epochs_done += 1
             if cfg.max_approx_kl and float(np.mean(epoch_kl)) > cfg.max_approx_kl:
@@ -334,7 +351,7 @@ class PPOTrainer:
         while self.step_index < cfg.steps:
             metrics = self.step()
             samples = metrics.pop("_samples")
-            episodes += cfg.batch_size * self.accelerator.num_processes
+            episodes += self.rollouts_per_step * self.accelerator.num_processes
             self.history.append(metrics)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['kl/mean']:.2f}")
@@ -367,7 +384,7 @@ class PPOTrainer:
                    "reward_first": history[0]["reward/score_mean"] if history else None,
                    "reward_last": history[-1]["reward/score_mean"] if history else None,
                    "kl_last": history[-1]["kl/mean"] if history else None,
-                   "beta_last": self.kl_ctl.value, "reference": self.policy.mode,
+                   "beta_last": self.kl_ctl.value, "reference": self.policy.mode, "algorithm": self.cfg.algorithm,
                    "length": history_length_analysis(history)}
         if self.accelerator.is_main_process:
             self.save_checkpoint()
@@ -379,8 +396,9 @@ class PPOTrainer:
             self.tok.save_pretrained(str(self.out))
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in self.policy.value_head.state_dict().items()},
-                      str(self.out / "value_head.safetensors"))
+            if not self.rloo:
+                save_file({k: v.contiguous() for k, v in self.policy.value_head.state_dict().items()},
+                          str(self.out / "value_head.safetensors"))
             write_run_artifacts(self.out, self.cfg, history, metrics)
             self.writer.close()
         self.accelerator.wait_for_everyone()

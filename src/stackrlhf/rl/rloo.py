@@ -1,0 +1,22 @@
+"""RLOO: REINFORCE with a leave-one-out baseline (Kool et al. 2019; Ahmadian et al. 2024, "Back to Basics"), the
+critic-free online method. It runs in :class:`stackrlhf.rl.ppo.PPOTrainer` (``--algorithm rloo``), sharing its
+rollout, reward, KL, clipped update and checkpoints; what differs is this one step, in place of GAE:
+
+  for each prompt, k answers y_1..y_k; the sequence reward R_i = score_i - beta * sum_t KL_t (k1)
+  baseline_i = (sum_j R_j - R_i) / (k - 1)       (the mean reward of the other k - 1 answers)
+  A_i = R_i - baseline_i, the same for every token of y_i; no value head
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """Leave-one-out advantages of sequence rewards laid out prompt-major: ``rewards[p * k + i]`` is answer i of
+    prompt p. Each answer's baseline is the mean of the other k - 1 answers to the same prompt."""
+    if k < 2:
+        raise ValueError("RLOO needs k >= 2 answers per prompt")
+    grouped = rewards.view(-1, k)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).reshape(-1)
