@@ -112,7 +112,9 @@ def test_report_renders_its_plots_in_chromium(browser, tmp_path):
     models = {name: {"path": name, "beta": None, "reward_proxy": r, "reward_gold": r / 2, "reward_proxy_std": 1.0,
                      "reward_gold_std": 1.0, "kl_to_reference": kl, "human_answer_perplexity": 50.0,
                      "length_tokens": 40.0, "ended": 0.5, "distinct_2": 0.9, "win_rate_proxy_vs_sft": 0.5,
-                     "win_rate_gold_vs_sft": 0.5} for name, r, kl in (("sft", 0.0, 0.0), ("ppo", 0.4, 3.0))}
+                     "win_rate_gold_vs_sft": 0.5, "best_of": n or None}
+              for name, r, kl, n in (("sft", 0.0, 0.0, 0), ("ppo", 0.4, 3.0, 0), ("rloo", 0.3, 2.0, 0),
+                                     ("dpo", 0.1, 1.0, 0), ("bon4", 0.2, 0.64, 4), ("bon16", 0.35, 1.84, 16))}
     (run / "eval" / "eval.json").write_text(json.dumps({
         "questions": 2, "baseline": "sft", "judges": {"proxy": "rm", "gold": "rm-gold"},
         "sampling": {"temperature": 1.0, "max_new_tokens": 8}, "models": models}))
@@ -140,7 +142,7 @@ def test_report_renders_its_plots_in_chromium(browser, tmp_path):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(out.as_uri())
     plots = page.eval_on_selector_all("img.plot", "els => els.map(e => [e.dataset.plot, e.complete, e.naturalWidth])")
-    assert {name for name, _, _ in plots} == {"reward_vs_kl", "ppo", "ppo_length", "ilql", "rm_accuracy", "feedback"}
+    assert {name for name, _, _ in plots} == {"frontier", "ppo", "ppo_length", "ilql", "rm_accuracy", "feedback"}
     assert all(complete and width > 300 for _, complete, width in plots)  # decoded, not broken images
     assert page.evaluate("window.__pwned") is None
     ARTIFACTS.mkdir(exist_ok=True)

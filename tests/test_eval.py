@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from stackrlhf.cli import cli
 from stackrlhf.data.splits import pair_half
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.evaluate.metrics import distinct_n, win_rate
-from stackrlhf.models.answerer import parse_model_spec
+from stackrlhf.models.answerer import best_of_n_kl, parse_model_spec
 from stackrlhf.models.loading import load_causal_lm
 from stackrlhf.models.reward import RewardModel, default_backbone, load_backbone
 from stackrlhf.models.ilql import ILQLModel
@@ -29,6 +30,32 @@ def test_small_metrics():
     assert parse_model_spec("outputs/sft/").name == "sft"
     with pytest.raises(StackRLHFError, match="beta"):
         parse_model_spec("x=out@high")
+    bon = parse_model_spec("b4=bon:4@out/sft")
+    assert (bon.name, bon.path, bon.best_of, bon.beta) == ("b4", "out/sft", 4, None)
+    assert parse_model_spec("bon:16@out/sft").name == "bon-16"
+    with pytest.raises(StackRLHFError, match="bon:N@POLICY"):
+        parse_model_spec("b=bon:x@out/sft")
+    assert best_of_n_kl(1) == 0.0 and best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
+
+
+def test_best_of_n_keeps_the_scorers_best(tiny_lm):
+    from stackrlhf.models.answerer import Answerer, ModelSpec
+    from stackrlhf.models.sampling import SamplingConfig
+
+    def count_e(questions, answers):
+        return [a.count("e") for a in answers]
+
+    prompts = ["Question: which hops?\n\nAnswer: ", "Question: why foam?\n\nAnswer: "]
+    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0, top_p=1.0)
+    plain = Answerer(ModelSpec("p", str(tiny_lm)), "cpu")
+    many = plain.generate([p for p in prompts for _ in range(4)], sampling, batch_size=8, seed=5)
+    bon = Answerer(ModelSpec("b", str(tiny_lm), best_of=4), "cpu", scorer=count_e)
+    got = bon.generate(prompts, sampling, batch_size=8, seed=5)  # the same 8 samples, the best of each 4 kept
+    for i, text in enumerate(got.texts):
+        assert text.count("e") == max(t.count("e") for t in many.texts[4 * i:4 * i + 4])
+        assert text in many.texts[4 * i:4 * i + 4]
+    with pytest.raises(StackRLHFError, match="reward model"):
+        Answerer(ModelSpec("b", str(tiny_lm), best_of=4), "cpu")
 
 
 def test_gold_and_proxy_halves_split_the_pairs_by_question(built_all):
@@ -65,6 +92,7 @@ def test_eval_judges_plain_and_ilql_models(tiny_lm, beer_data, judges, tmp_path)
     out = tmp_path / "eval"
     result = CliRunner().invoke(cli, [
         "eval", "--model", f"sft={tiny_lm}", "--model", f"ilql0={ilql_dir}@0", "--model", f"ilql={ilql_dir}@5",
+        "--model", f"bon4=bon:4@{tiny_lm}",
         "--reward", str(judges[0]), "--gold-reward", str(judges[1]), "--data", str(beer_data), "--out", str(out),
         "--questions", "6", "--max-new-tokens", "10", "--no-progress"])
     assert result.exit_code == 0, result.output
@@ -79,10 +107,14 @@ def test_eval_judges_plain_and_ilql_models(tiny_lm, beer_data, judges, tmp_path)
     # beta = 5 shifts decoding: other answers, a positive KL
     assert ilql["kl_to_reference"] > 0.1
     assert 0.0 <= ilql["win_rate_gold_vs_sft"] <= 1.0 and ilql["human_answer_perplexity"] > 1.0
+    # best-of-4 from the reference itself: the analytic KL; the proxy's pick of 4 outscores one sample (fixed seeds)
+    bon = report["models"]["bon4"]
+    assert bon["kl_to_reference"] == pytest.approx(math.log(4) - 0.75, abs=1e-4) and bon["best_of"] == 4
+    assert bon["reward_proxy"] >= sft["reward_proxy"] - 1e-6
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6
     assert all(r["question_link"].startswith("https://beer.stackexchange.com/") and r["license"] for r in rows)
-    assert set(rows[0]["answers"]) == {"sft", "ilql0", "ilql"} and "proxy" in rows[0]["answers"]["ilql"]
+    assert set(rows[0]["answers"]) == {"sft", "ilql0", "ilql", "bon4"} and "proxy" in rows[0]["answers"]["ilql"]
 
 
 def test_eval_rejects_an_unknown_baseline(tiny_lm, beer_data, judges, tmp_path):

@@ -58,7 +58,7 @@ def test_run_skips_unchanged_stages_reruns_changed_ones_and_resumes_after_a_kill
     assert (rm_cfg["pairs_half"], gold_cfg["pairs_half"]) == ("proxy", "gold")
     assert yaml.safe_load((run / "ppo" / "config.yaml").read_text())["policy"] == str(run / "sft")
     page = (run / "report.html").read_text()
-    assert {"ppo", "ppo_length", "ilql", "reward_vs_kl", "rm_accuracy"} <= set(re.findall(r'data-plot="(\w+)"', page))
+    assert {"ppo", "ppo_length", "ilql", "frontier", "rm_accuracy"} <= set(re.findall(r'data-plot="(\w+)"', page))
     assert "log-loss gain beyond it" in page  # the RM table beyond length and time
     assert "length explains" in page or "Too few steps" in page  # PPO's length analysis
     rm_metrics = json.loads((run / "rm" / "metrics.json").read_text())
@@ -141,12 +141,31 @@ def test_bad_pipeline_files_are_refused(tmp_path, spec, message):
     assert result.exit_code != 0 and message.split("`")[0] in result.output
 
 
-def test_demo_config_plans_every_stage():
+def test_demo_config_plans_every_stage_but_rloo_and_dpo():
     stages = pipeline.plan(pipeline.read_pipeline_file(pipeline.find_demo_config()), Path("/tmp/demo"))
-    assert [s.name for s in stages] == list(pipeline.STAGES)
+    assert [s.name for s in stages] == [n for n in pipeline.STAGES if n not in ("rloo", "dpo")]
     eval_models = next(s for s in stages if s.name == "eval").cfg.model
     assert eval_models == ["sft=/tmp/demo/sft", "base=/tmp/demo/base", "ppo=/tmp/demo/ppo",
                            "ilql-b0=/tmp/demo/ilql@0", "ilql-b4=/tmp/demo/ilql@4"]
+
+
+def test_frontier_config_plans_every_stage_and_shares_the_demos_keys():
+    demo = pipeline.read_pipeline_file(pipeline.find_demo_config())
+    full = pipeline.read_pipeline_file(pipeline.find_demo_config().with_name("frontier.yaml"))
+    stages = {s.name: s for s in pipeline.plan(full, Path("/tmp/f"))}
+    assert list(stages) == list(pipeline.STAGES)
+    assert stages["rloo"].cfg.algorithm == "rloo" and stages["rloo"].parents == ["data", "sft", "rm"]
+    assert stages["dpo"].cfg.data == ["/tmp/f/data"] and stages["dpo"].cfg.model == "/tmp/f/sft"
+    models = stages["eval"].cfg.model
+    assert {"rloo=/tmp/f/rloo", "dpo=/tmp/f/dpo", "bon4=bon:4@/tmp/f/sft", "bon16=bon:16@/tmp/f/sft"} <= set(models)
+    keys: dict = {}
+    for s in pipeline.plan(demo, Path("/tmp/f")):  # a demo run's finished stages count for the frontier run
+        keys[s.name] = pipeline.stage_key(s, keys, Path("/tmp/f"))
+    fkeys: dict = {}
+    for s in pipeline.plan(full, Path("/tmp/f")):
+        fkeys[s.name] = pipeline.stage_key(s, fkeys, Path("/tmp/f"))
+    for name in ("data", "pretrain", "sft", "rm", "gold_rm", "ppo", "ilql"):
+        assert keys[name] == fkeys[name], name
 
 
 def test_reward_model_on_the_runs_sft_model():

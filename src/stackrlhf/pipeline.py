@@ -1,6 +1,6 @@
 """``stackrlhf run``: every stage of one YAML file in order, each skipped when its settings and inputs are unchanged.
 
-A pipeline file has one section per stage (``data``, ``pretrain``, ``sft``, ``rm``, ``gold_rm``, ``ppo``, ``ilql``,
+A pipeline file has one section per stage (``data``, ``pretrain``, ``sft``, ``rm``, ``gold_rm``, ``ppo``, ``rloo``, ``dpo``, ``ilql``,
 ``eval``, ``report``) holding that stage's own settings, plus ``out`` (the run directory) and ``base`` (a hub id or
 path, or ``pretrain`` for the offline base). The pipeline wires the paths: each stage writes ``OUT/<dir>`` and
 reads its parents' directories. A stage's key hashes its settings and its parents' keys; when a stage finishes,
@@ -29,7 +29,7 @@ from stackrlhf.data.config import DataConfig
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.evaluate.config import EvalConfig, ReportConfig
 from stackrlhf.rl.config import ILQLConfig, PPOConfig
-from stackrlhf.train.config import PretrainConfig, RMConfig, SFTConfig
+from stackrlhf.train.config import DPOConfig, PretrainConfig, RMConfig, SFTConfig
 
 console = Console(stderr=True)
 
@@ -41,6 +41,8 @@ STAGES: dict[str, tuple[str, type]] = {
     "rm": ("rm", RMConfig),
     "gold_rm": ("rm-gold", RMConfig),
     "ppo": ("ppo", PPOConfig),
+    "rloo": ("rloo", PPOConfig),
+    "dpo": ("dpo", DPOConfig),
     "ilql": ("ilql", ILQLConfig),
     "eval": ("eval", EvalConfig),
     "report": ("report.html", ReportConfig),
@@ -165,6 +167,11 @@ def plan(spec: dict, out: Path | None = None) -> list[Stage]:
         add_rm("gold_rm", gold, "gold")
     if (ppo := section(spec, "ppo")) is not None:
         add("ppo", ["data", "sft", "rm"], {"policy": str(d["sft"]), "reward": str(d["rm"]), "data": data}, sec=ppo)
+    if (rloo := section(spec, "rloo")) is not None:  # PPO's trainer with --algorithm rloo
+        add("rloo", ["data", "sft", "rm"], {"policy": str(d["sft"]), "reward": str(d["rm"]), "data": data,
+                                            "algorithm": "rloo"}, sec=rloo)
+    if (dpo := section(spec, "dpo")) is not None:  # the vote pairs (+ any `data:` given, e.g. a feedback export)
+        add("dpo", ["data", "sft"], {"model": str(d["sft"]), "data": [data, *dpo.pop("data", [])]}, sec=dpo)
     if (ilql := section(spec, "ilql")) is not None:
         add("ilql", ["data", "sft"], {"model": str(d["sft"]), "data": data}, sec=ilql)
     names = [s.name for s in stages]
@@ -172,8 +179,8 @@ def plan(spec: dict, out: Path | None = None) -> list[Stage]:
         models = [f"sft={d['sft']}"]
         if ev.pop("include_base", False):
             models.append(f"base={base_path}")
-        if "ppo" in names:
-            models.append(f"ppo={d['ppo']}")
+        models += [f"{n}={d[n]}" for n in ("ppo", "rloo", "dpo") if n in names]
+        models += [f"bon{n}=bon:{n}@{d['sft']}" for n in ev.pop("best_of", [])]
         betas = ev.pop("ilql_betas", None)
         if "ilql" in names:
             for beta in betas if betas is not None else [stages[names.index("ilql")].cfg.beta]:
@@ -202,6 +209,8 @@ RUNNERS = {  # stage -> its function, imported late: the CLI starts fast and a s
     "rm": "stackrlhf.train.reward:train_reward_model",
     "gold_rm": "stackrlhf.train.reward:train_reward_model",
     "ppo": "stackrlhf.rl.ppo:train_ppo",
+    "rloo": "stackrlhf.rl.ppo:train_ppo",
+    "dpo": "stackrlhf.train.dpo:dpo",
     "ilql": "stackrlhf.rl.ilql:train_ilql",
     "eval": "stackrlhf.evaluate.metrics:evaluate_models",
     "report": "stackrlhf.pipeline:write_report",

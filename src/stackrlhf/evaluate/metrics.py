@@ -3,7 +3,8 @@
 Per model: mean reward by the proxy RM (the one RL optimised) and by a gold RM trained on disjoint questions
 (a proxy gain the gold RM does not share is over-optimisation, Gao et al. 2022), win rates against the
 baseline by both, KL to the reference on the model's own samples, perplexity of the held-out human answers,
-mean answer length and distinct-2. ILQL models are judged as they decode: with their beta shift.
+mean answer length and distinct-2. ILQL models are judged as they decode: with their beta shift; best-of-n
+(`bon:N@POLICY`) keeps the proxy RM's best of N samples, its KL the analytic log N - (N-1)/N plus the policy's own.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from stackrlhf.config import write_text_atomic
 from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.evaluate.config import EvalConfig
-from stackrlhf.models.answerer import Answerer, ModelSpec, parse_model_spec, same_vocabulary
+from stackrlhf.models.answerer import Answerer, ModelSpec, best_of_n_kl, parse_model_spec, same_vocabulary
 from stackrlhf.models.confounders import length_adjusted_gains, words
 from stackrlhf.models.generation import SamplingConfig
 from stackrlhf.models.ilql import is_ilql_model
@@ -66,6 +67,7 @@ def evaluate_models(cfg: EvalConfig) -> dict:
     judges = {"proxy": RewardModel.from_pretrained(cfg.reward, device=device)}
     if cfg.gold_reward:
         judges["gold"] = RewardModel.from_pretrained(cfg.gold_reward, device=device)
+    proxy = judges["proxy"]
     reference_path = cfg.reference or next(s.path for s in specs if s.name == baseline)
     reference = Answerer(ModelSpec("reference", reference_path, 0.0 if is_ilql_model(reference_path) else None), device)
 
@@ -74,7 +76,7 @@ def evaluate_models(cfg: EvalConfig) -> dict:
     results: dict[str, dict] = {}
     for spec in tqdm(specs, desc="models", disable=not cfg.progress):
         t0 = time.perf_counter()
-        model = Answerer(spec, device)
+        model = Answerer(spec, device, scorer=lambda q, a: proxy.score(q, a, normalize=True))
         gen = model.generate(prompts, sampling, cfg.batch_size, cfg.seed)
         t_gen = time.perf_counter() - t0
         logp = model.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size)
@@ -82,6 +84,8 @@ def evaluate_models(cfg: EvalConfig) -> dict:
         if same_vocabulary(model.tok, reference.tok):
             ref = reference.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size)
             kl = [float((a - b).sum()) for a, b in zip(logp, ref)]
+            if spec.best_of > 1:  # KL(bon || ref) = KL(bon || policy) (analytic) + E_bon[log policy - log ref]
+                kl = [best_of_n_kl(spec.best_of) + v for v in kl]
         # perplexity of the held-out human answers (the best one per question)
         human = [model.tok(q["best_answer"], add_special_tokens=False)["input_ids"][: cfg.max_new_tokens]
                  + [model.tok.eos_token_id] for q in questions]
@@ -93,10 +97,11 @@ def evaluate_models(cfg: EvalConfig) -> dict:
                                  "words": [float(words(t)) for t in gen.texts],
                                  **({"kl": kl} if kl is not None else {})}
         results[spec.name] = {
-            "path": spec.path, "beta": model.beta, "top_k": cfg.top_k or model.top_k,
+            "path": spec.path, "beta": model.beta, "best_of": spec.best_of or None, "top_k": cfg.top_k or model.top_k,
             **{f"reward_{name}": float(np.mean(s)) for name, s in scores.items()},
             **{f"reward_{name}_std": float(np.std(s)) for name, s in scores.items()},
             "kl_to_reference": float(np.mean(kl)) if kl is not None else None,
+            "kl_to_reference_se": float(np.std(kl) / math.sqrt(len(kl))) if kl else None,
             "human_answer_perplexity": float(math.exp(min(nll, 50.0))),
             "length_tokens": float(np.mean([len(r) for r in gen.response_ids])),
             "length_words": float(np.mean([words(t) for t in gen.texts])),

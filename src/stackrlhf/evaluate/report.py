@@ -128,23 +128,49 @@ def ppo_length(history: list[dict]) -> str:
                                        "with length is length hacking)") + f"<p>{_e(text)}</p>")
 
 
-def reward_vs_kl(ev: dict | None) -> str:
+def method_of(name: str, m: dict) -> str:
+    """Which method made a model, for the frontier's colours: from eval.json's record of it."""
+    if m.get("best_of"):
+        return "best-of-n"
+    if m.get("beta") is not None:
+        return "ILQL"
+    for method in ("rloo", "dpo", "ppo", "sft", "base"):
+        if name.lower().startswith(method) or Path(str(m.get("path", ""))).name.lower().startswith(method):
+            return method.upper() if method != "base" else "base"
+    return "other"
+
+
+def frontier(ev: dict | None) -> str:
+    """Reward against KL to the reference, one point per model with standard-error bars, per judge; best-of-n
+    from the baseline drawn as a line from it: the frontier that any RL method must beat at equal KL."""
     if not ev:
         return _note("No evaluation: run `stackrlhf eval` (or a pipeline with an `eval:` section).")
-    models = ev["models"]
-    fig, ax = plt.subplots(figsize=(5.6, 3.6))
-    for judge, marker in (("proxy", "o"), ("gold", "s")):
-        pts = [(m["kl_to_reference"], m.get(f"reward_{judge}"), name) for name, m in models.items()
-               if m.get("kl_to_reference") is not None and m.get(f"reward_{judge}") is not None]
-        if not pts:
-            continue
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=40, label=f"{judge} RM")
-        for kl, r, name in pts:
-            ax.annotate(name, (kl, r), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("KL to the reference (nats per answer)"), ax.set_ylabel("mean normalised reward")
-    ax.legend(fontsize=8), ax.grid(alpha=0.3)
-    return _figure(fig, "reward_vs_kl", "Proxy (optimised) and gold (held-out) reward against KL: a gold reward "
-                                         "that falls while the proxy rises is over-optimisation")
+    models, n = ev["models"], max(ev.get("questions", 1), 1)
+    judges = [j for j in ("proxy", "gold") if any(m.get(f"reward_{j}") is not None for m in models.values())]
+    fig, axes = plt.subplots(1, len(judges), figsize=(5.2 * len(judges), 3.8), squeeze=False)
+    colours = {}
+    for ax, judge in zip(axes[0], judges):
+        pts = {name: m for name, m in models.items()
+               if m.get("kl_to_reference") is not None and m.get(f"reward_{judge}") is not None}
+        for name, m in pts.items():
+            method = method_of(name, m)
+            colour = colours.setdefault(method, f"C{len(colours)}")
+            ax.errorbar(m["kl_to_reference"], m[f"reward_{judge}"], yerr=m.get(f"reward_{judge}_std", 0) / n ** 0.5,
+                        xerr=m.get("kl_to_reference_se") or 0, fmt="o", color=colour, capsize=3, ms=5,
+                        label=method if method not in ax.get_legend_handles_labels()[1] else None)
+            ax.annotate(name, (m["kl_to_reference"], m[f"reward_{judge}"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        base = models.get(ev.get("baseline"), {})
+        bon = sorted(((m["kl_to_reference"], m[f"reward_{judge}"]) for m in pts.values() if m.get("best_of")))
+        if bon and base.get(f"reward_{judge}") is not None:
+            line = [(base.get("kl_to_reference") or 0.0, base[f"reward_{judge}"]), *bon]
+            ax.plot([p[0] for p in line], [p[1] for p in line], "--", color=colours.get("best-of-n", "grey"), lw=1)
+        ax.set_title(f"{judge} reward model" + (" (optimised)" if judge == "proxy" else " (held out)"), fontsize=9)
+        ax.set_xlabel("KL to the reference (nats per answer)"), ax.set_ylabel("mean normalised reward")
+        ax.grid(alpha=0.3), ax.legend(fontsize=7)
+    return _figure(fig, "frontier", "Reward against KL for every method (bars: one standard error). A method is "
+                                    "better only above the best-of-n line at the same KL; a gold reward that falls "
+                                    "while the proxy rises is over-optimisation")
 
 
 def rm_accuracy(rms: dict[str, dict]) -> str:
@@ -313,7 +339,7 @@ def write_report(cfg: ReportConfig) -> Path:
     body = [
         f"<h1>{_e(cfg.title)}</h1><p class='meta'>{_e(dt.datetime.now().strftime('%Y-%m-%d %H:%M'))}"
         + (f" · run {_e(run)}" if run else "") + "</p>",
-        "<h2>Held-out evaluation</h2>", eval_table(ev) or _note("No evaluation yet."), reward_vs_kl(ev),
+        "<h2>Held-out evaluation</h2>", eval_table(ev) or _note("No evaluation yet."), frontier(ev),
         "<h2>Training</h2>", rl_curves(_read_jsonl(ppo_dir / "history.jsonl") if ppo_dir else [],
                                        _read_jsonl(ilql_dir / "history.jsonl") if ilql_dir else []),
         "<h2>Reward models</h2>", rm_accuracy(rms), rm_confounders(rms),

@@ -1,9 +1,11 @@
 """The one "model that answers", used by ``ask``, ``feedback queue``, ``eval`` and the loop: a plain causal LM
-(a model directory or hub id) or a ``stackrlhf ilql`` output decoding with its beta shift, named by a spec
-``NAME=PATH``, ``NAME=PATH@BETA`` or a bare ``PATH``."""
+(a model directory or hub id), a ``stackrlhf ilql`` output decoding with its beta shift, or best-of-n sampling
+from a policy under a reward model; named by a spec ``NAME=PATH``, ``NAME=PATH@BETA``, ``NAME=bon:N@PATH`` or a
+bare ``PATH``."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,11 +23,25 @@ class ModelSpec:
     name: str
     path: str
     beta: float | None = None  # ILQL only; None: the beta saved with the model
+    best_of: int = 0  # best-of-n: sample n answers from PATH, keep the reward model's best (0: off)
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || policy) = log n - (n - 1) / n nats per answer (Stiennon et al. 2020, appendix G.3): an
+    upper bound, exact when the n samples are distinct."""
+    return math.log(n) - (n - 1) / n
 
 
 def parse_model_spec(text: str) -> ModelSpec:
-    """``NAME=PATH``, ``NAME=PATH@BETA`` or a bare ``PATH`` (named after its last folder)."""
+    """``NAME=PATH``, ``NAME=PATH@BETA`` (ILQL), ``NAME=bon:N@PATH`` (best-of-n from PATH) or a bare ``PATH`` (named
+    after its last folder; ``bon-N`` for a bare best-of-n)."""
     name, sep, path = text.partition("=")
+    if path.startswith("bon:") or (not sep and text.startswith("bon:")):
+        body = (path if sep else text)[4:]
+        n, at, policy = body.partition("@")
+        if not at or not policy or not n.isdigit() or int(n) < 1:
+            raise StackRLHFError(f"--model {text}: best-of-n is bon:N@POLICY with N >= 1, e.g. bon4=bon:4@out/sft")
+        return ModelSpec(name if sep else f"bon-{n}", policy, None, int(n))
     if not sep:
         name, path = Path(text.rstrip("/")).name or text, text
     beta = None
@@ -41,11 +57,15 @@ def parse_model_spec(text: str) -> ModelSpec:
 
 
 class Answerer:
-    """A model as it answers: a plain causal LM, or an ILQL model decoding with logits + beta * (Q - V)."""
+    """A model as it answers: a plain causal LM, an ILQL model decoding with logits + beta * (Q - V), or best-of-n
+    from a policy (``scorer(questions, answers) -> rewards`` picks; log-probs are the policy's)."""
 
-    def __init__(self, spec: ModelSpec, device):
+    def __init__(self, spec: ModelSpec, device, scorer=None):
         self.spec = spec
         self.ilql = None
+        self.scorer = scorer
+        if spec.best_of and scorer is None:
+            raise StackRLHFError(f"{spec.name}: best-of-{spec.best_of} needs a reward model to pick with")
         if is_ilql_model(spec.path):
             self.ilql, self.tok, saved = ILQLModel.from_pretrained(spec.path, device=device)
             self.lm = self.ilql.lm
@@ -68,6 +88,8 @@ class Answerer:
 
     def generate(self, prompts: list[str], sampling: SamplingConfig, batch_size: int = 8, seed: int | None = None,
                  streamer=None) -> Generation:
+        if self.spec.best_of > 1:
+            return self.best_of_n(prompts, sampling, batch_size, seed)
         if self.ilql is not None:
             sampling = replace(sampling, top_k=sampling.top_k or self.top_k)  # a --top-k given wins
             return ilql_generate(self.ilql, self.tok, prompts, sampling, self.beta, batch_size, seed, streamer)
@@ -87,6 +109,17 @@ class Answerer:
             logits = self.lm.get_output_embeddings()(h)
             logp = F.log_softmax(self.ilql.shifted_logprobs(logits, h, self.beta or 0.0), -1)
         return logp.gather(-1, batch["responses"].unsqueeze(-1)).squeeze(-1) * batch["response_mask"]
+
+    def best_of_n(self, prompts: list[str], sampling: SamplingConfig, batch_size: int, seed: int | None) -> Generation:
+        """n samples per prompt from the policy; each prompt keeps the one the scorer rates highest."""
+        n = self.spec.best_of
+        many = generate(self.lm, self.tok, [p for p in prompts for _ in range(n)], sampling, batch_size=batch_size,
+                        seed=seed)
+        rewards = list(self.scorer([p for p in prompts for _ in range(n)], many.texts))
+        best = [i * n + max(range(n), key=lambda j: rewards[i * n + j]) for i in range(len(prompts))]
+        return Generation(prompts=list(prompts), texts=[many.texts[b] for b in best],
+                          prompt_ids=[many.prompt_ids[b] for b in best], response_ids=[many.response_ids[b] for b in best],
+                          finished=[many.finished[b] for b in best])
 
     def logprobs_of(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
                     batch_size: int = 8) -> list[torch.Tensor]:
