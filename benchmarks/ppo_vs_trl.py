@@ -2,14 +2,18 @@
 the same tiny GPT-2 (4 layers x 256, vocabulary 8000), reward model, prompts (the beer dump's rl split),
 32 prompts x 64 new tokens per step, 4 PPO epochs, minibatches of 8, learning rate 1e-5.
 
-Beside them, TRL's current `RLOOTrainer` (TRL 1.16.0; the trainer TRL points PPO users to): the same
-policy, reward model and prompts, 32 completions per rollout (16 prompts x k = 2, RLOO's leave-one-out
-baseline needs k >= 2), minibatches of 8 (steps_per_generation = 4), 4 passes over each rollout
-(num_iterations = 4), 64 new tokens, KL beta 0.05 against a reference model.
+Beside them, our RLOO (`stackrlhf ppo --algorithm rloo`) and TRL's current `RLOOTrainer` (TRL 1.16.0; the
+trainer TRL points PPO users to): the same policy, reward model and prompts, 32 completions per rollout
+(16 prompts x k = 2, RLOO's leave-one-out baseline needs k >= 2), minibatches of 8 (TRL: steps_per_generation
+= 4), 4 passes over each rollout (num_iterations = 4), 64 new tokens, KL beta 0.05 against a reference model.
+Ours runs with every block trained and a full frozen reference copy (TRL's setting) and with its default
+hydra reference (the top 2 blocks trained).
 
 Each run is a fresh process (peak RSS is its own: os.wait4); each TRL runs in its own virtual environment,
 which this script creates on first use in benchmarks/.venvs/ (pip install torch==2.13.0 trl==...). Last line:
-``episodes_per_s_ratio=<ours / TRL PPO> peak_rss_ratio=<ours / TRL PPO> rloo_episodes_per_s_ratio=<ours / TRL RLOO>``.
+``episodes_per_s_ratio=<ours / TRL PPO> peak_rss_ratio=<ours / TRL PPO> rloo_episodes_per_s_ratio=<our PPO / TRL
+RLOO> our_rloo_episodes_per_s_ratio=<our RLOO / TRL RLOO> our_rloo_peak_rss_ratio=<our RLOO / TRL RLOO>``, our
+RLOO in TRL's setting (full model, full reference copy).
 
     python benchmarks/ppo_vs_trl.py [--steps 4] [--repeats 1]
 """
@@ -69,14 +73,15 @@ def prepare(root: Path) -> dict:
     return {"root": str(root)}
 
 
-def worker_ours(root: Path, steps: int, k: int) -> dict:
+def worker_ours(root: Path, steps: int, k: int, algorithm: str = "ppo") -> dict:
     from stackrlhf.models.reward import RewardModel
     from stackrlhf.rl.config import PPOConfig
     from stackrlhf.rl.ppo import PPOTrainer
 
     rm = RewardModel.from_pretrained(root / "rm")
     cfg = PPOConfig(policy=str(root / "policy"), data=str(root / "data"), out=str(root / f"ours-{k}-{time.time()}"),
-                    steps=steps, batch_size=BATCH, mini_batch_size=MINI, ppo_epochs=EPOCHS, learning_rate=LR,
+                    steps=steps, batch_size=BATCH if algorithm == "ppo" else BATCH // 2, algorithm=algorithm,
+                    rloo_k=2, mini_batch_size=MINI, ppo_epochs=EPOCHS, learning_rate=LR,
                     min_new_tokens=NEW_TOKENS, max_new_tokens=NEW_TOKENS, num_layers_unfrozen=k, report_to="none",
                     progress=False, sample_every=0, save_every=0, temperature=1.0)
     trainer = PPOTrainer(cfg, scorer=lambda q, a: rm.score(list(q), list(a)))
@@ -163,7 +168,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--worker", choices=["ours", "trl", "rloo"])
+    ap.add_argument("--worker", choices=["ours", "ours-rloo", "trl", "rloo"])
     ap.add_argument("--root")
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--result")
@@ -173,6 +178,7 @@ def main() -> None:
 
         torch.manual_seed(0)
         worker = {"ours": lambda: worker_ours(Path(args.root), args.steps, args.k),
+                  "ours-rloo": lambda: worker_ours(Path(args.root), args.steps, args.k, "rloo"),
                   "trl": lambda: worker_trl(Path(args.root), args.steps),
                   "rloo": lambda: worker_rloo(Path(args.root), args.steps)}[args.worker]
         result = worker()
@@ -184,7 +190,9 @@ def main() -> None:
         prepare(root)
         runs: dict[str, list[dict]] = {"TRL 1.12 PPOTrainer": [], "TRL 1.16 RLOOTrainer (k=2)": [],
                                        "ours, num_layers_unfrozen=2 (hydra)": [],
-                                       "ours, num_layers_unfrozen=-1 (full copy)": []}
+                                       "ours, num_layers_unfrozen=-1 (full copy)": [],
+                                       "our RLOO (k=2), full model + full copy": [],
+                                       "our RLOO (k=2), num_layers_unfrozen=2 (hydra)": []}
         for _ in range(args.repeats):
             common = ["--root", str(root), "--steps", str(args.steps)]
             runs["TRL 1.12 PPOTrainer"].append(run(trl_python, ["--worker", "trl", *common]))
@@ -192,6 +200,10 @@ def main() -> None:
             runs["ours, num_layers_unfrozen=2 (hydra)"].append(run(sys.executable, ["--worker", "ours", "--k", "2", *common]))
             runs["ours, num_layers_unfrozen=-1 (full copy)"].append(
                 run(sys.executable, ["--worker", "ours", "--k", "-1", *common]))
+            runs["our RLOO (k=2), full model + full copy"].append(
+                run(sys.executable, ["--worker", "ours-rloo", "--k", "-1", *common]))
+            runs["our RLOO (k=2), num_layers_unfrozen=2 (hydra)"].append(
+                run(sys.executable, ["--worker", "ours-rloo", "--k", "2", *common]))
     med = {name: (statistics.median(r["episodes_per_s"] for r in rs), max(r["peak_rss_mib"] for r in rs))
            for name, rs in runs.items()}
     base_eps, base_rss = med["TRL 1.12 PPOTrainer"]
@@ -201,9 +213,11 @@ def main() -> None:
     for name, (eps, rss) in med.items():
         print(f"{name:<42} {eps:11.2f} {eps / base_eps:7.2f} {rss:13.0f} {rss / base_rss:7.2f}")
     ours_eps, ours_rss = med["ours, num_layers_unfrozen=2 (hydra)"]
-    rloo_eps, _ = med["TRL 1.16 RLOOTrainer (k=2)"]
+    rloo_eps, rloo_rss = med["TRL 1.16 RLOOTrainer (k=2)"]
+    our_rloo_eps, our_rloo_rss = med["our RLOO (k=2), full model + full copy"]
     print(f"episodes_per_s_ratio={ours_eps / base_eps:.2f} peak_rss_ratio={ours_rss / base_rss:.2f} "
-          f"rloo_episodes_per_s_ratio={ours_eps / rloo_eps:.2f}")
+          f"rloo_episodes_per_s_ratio={ours_eps / rloo_eps:.2f} our_rloo_episodes_per_s_ratio="
+          f"{our_rloo_eps / rloo_eps:.2f} our_rloo_peak_rss_ratio={our_rloo_rss / rloo_rss:.2f}")
 
 
 if __name__ == "__main__":

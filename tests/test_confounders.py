@@ -167,6 +167,19 @@ def test_covariance_penalty_is_bounded_and_ignores_unknown():
     assert torch.isfinite(r.grad).all() and r.grad.abs().max() < 1e-3  # no 1/std(r) blow-up
 
 
+def test_covariance_within_sites_sees_what_pooling_hides():
+    import torch
+
+    # within each site r rises with z; across the two sites it falls (site b is longer but scored lower)
+    z = torch.tensor([[1.0], [2.0], [3.0], [11.0], [12.0], [13.0]])
+    r = torch.tensor([10.0, 11.0, 12.0, 0.0, 1.0, 2.0])
+    sites = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert batch_covariance(r, z)[0] < 0  # pooled: negative
+    within = batch_covariance(r, z, sites)[0]
+    assert within > 0 and within.item() == pytest.approx(np.cov([-1, 0, 1] * 2, [-1, 0, 1] * 2, bias=True)[0, 1]
+                                                          / np.std([-1, 0, 1] * 2), rel=1e-5)
+
+
 def test_report_measures_what_rewards_add():
     pairs = datasets.Dataset.from_list([
         {"prompt": f"q{i}", "chosen": "a " * (5 + i % 7), "rejected": "b " * (5 + (i * 3) % 7), "site": "s",

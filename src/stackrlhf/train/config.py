@@ -115,7 +115,7 @@ class RMConfig(TrainConfig):
         "weights w learnt jointly, and only r is the reward. Pairs without dates (human labels) have no time term."})
     decorrelation: float = field(default=1.0, metadata={"help":
         "With --adjust: weight of cov(r, z / std z)^2 (= var(r) corr(r, z)^2) per confounder on each batch, "
-        "which keeps the confounders' effect in w and out of the reward (0: off)."})
+        "within each site, which keeps the confounders' effect in w and out of the reward (0: off)."})
     residualize_length: bool = field(default=False, metadata={"help":
         "After training, remove the reward's linear trend in log words, fitted on the training answers, from every "
         "score: its correlation with length is then 0 on the training answers whatever the data size (the batch "

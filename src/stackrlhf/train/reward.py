@@ -100,12 +100,13 @@ class PairDataset(Dataset):
 
     def __init__(self, tok, pairs: datasets.Dataset, cfg: RMConfig):
         zj, zk = pair_covariates(pairs, cfg.adjust)
+        sites: dict[str, int] = {}
         self.items = [
             {"chosen": encode_pair(tok, r["prompt"], r["chosen"], cfg.max_length, cfg.max_question_tokens),
              "rejected": encode_pair(tok, r["prompt"], r["rejected"], cfg.max_length, cfg.max_question_tokens),
              "margin": float((r["score_j"] or 0) - (r["score_k"] or 0)),
              "weight": 1.0 + (cfg.debias_weight if against_bias(r) else 0.0),
-             "z": np.concatenate([zj[i], zk[i]]).tolist()}
+             "z": np.concatenate([zj[i], zk[i]]).tolist(), "site": sites.setdefault(r["site"], len(sites))}
             for i, r in enumerate(pairs)]
 
     def __len__(self) -> int:
@@ -128,7 +129,8 @@ class PairCollator:
         return {"input_ids": ids, "attention_mask": mask,
                 "margin": torch.tensor([b["margin"] for b in batch], dtype=torch.float),
                 "weight": torch.tensor([b["weight"] for b in batch], dtype=torch.float),
-                "covariates": torch.cat([z[:, 0], z[:, 1]])}  # (2 * pairs, k) in the order of input_ids
+                "covariates": torch.cat([z[:, 0], z[:, 1]]),  # (2 * pairs, k) in the order of input_ids
+                "sites": torch.tensor([b["site"] for b in batch] * 2)}  # the decorrelation is within sites
 
 
 CONFOUNDER_PARAM = "confounder_weights"
@@ -139,17 +141,30 @@ def confounder_param(model) -> torch.nn.Parameter | None:
     return next((p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == CONFOUNDER_PARAM), None)
 
 
-def batch_covariance(r: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def batch_covariance(r: torch.Tensor, z: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
     """Covariance of r with each standardised column of z over the rows where that column is known (k,):
     corr(r, z_k) * std(r). Unlike the correlation its gradient stays bounded when r's spread is small (as
-    at the start, where a correlation penalty's 1/std(r) gradient would swamp the preference loss)."""
+    at the start, where a correlation penalty's 1/std(r) gradient would swamp the preference loss). With
+    ``groups`` (a site id per row) r and z are centred within each group first: the covariance within sites,
+    which a pooled one can hide when sites differ in both length and reward."""
     out = []
     for col in z.T:
         known = ~torch.isnan(col)
         if known.sum() < 3 or col[known].std() == 0:
             out.append(r.new_zeros(()))
             continue
-        a, b = r[known] - r[known].mean(), col[known] - col[known].mean()
+        a, b = r[known], col[known]
+        if groups is None:
+            a, b = a - a.mean(), b - b.mean()
+        else:
+            g = groups[known]
+            for gid in g.unique():
+                sel = g == gid
+                a = torch.where(sel, a - a[sel].mean(), a)
+                b = torch.where(sel, b - b[sel].mean(), b)
+        if b.std() == 0:
+            out.append(r.new_zeros(()))
+            continue
         out.append((a * b).mean() / b.std(unbiased=False))
     return torch.stack(out)
 
@@ -182,6 +197,7 @@ class RewardTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         margin, weight, z = inputs.pop("margin"), inputs.pop("weight"), inputs.pop("covariates")
+        groups = inputs.pop("sites")
         rewards = model(**inputs).logits[:, 0]
         r_j, r_k = rewards.chunk(2)
         logit = r_j - r_k - self.margin_scale * margin
@@ -191,7 +207,7 @@ class RewardTrainer(Trainer):
             logit = logit + torch.nan_to_num(z_j - z_k, nan=0.0) @ w
         loss = (weight * -F.logsigmoid(logit)).sum() / weight.sum()
         if w is not None and self.decorrelation and model.training:
-            loss = loss + self.decorrelation * batch_covariance(rewards.float(), z).square().sum()
+            loss = loss + self.decorrelation * batch_covariance(rewards.float(), z, groups).square().sum()
         return (loss, torch.stack([r_j, r_k], dim=1)) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
