@@ -118,7 +118,8 @@ class Answerer:
         rewards = list(self.scorer([p for p in prompts for _ in range(n)], many.texts))
         best = [i * n + max(range(n), key=lambda j: rewards[i * n + j]) for i in range(len(prompts))]
         return Generation(prompts=list(prompts), texts=[many.texts[b] for b in best],
-                          prompt_ids=[many.prompt_ids[b] for b in best], response_ids=[many.response_ids[b] for b in best],
+                          prompt_ids=[many.prompt_ids[b] for b in best],
+                          response_ids=[many.response_ids[b] for b in best],
                           finished=[many.finished[b] for b in best])
 
     def logprobs_of(self, prompt_ids: list[list[int]], response_ids: list[list[int]],

@@ -172,6 +172,17 @@ def save_stage(out: Path, model, tokenizer, cfg, metrics: dict) -> None:
     state.wait_for_everyone()
 
 
+def final_model(model, out: Path, lora: bool):
+    """The trained model as the stage saves it: LoRA adapters kept in ``OUT/adapter`` and merged into the weights;
+    every parameter trainable again, as a fresh ``from_pretrained`` would be."""
+    if lora:
+        model.save_pretrained(str(out / "adapter"))
+        model = model.merge_and_unload()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
 def evaluate_before_training(trainer) -> dict:
     """``trainer.evaluate()`` before ``trainer.train()``, without breaking multi-process training: accelerate's
     evaluation-mode prepare marks the bare model as prepared, so ``train()`` would then skip the DDP wrap and each

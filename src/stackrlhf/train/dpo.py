@@ -31,8 +31,8 @@ from stackrlhf.models.freezing import describe_trainable, freeze_bottom
 from stackrlhf.models.loading import load_causal_lm
 from stackrlhf.models.sampling import SamplingConfig
 from stackrlhf.prompts import fit_prompt_ids
-from stackrlhf.train.common import (GuardCallback, last_checkpoint, logging_callbacks, save_stage, train_whole_run,
-                                    training_settings)
+from stackrlhf.train.common import (GuardCallback, final_model, last_checkpoint, logging_callbacks, save_stage,
+                                    train_whole_run, training_settings)
 from stackrlhf.train.config import DPOConfig
 from stackrlhf.train.reward import load_pairs, load_test_pairs
 
@@ -125,18 +125,14 @@ def dpo(cfg: DPOConfig) -> dict:
     _, whole = train_whole_run(trainer, resume_from)
     metrics.update(whole)
     metrics.update(pair_metrics(trainer))
-    final = trainer.model
-    if cfg.lora:
-        final.save_pretrained(str(out / "adapter"))
-        final = final.merge_and_unload()
-    for p in final.parameters():
-        p.requires_grad_(True)
+    final = final_model(trainer.model, out, cfg.lora)
     if cfg.kl_prompts:
         metrics.update(kl_to_reference(final, tok, cfg))
     save_stage(out, final, tok, cfg, metrics)
-    console.print(f"[green]wrote {out}[/]: held-out pair accuracy {metrics.get('heldout_accuracy_start', math.nan):.3f}"
-                  f" -> {metrics.get('heldout_accuracy', math.nan):.3f}, margin {metrics.get('heldout_margin', math.nan):+.3f}"
-                  f", KL to the reference {metrics.get('kl_to_reference', math.nan):.2f} nats")
+    get = lambda key: metrics.get(key, math.nan)  # noqa: E731
+    console.print(f"[green]wrote {out}[/]: held-out pair accuracy {get('heldout_accuracy_start'):.3f} -> "
+                  f"{get('heldout_accuracy'):.3f}, margin {get('heldout_margin'):+.3f}, KL to the reference "
+                  f"{get('kl_to_reference'):.2f} nats")
     return metrics
 
 

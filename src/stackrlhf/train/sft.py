@@ -25,8 +25,8 @@ from stackrlhf.models.loading import load_causal_lm
 from stackrlhf.models.padding import pad
 from stackrlhf.prompts import fit_prompt_ids
 from stackrlhf.train.config import SFTConfig
-from stackrlhf.train.common import (GuardCallback, evaluate_before_training, last_checkpoint, logging_callbacks,
-                                    save_stage, train_whole_run, training_arguments)
+from stackrlhf.train.common import (GuardCallback, evaluate_before_training, final_model, last_checkpoint,
+                                    logging_callbacks, save_stage, train_whole_run, training_arguments)
 
 console = Console(stderr=True)
 IGNORE = -100
@@ -156,12 +156,7 @@ def sft(cfg: SFTConfig) -> dict:
     if len(eval_set):
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
-    final = trainer.model
-    if cfg.lora:
-        final.save_pretrained(str(out / "adapter"))
-        final = final.merge_and_unload()
-    for p in final.parameters():
-        p.requires_grad_(True)
+    final = final_model(trainer.model, out, cfg.lora)
     save_stage(out, final, tok, cfg, metrics)
     console.print(f"[green]wrote {out}[/]: held-out answer loss {metrics.get('eval_loss_start', float('nan')):.3f}"
                   f" -> {metrics.get('eval_loss', float('nan')):.3f}, "
