@@ -1,4 +1,4 @@
-"""The one prepared GPU check: SFT, RM, PPO and ILQL a few steps each on a GPT-2-small-sized model built from
+"""The one prepared GPU check: SFT, RM, PPO, RLOO, DPO and ILQL a few steps each on a GPT-2-small-sized model built from
 config (no hub), in bf16 autocast over float32 master weights, with and without gradient checkpointing.
 
 Per stage it prints: throughput (tokens/s or episodes/s), peak GPU memory, the share of trainable tensors that
@@ -108,12 +108,14 @@ def stage_rm(base: Path, data: str, out: Path, steps: int, dtype: str, gc: bool,
             "improved": m["train_loss"] < math.log(2), "detail": f"mean train loss {m['train_loss']:.3f} (log 2 = 0.693)"}
 
 
-def stage_ppo(base: Path, data: str, out: Path, steps: int, dtype: str, gc: bool, tiny: bool) -> dict:
+def stage_ppo(base: Path, data: str, out: Path, steps: int, dtype: str, gc: bool, tiny: bool,
+              algorithm: str = "ppo") -> dict:
     """Hydra reference (top 2 blocks trained); a synthetic text reward (the share of the letter e)."""
     from stackrlhf.rl.config import PPOConfig
     from stackrlhf.rl.ppo import PPOTrainer
 
-    cfg = PPOConfig(policy=str(base), data=data, out=str(out), steps=steps, batch_size=8 if tiny else 64,
+    prompts = (8 if tiny else 64) // (2 if algorithm == "rloo" else 1)  # RLOO: half the prompts, 2 answers each
+    cfg = PPOConfig(policy=str(base), data=data, out=str(out), steps=steps, batch_size=prompts, algorithm=algorithm,
                     mini_batch_size=4 if tiny else 16, ppo_epochs=2, min_new_tokens=16 if tiny else 64,
                     max_new_tokens=16 if tiny else 96, learning_rate=1e-4, num_layers_unfrozen=2, dtype=dtype,
                     gradient_checkpointing=gc, report_to="none", progress=False, sample_every=0, save_every=0)
@@ -124,6 +126,30 @@ def stage_ppo(base: Path, data: str, out: Path, steps: int, dtype: str, gc: bool
             "changed": changed_share(before, dict(trainer.policy.named_parameters())),
             "improved": m["reward_last"] > m["reward_first"], "check": math.isfinite(m["kl_last"]),
             "detail": f"reward {m['reward_first']:.3f} -> {m['reward_last']:.3f}, KL {m['kl_last']:.3f}"}
+
+
+def stage_rloo(base: Path, data: str, out: Path, steps: int, dtype: str, gc: bool, tiny: bool) -> dict:
+    return stage_ppo(base, data, out, steps, dtype, gc, tiny, algorithm="rloo")
+
+
+def stage_dpo(base: Path, data: str, out: Path, steps: int, dtype: str, gc: bool, tiny: bool) -> dict:
+    """TRL's DPOTrainer on the vote pairs; the reference's log-probs precomputed (one model in memory)."""
+    from stackrlhf.models.loading import load_causal_lm
+    from stackrlhf.train.config import DPOConfig
+    from stackrlhf.train.dpo import dpo
+
+    fresh, _ = load_causal_lm(str(base), "float32")
+    cfg = DPOConfig(model=str(base), data=[data], out=str(out), max_steps=steps, dtype=dtype,
+                    gradient_checkpointing=gc, per_device_train_batch_size=4 if tiny else 8, max_length=128 if tiny else 512,
+                    max_prompt_tokens=64 if tiny else 256, max_train_pairs=64 if tiny else 512, max_eval_pairs=16,
+                    learning_rate=1e-4, kl_prompts=0, report_to="none", save_steps=10_000)
+    m = dpo(cfg)
+    trained, _ = load_causal_lm(str(out), "float32")
+    return {"throughput": m["train_tokens_per_second"], "unit": "tokens/s",
+            "changed": changed_share(trainable_snapshot(fresh), dict(trained.named_parameters())),
+            "improved": m["train_loss"] < math.log(2),
+            "detail": f"mean train loss {m['train_loss']:.3f} (log 2 = 0.693), held-out margin "
+                      f"{m.get('heldout_margin', math.nan):+.3f}"}
 
 
 def stage_ilql(base: Path, data: str, out: Path, steps: int, dtype: str, gc: bool, tiny: bool) -> dict:
@@ -144,7 +170,8 @@ def stage_ilql(base: Path, data: str, out: Path, steps: int, dtype: str, gc: boo
             "detail": f"loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}"}
 
 
-STAGES = {"sft": stage_sft, "rm": stage_rm, "ppo": stage_ppo, "ilql": stage_ilql}
+STAGES = {"sft": stage_sft, "rm": stage_rm, "ppo": stage_ppo, "rloo": stage_rloo, "dpo": stage_dpo,
+          "ilql": stage_ilql}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,8 @@ from stackrlhf.models.reward import RewardModel, default_backbone, load_backbone
 
 from helpers import REPO
 
+pytestmark = pytest.mark.slow  # each test launches two training runs in subprocesses
+
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
           str(REPO / "configs" / "accelerate" / "cpu-2proc.yaml"), "-m", "stackrlhf.cli"]
 

@@ -15,7 +15,7 @@ def test_gpu_smoke_runs_on_cpu(beer_data, tmp_path):
     spec.loader.exec_module(smoke)
     code = smoke.main(["--tiny", "--steps", "3", "--data", str(beer_data), "--out", str(tmp_path / "smoke")])
     rows = json.loads((tmp_path / "smoke" / "smoke.json").read_text())["rows"]
-    assert {(r["stage"], r["grad_ckpt"]) for r in rows} == {(s, g) for s in ("sft", "rm", "ppo", "ilql")
+    assert {(r["stage"], r["grad_ckpt"]) for r in rows} == {(s, g) for s in ("sft", "rm", "ppo", "rloo", "dpo", "ilql")
                                                             for g in (False, True)}
     assert all(r["changed"] == 1.0 for r in rows), rows
     assert code == 0, [r["detail"] for r in rows if not r["ok"]]

@@ -35,6 +35,7 @@ def label_tasks(db: str, batch: str, n: int) -> None:
             best=first.id, skipped=False, comment="")
 
 
+@pytest.mark.slow
 def test_a_loop_turn_queues_waits_then_retrains_and_registers(tiny_lm, beer_data, tmp_path):
     torch.manual_seed(0)
     model, tok = load_backbone(default_backbone())

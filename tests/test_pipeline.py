@@ -42,6 +42,7 @@ def statuses(result: dict) -> dict[str, str]:
     return {name: s["status"] for name, s in result["stages"].items()}
 
 
+@pytest.mark.slow
 def test_run_skips_unchanged_stages_reruns_changed_ones_and_resumes_after_a_kill(tiny_lm, tmp_path, monkeypatch):
     run = tmp_path / "run"
     spec = {"out": str(run), "base": str(tiny_lm), **TINY}
