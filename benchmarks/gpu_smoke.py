@@ -142,7 +142,7 @@ def stage_dpo(base: Path, data: str, out: Path, steps: int, dtype: str, gc: bool
     cfg = DPOConfig(model=str(base), data=[data], out=str(out), max_steps=steps, dtype=dtype,
                     gradient_checkpointing=gc, per_device_train_batch_size=4 if tiny else 8, max_length=128 if tiny else 512,
                     max_prompt_tokens=64 if tiny else 256, max_train_pairs=64 if tiny else 512, max_eval_pairs=16,
-                    learning_rate=1e-4, kl_prompts=0, report_to="none", save_steps=10_000)
+                    learning_rate=1e-3 if tiny else 1e-4, kl_prompts=0, report_to="none", save_steps=10_000)
     m = dpo(cfg)
     trained, _ = load_causal_lm(str(out), "float32")
     return {"throughput": m["train_tokens_per_second"], "unit": "tokens/s",
