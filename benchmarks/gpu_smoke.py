@@ -115,7 +115,8 @@ def stage_ppo(base: Path, data: str, out: Path, steps: int, dtype: str, gc: bool
     from stackrlhf.rl.ppo import PPOTrainer
 
     prompts = (8 if tiny else 64) // (2 if algorithm == "rloo" else 1)  # RLOO: half the prompts, 2 answers each
-    cfg = PPOConfig(policy=str(base), data=data, out=str(out), steps=steps, batch_size=prompts, algorithm=algorithm,
+    cfg = PPOConfig(policy=str(base), data=data, out=str(out), steps=steps, batch_size=prompts,
+                    algorithm=algorithm,
                     mini_batch_size=4 if tiny else 16, ppo_epochs=2, min_new_tokens=16 if tiny else 64,
                     max_new_tokens=16 if tiny else 96, learning_rate=1e-4, num_layers_unfrozen=2, dtype=dtype,
                     gradient_checkpointing=gc, report_to="none", progress=False, sample_every=0, save_every=0)
@@ -140,7 +141,8 @@ def stage_dpo(base: Path, data: str, out: Path, steps: int, dtype: str, gc: bool
 
     fresh, _ = load_causal_lm(str(base), "float32")
     cfg = DPOConfig(model=str(base), data=[data], out=str(out), max_steps=steps, dtype=dtype,
-                    gradient_checkpointing=gc, per_device_train_batch_size=4 if tiny else 8, max_length=128 if tiny else 512,
+                    gradient_checkpointing=gc,
+                    per_device_train_batch_size=4 if tiny else 8, max_length=128 if tiny else 512,
                     max_prompt_tokens=64 if tiny else 256, max_train_pairs=64 if tiny else 512, max_eval_pairs=16,
                     learning_rate=1e-3 if tiny else 1e-4, kl_prompts=0, report_to="none", save_steps=10_000)
     m = dpo(cfg)

@@ -1,11 +1,12 @@
 """``stackrlhf run``: every stage of one YAML file in order, each skipped when its settings and inputs are unchanged.
 
-A pipeline file has one section per stage (``data``, ``pretrain``, ``sft``, ``rm``, ``gold_rm``, ``ppo``, ``rloo``, ``dpo``, ``ilql``,
-``eval``, ``report``) holding that stage's own settings, plus ``out`` (the run directory) and ``base`` (a hub id or
-path, or ``pretrain`` for the offline base). The pipeline wires the paths: each stage writes ``OUT/<dir>`` and
-reads its parents' directories. A stage's key hashes its settings and its parents' keys; when a stage finishes,
-``OUT/.pipeline/<stage>.json`` records the key. A stage with a finished record of the same key is skipped; a
-stage killed part-way starts again and resumes from its own checkpoints; a stage whose key changed starts afresh.
+A pipeline file has one section per stage (``data``, ``pretrain``, ``sft``, ``rm``, ``gold_rm``, ``ppo``, ``rloo``,
+``dpo``, ``ilql``, ``eval``, ``report``) holding that stage's own settings, plus ``out`` (the run directory) and
+``base`` (a hub id or path, or ``pretrain`` for the offline base). The pipeline wires the paths: each stage writes
+``OUT/<dir>`` and reads its parents' directories. A stage's key hashes its settings and its parents' keys; when a
+stage finishes, ``OUT/.pipeline/<stage>.json`` records the key. A stage with a finished record of the same key is
+skipped; a stage killed part-way starts again and resumes from its own checkpoints; a stage whose key changed starts
+afresh.
 """
 
 from __future__ import annotations
