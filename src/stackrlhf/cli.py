@@ -17,6 +17,7 @@ from stackrlhf.train.config import DPOConfig, PretrainConfig, RMConfig, SFTConfi
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.evaluate.config import EvalConfig, ReportConfig
 from stackrlhf.feedback import DEFAULT_DB
+from stackrlhf.feedback.config import SimulateConfig
 from stackrlhf.models.sampling import SamplingConfig
 from stackrlhf.rl.config import ILQLConfig, PPOConfig
 
@@ -384,6 +385,18 @@ def feedback_serve(db, host, port, replication, cookie_secure) -> None:
                 log_level="warning", proxy_headers=True)
 
 
+@feedback.command("simulate")
+@config_options(SimulateConfig)
+@user_errors
+def feedback_simulate(config_file, **options) -> None:
+    """Simulated annotators with a known judge label the pending tasks through the app's HTTP API, as people do
+    (recorded as simulated). Example: stackrlhf feedback simulate --db sqlite:///fb.db --judge rm:outputs/rm-gold"""
+    from stackrlhf.feedback.simulate import simulate
+
+    result = simulate(load_config(SimulateConfig, config_file, section="simulate", **options))
+    click.echo(f"{result['labels']} labels from {len(result['per_annotator'])} simulated annotators via {result['url']}")
+
+
 @feedback.command("revoke")
 @click.argument("name")
 @DB_OPTION
@@ -428,6 +441,9 @@ def feedback_stats_cmd(db, as_json, replication) -> None:
                f"{stats['tasks_out_of_offers']} out of offers (skipped by everyone offered them)")
     for name, n in stats["labels_per_annotator"].items():
         click.echo(f"  {name}: {n} labels")
+    if stats["labels_by_kind"].get("simulated"):
+        click.echo(f"  of which simulated: {stats['labels_by_kind']['simulated']} labels (people: "
+                   f"{stats['labels_by_kind'].get('human', 0)})")
     click.echo(f"Krippendorff's alpha (preference): {stats['krippendorff_alpha']:.3f} over "
                f"{stats['items_with_two_or_more_labels']} tasks")
     for pair, k in stats["cohen_kappa"].items():

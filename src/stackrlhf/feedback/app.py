@@ -282,6 +282,16 @@ def create_app(db: str, replication: int = 2, max_comment: int = MAX_COMMENT, ma
         task = store.get_task(task_id)
         return {"task": task_id, "candidates": [c.id for c in task.candidates]}
 
+    @app.get("/api/task/{task_id}")
+    def api_task(request: Request, task_id: int):
+        """A task as data, for API clients (the simulated annotators): the prompt and each candidate's text."""
+        who = annotator_of(request)
+        if who is None:
+            raise BadInput(401, "Sign in first: no valid token.")
+        task = own_task(who, task_id)
+        return {"task": task.id, "prompt": task.prompt, "title": task.title, "question": task.question,
+                "candidates": [{"id": c.id, "text": c.text} for c in task.candidates]}
+
     def admin_of(request: Request):
         who = annotator_of(request)
         if who is None or not who.is_admin:

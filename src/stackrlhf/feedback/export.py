@@ -67,6 +67,8 @@ def feedback_stats(store: FeedbackStore, replication: int = 2) -> dict:
     labels = store.all_labels()
     positions = {c.id: c.position for t in tasks.values() for c in t.candidates}
     per_annotator = Counter(names[label.annotator_id] for label in labels)
+    kinds = {a.id: a.kind or "human" for a in store.annotators()}
+    per_kind = Counter(kinds[label.annotator_id] for label in labels)
     prefs: dict[int, dict[int, str]] = defaultdict(dict)
     for label in labels:
         p = preference(label, positions)
@@ -102,7 +104,8 @@ def feedback_stats(store: FeedbackStore, replication: int = 2) -> dict:
     distribution = {kind: {m: dict(sorted(Counter(r[kind]).items())) for m, r in ratings.items()}
                     for kind in ("usefulness", "accuracy")}
     return {**store.counts(), "skipped": sum(label.skipped for label in labels), **store.skipped_tasks(replication),
-            "labels_per_annotator": dict(per_annotator), "items_with_two_or_more_labels":
+            "labels_per_annotator": dict(per_annotator), "labels_by_kind": dict(per_kind),
+            "items_with_two_or_more_labels":
             sum(len(v) >= 2 for v in prefs.values()), "krippendorff_alpha": alpha,
             "cohen_kappa": kappas, "by_model": by_model, "rating_distribution": distribution}
 
@@ -124,6 +127,7 @@ def export_feedback(store: FeedbackStore, out: str | Path) -> dict:
     out = Path(out)
     tasks = {t.id: t for t in store.all_tasks()}
     names = {a.id: a.name for a in store.annotators()}
+    kinds = {a.id: a.kind or "human" for a in store.annotators()}
     candidates = {c.id: c for t in tasks.values() for c in t.candidates}
     pairs, ratings = [], []
     for label in store.all_labels():
@@ -131,6 +135,7 @@ def export_feedback(store: FeedbackStore, out: str | Path) -> dict:
         for cid, r in label.ratings.items():
             c = candidates[int(cid)]
             ratings.append({"task_id": task.id, "site": task.site, "qid": task.qid, "annotator": names[label.annotator_id],
+                            "annotator_kind": kinds[label.annotator_id],
                             "candidate_id": c.id, "source": c.source, "model": c.model, "usefulness": r["usefulness"],
                             "accuracy": r["accuracy"], "best": label.best_candidate_id == c.id,
                             "tie": label.best_candidate_id is None, "comment": label.comment,
@@ -149,14 +154,17 @@ def export_feedback(store: FeedbackStore, out: str | Path) -> dict:
                 "title": task.title, "question_link": task.question_link, "answer_link_j": best.answer_link,
                 "answer_link_k": other.answer_link, "question_author": task.question_author,
                 "author_j": author_of(best), "author_k": author_of(other), "license": task.license,
-                "source": f"feedback:{names[label.annotator_id]}"})
+                # simulated annotators' pairs say so: feedback-simulated:NAME
+                "source": f"{'feedback' if kinds[label.annotator_id] == 'human' else 'feedback-simulated'}:"
+                          f"{names[label.annotator_id]}"})
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
         (tmp / "reward").mkdir()
         pq.write_table(pa.Table.from_pylist(pairs, schema=PAIRS), tmp / "reward" / shard_file("train"))
         pq.write_table(pa.Table.from_pylist(ratings) if ratings else pa.table({"task_id": pa.array([], pa.int64())}),
                        tmp / "ratings.parquet")
-        summary = {"pairs": len(pairs), "ratings": len(ratings), "source": store.url.split("@")[-1]}
+        summary = {"pairs": len(pairs), "ratings": len(ratings), "source": store.url.split("@")[-1],
+                   "pairs_simulated": sum(p["source"].startswith("feedback-simulated:") for p in pairs)}
         (tmp / "stats.json").write_text(json.dumps(summary, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)

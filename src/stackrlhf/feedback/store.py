@@ -15,7 +15,7 @@ import secrets
 from datetime import datetime, timezone
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
-                        create_engine, event, func, select)
+                        create_engine, event, func, inspect, select, text)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
@@ -46,6 +46,10 @@ class Annotator(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    kind: Mapped[str] = mapped_column(String(20), default="human")  # "simulated": `feedback simulate`'s annotators
+
+
+ANNOTATOR_KINDS = ("human", "simulated")
 
 
 class Task(Base):
@@ -150,16 +154,21 @@ class FeedbackStore:
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
         Base.metadata.create_all(self.engine)
+        with self.engine.begin() as conn:  # a store made before annotators had a kind: every one of them is a person
+            if "kind" not in {c["name"] for c in inspect(conn).get_columns("annotators")}:
+                conn.execute(text("ALTER TABLE annotators ADD COLUMN kind VARCHAR(20) DEFAULT 'human'"))
         self.session = sessionmaker(self.engine, expire_on_commit=False)
 
     # annotators
-    def add_annotator(self, name: str, admin: bool = False) -> str:
+    def add_annotator(self, name: str, admin: bool = False, kind: str = "human") -> str:
         """Create an annotator; returns their token (shown once, stored hashed)."""
+        if kind not in ANNOTATOR_KINDS:
+            raise StackRLHFError(f"annotator kind {kind!r}: use one of {', '.join(ANNOTATOR_KINDS)}")
         token = secrets.token_urlsafe(24)
         with self.session() as s:
             if s.scalar(select(Annotator).where(Annotator.name == name)) is not None:
                 raise StackRLHFError(f"an annotator named {name!r} exists already")
-            s.add(Annotator(name=name, token_hash=hash_token(token), is_admin=admin))
+            s.add(Annotator(name=name, token_hash=hash_token(token), is_admin=admin, kind=kind))
             s.commit()
         return token
 
@@ -316,6 +325,17 @@ class FeedbackStore:
                 raise StackRLHFError(f"no annotator named {name!r}")
             who.token_hash = "revoked:" + secrets.token_hex(24)  # matches no token's hash
             s.commit()
+
+    def reissue(self, name: str) -> str:
+        """A new token for an existing annotator (the old one stops working); returns it."""
+        token = secrets.token_urlsafe(24)
+        with self.session() as s:
+            who = s.scalar(select(Annotator).where(Annotator.name == name))
+            if who is None:
+                raise StackRLHFError(f"no annotator named {name!r}")
+            who.token_hash = hash_token(token)
+            s.commit()
+        return token
 
     def skipped_tasks(self, replication: int) -> dict:
         """Tasks someone skipped, and those that ran out of offers without ``replication`` labels."""

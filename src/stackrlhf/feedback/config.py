@@ -1,0 +1,32 @@
+"""Settings of the feedback commands that are dataclasses (torch- and database-free, so the CLI starts fast)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SimulateConfig:
+    db: str = field(default="", metadata={"help": "The feedback store (its annotators are created there)."})
+    url: str = field(default="", metadata={"help": "The running app (`feedback serve`), e.g. http://127.0.0.1:8000; "
+                                                   "empty: start one on a free loopback port for the run."})
+    judge: str = field(default="", metadata={"help": "rm:DIR, a reward model or ensemble directory."})
+    annotators: int = field(default=3, metadata={"help": "Simulated annotators, labelling concurrently."})
+    noise: float = field(default=1.0, metadata={"help": "Bradley-Terry temperature of the preference (0: always "
+                                                        "the judge's best)."})
+    rating_noise: float = field(default=0.5, metadata={"help": "Standard deviation of the Gaussian noise on ratings."})
+    skip_rate: float = field(default=0.0, metadata={"help": "Probability of skipping a task."})
+    max_labels: int = field(default=0, metadata={"help": "Labels per annotator at most (0: until no task is left)."})
+    replication: int = field(default=2, metadata={"help": "Annotators per task, as the app was started with."})
+    length_neutral: bool = field(default=False, metadata={
+        "help": "Refuse a judge without a length correction (`stackrlhf rm --residualize-length`)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the annotators' noise (reproducible labels)."})
+    name_prefix: str = field(default="sim", metadata={"help": "Annotators are named PREFIX-1 .. PREFIX-N."})
+
+    def __post_init__(self) -> None:
+        if not self.db:
+            raise ValueError("--db is required: the feedback store the app serves")
+        if not self.judge.startswith("rm:") or len(self.judge) == 3:
+            raise ValueError(f"--judge {self.judge!r}: give rm:DIR, a reward model directory")
+        if self.annotators < 1 or self.noise < 0 or self.rating_noise < 0 or not 0 <= self.skip_rate < 1:
+            raise ValueError("need --annotators >= 1, --noise >= 0, --rating-noise >= 0 and 0 <= --skip-rate < 1")

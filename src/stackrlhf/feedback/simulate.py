@@ -1,0 +1,170 @@
+"""``stackrlhf feedback simulate``: annotators with a known judge, labelling through the real app as people do.
+
+What every annotation project wants before paying people (and what Gao et al. 2022 measure with): a gold judge
+labels, a proxy reward model learns from those labels, RL optimises the proxy, the judge scores the result.
+Each simulated annotator is an annotator of kind ``simulated`` in the store (so exports and stats never mix its
+labels with people's without saying so), signs in with its own token, and over HTTP fetches ``/api/next``, reads
+the task (``/api/task/ID``) and posts its ratings and preference to ``/task/ID``, with retries, several at once.
+
+The judge gives each candidate answer a score s (``rm:DIR``: a reward model or ensemble, normalised with its
+training statistics; train it with ``--residualize-length`` for a judge that length alone cannot please, and
+``--length-neutral`` refuses one without). The annotator prefers answer i with probability softmax(s / noise)
+(Bradley-Terry with temperature ``noise``; 0: always the judge's best), rates usefulness and accuracy as
+round(3 + s + N(0, rating_noise)) clipped to 1-5, and skips a task with probability ``skip_rate``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+import uuid
+
+import httpx
+
+from stackrlhf.errors import StackRLHFError
+from stackrlhf.feedback.config import SimulateConfig
+from stackrlhf.feedback.store import FeedbackStore
+
+
+class Judge:
+    """Scores (prompt, answer) pairs; one lock, as annotator threads share it."""
+
+    def __init__(self, spec: str, length_neutral: bool):
+        from stackrlhf.models.reward import RewardModel
+
+        self.rm = RewardModel.from_pretrained(spec[3:])
+        if length_neutral and not getattr(self.rm, "length_slope", 0.0):
+            raise StackRLHFError(f"--length-neutral: the judge {spec[3:]} has no length correction; train it with "
+                                 "`stackrlhf rm --residualize-length`")
+        self.lock = threading.Lock()
+
+    def __call__(self, prompt: str, answers: list[str]) -> list[float]:
+        with self.lock:
+            return self.rm.score([prompt] * len(answers), answers, normalize=True)
+
+
+def choose(scores: list[float], noise: float, rng: random.Random) -> int:
+    """The preferred answer: softmax(scores / noise) sampled, or the best when noise is 0 (ties: the first)."""
+    if noise == 0:
+        return max(range(len(scores)), key=lambda i: scores[i])
+    top = max(scores)
+    weights = [math.exp((s - top) / noise) for s in scores]
+    return rng.choices(range(len(scores)), weights=weights)[0]
+
+
+def rating(score: float, noise: float, rng: random.Random) -> int:
+    return int(min(5, max(1, round(3 + score + rng.gauss(0.0, noise)))))
+
+
+def label_for(task: dict, scores: list[float], cfg: SimulateConfig, rng: random.Random) -> dict:
+    """The form an annotator posts for ``task``."""
+    form = {"client_id": uuid.UUID(int=rng.getrandbits(128)).hex, "started": str(int(time.time() * 1000))}
+    if rng.random() < cfg.skip_rate:
+        return {**form, "skip": "1"}
+    for c, s in zip(task["candidates"], scores):
+        form[f"u_{c['id']}"] = str(rating(s, cfg.rating_noise, rng))
+        form[f"a_{c['id']}"] = str(rating(s, cfg.rating_noise, rng))
+    form["best"] = str(task["candidates"][choose(scores, cfg.noise, rng)]["id"])
+    return form
+
+
+def request(client: httpx.Client, method: str, path: str, retries: int = 5, **kwargs) -> httpx.Response:
+    """One API call, retried on connection errors and 5xx (a restarting server, a busy database)."""
+    for attempt in range(retries):
+        try:
+            response = client.request(method, path, **kwargs)
+            if response.status_code < 500:
+                return response
+        except httpx.TransportError:
+            if attempt == retries - 1:
+                raise
+        time.sleep(0.2 * 2 ** attempt)
+    return response
+
+
+def annotate(base_url: str, token: str, judge: Judge, cfg: SimulateConfig, seed: int) -> int:
+    """One annotator's session: label tasks until none is left (or ``max_labels``); returns how many."""
+    rng = random.Random(seed)
+    done = 0
+    with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as client:
+        while not cfg.max_labels or done < cfg.max_labels:
+            nxt = request(client, "GET", "/api/next")
+            if nxt.status_code != 200:
+                raise StackRLHFError(f"/api/next: {nxt.status_code} {nxt.text[:200]}")
+            task_id = nxt.json()["task"]
+            if task_id is None:
+                break
+            task = request(client, "GET", f"/api/task/{task_id}").json()
+            scores = judge(task["prompt"], [c["text"] for c in task["candidates"]])
+            posted = request(client, "POST", f"/task/{task_id}", data=label_for(task, scores, cfg, rng))
+            if posted.status_code >= 400:
+                raise StackRLHFError(f"/task/{task_id}: {posted.status_code} {posted.text[:200]}")
+            done += 1
+    return done
+
+
+def simulate(cfg: SimulateConfig) -> dict:
+    """Create (or reuse) the simulated annotators, run them concurrently against the app; returns labels made."""
+    store = FeedbackStore(cfg.db)
+    judge = Judge(cfg.judge, cfg.length_neutral)
+    tokens = {}
+    existing = {a.name: a for a in store.annotators()}
+    for i in range(1, cfg.annotators + 1):
+        name = f"{cfg.name_prefix}-{i}"
+        if name in existing:  # tokens are stored hashed: a rerun gives the simulated annotator a new one
+            if existing[name].kind != "simulated":
+                raise StackRLHFError(f"annotator {name} exists and is a person; choose another --name-prefix")
+            tokens[name] = store.reissue(name)
+        else:
+            tokens[name] = store.add_annotator(name, kind="simulated")
+    server = None
+    url = cfg.url
+    if not url:
+        server, url = start_local_app(cfg.db, cfg.replication)
+    counts: dict[str, int] = {}
+    errors: list[BaseException] = []
+
+    def run(name: str, index: int) -> None:
+        try:
+            counts[name] = annotate(url, tokens[name], judge, cfg, cfg.seed * 1000 + index)
+        except BaseException as exc:  # reported after every thread ends
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(name, i)) for i, name in enumerate(tokens)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        if server is not None:
+            server.should_exit = True
+    if errors:
+        raise errors[0]
+    return {"labels": sum(counts.values()), "per_annotator": counts, "url": url}
+
+
+def start_local_app(db: str, replication: int):
+    """The real app (uvicorn) on a free loopback port, in a thread, for the length of a run."""
+    import socket
+
+    import uvicorn
+
+    from stackrlhf.feedback.app import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(db, replication=replication), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise StackRLHFError("the local feedback app did not start")

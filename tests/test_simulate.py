@@ -1,0 +1,128 @@
+"""`stackrlhf feedback simulate`: simulated annotators label through the real app (a server in the test), as
+annotators of kind `simulated`; replication and tokens are honoured; a seed makes the labels reproducible."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from stackrlhf.cli import cli
+from stackrlhf.errors import StackRLHFError
+from stackrlhf.feedback.config import SimulateConfig
+from stackrlhf.feedback.export import export_feedback, feedback_stats
+from stackrlhf.feedback.simulate import choose, simulate
+from stackrlhf.feedback.store import FeedbackStore
+from stackrlhf.models.reward import RewardModel, default_backbone, load_backbone
+
+from helpers import free_port, start_server
+
+ANSWERS = ["Two weeks at 10 C.", "Use a clean carboy, pitch enough yeast and keep it cool; lager for a month.",
+           "No idea.", "Hops."]
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model, tok = load_backbone(default_backbone())
+    out = tmp_path_factory.mktemp("judge")
+    RewardModel(model, tok, max_length=64, max_question_tokens=16).save_pretrained(out)
+    return out
+
+
+def fill(db: str, n: int = 6) -> None:
+    store = FeedbackStore(db)
+    for i in range(n):
+        body = f"How long should lager number {i} ferment?"
+        store.add_task({"site": "beer.stackexchange.com", "qid": 500 + i, "title": f"Lager {i}", "question": body,
+                        "prompt": f"Question: Lager {i}\n\n{body}\n\nAnswer: ",
+                        "question_link": f"https://beer.stackexchange.com/q/{500 + i}", "license": "CC BY-SA 4.0"},
+                       [{"text": ANSWERS[(i + k) % 4], "model": f"m{k}"} for k in range(2)])
+
+
+def test_choose_follows_the_judge():
+    rng = random.Random(0)
+    assert choose([0.1, 2.0, -1.0], 0.0, rng) == 1
+    picks = [choose([0.0, 1.0], 1.0, rng) for _ in range(4000)]
+    assert sum(picks) / len(picks) == pytest.approx(1 / (1 + 2.718281828 ** -1), abs=0.03)  # sigmoid(1)
+
+
+def test_simulated_annotators_label_through_the_real_app(judge_dir, tmp_path):
+    db = f"sqlite:///{tmp_path / 'fb.db'}"
+    fill(db)
+    FeedbackStore(db).add_annotator("alice")  # a person, whose labels must stay apart
+    port = free_port()
+    server = start_server(db, port)
+    try:
+        result = simulate(SimulateConfig(db=db, url=f"http://127.0.0.1:{port}", judge=f"rm:{judge_dir}",
+                                         annotators=3, noise=0.0, replication=2, seed=1))
+        # tokens: the API refuses no token, and an annotator cannot read a task it was not given
+        assert httpx.get(f"http://127.0.0.1:{port}/api/task/1").status_code == 401
+        outsider = FeedbackStore(db).add_annotator("bob")
+        assert httpx.get(f"http://127.0.0.1:{port}/api/task/1",
+                         headers={"Authorization": f"Bearer {outsider}"}).status_code == 404
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    store = FeedbackStore(db)
+    labels = store.all_labels()
+    assert result["labels"] == len(labels) == 12  # 6 tasks x replication 2
+    per_task: dict[int, list[int]] = {}
+    for label in labels:
+        per_task.setdefault(label.task_id, []).append(label.annotator_id)
+    assert all(len(v) == 2 == len(set(v)) for v in per_task.values())  # two different annotators each
+    kinds = {a.id: a.kind for a in store.annotators()}
+    assert {kinds[label.annotator_id] for label in labels} == {"simulated"} and kinds[1] == "human"
+    rm = RewardModel.from_pretrained(judge_dir)
+    for label in labels:  # noise 0: each preference is the judge's best answer
+        task = store.get_task(label.task_id)
+        scores = rm.score([task.prompt] * 2, [c.text for c in task.candidates], normalize=True)
+        assert label.best_candidate_id == task.candidates[max(range(2), key=lambda i: scores[i])].id
+    stats = feedback_stats(store, 2)
+    assert stats["labels_by_kind"] == {"simulated": 12}
+    summary = export_feedback(store, tmp_path / "export")
+    assert summary["pairs"] == summary["pairs_simulated"] == 12
+    import pyarrow.parquet as pq
+
+    ratings = pq.read_table(tmp_path / "export" / "ratings.parquet").to_pylist()
+    assert {r["annotator_kind"] for r in ratings} == {"simulated"}
+
+
+def test_a_seed_makes_the_labels_reproducible(judge_dir, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        db = f"sqlite:///{tmp_path / f'{name}.db'}"
+        fill(db, 5)
+        simulate(SimulateConfig(db=db, judge=f"rm:{judge_dir}", annotators=1, replication=1, noise=1.0,
+                                rating_noise=1.0, skip_rate=0.2, seed=7))  # starts its own local app
+        runs.append([(lb.task_id, lb.best_candidate_id, lb.skipped, sorted(lb.ratings.items()))
+                     for lb in sorted(FeedbackStore(db).all_labels(), key=lambda x: x.task_id)])
+    assert runs[0] == runs[1] and len(runs[0]) == 5
+
+
+def test_bad_settings_are_refused(judge_dir, tmp_path):
+    with pytest.raises(ValueError, match="rm:DIR"):
+        SimulateConfig(db="sqlite:///x.db", judge=str(judge_dir))
+    with pytest.raises(StackRLHFError, match="residualize-length"):
+        simulate(SimulateConfig(db=f"sqlite:///{tmp_path / 'x.db'}", judge=f"rm:{judge_dir}", length_neutral=True))
+    result = CliRunner().invoke(cli, ["feedback", "simulate", "--db", f"sqlite:///{tmp_path / 'y.db'}", "--judge",
+                                      f"rm:{judge_dir}", "--skip-rate", "1.5"])
+    assert result.exit_code != 0 and "skip-rate" in result.output and "Traceback" not in result.output
+
+
+def test_a_store_from_before_annotator_kinds_is_upgraded(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:  # the annotators table as earlier versions made it, with one person
+        conn.execute("CREATE TABLE annotators (id INTEGER PRIMARY KEY, name VARCHAR(100) UNIQUE, token_hash "
+                     "VARCHAR(64) UNIQUE, is_admin BOOLEAN, created DATETIME)")
+        conn.execute("INSERT INTO annotators VALUES (1, 'carol', 'x', 0, '2026-01-01 00:00:00')")
+    store = FeedbackStore(f"sqlite:///{path}")
+    assert [(a.name, a.kind) for a in store.annotators()] == [("carol", "human")]
+    store.add_annotator("sim-1", kind="simulated")
+    assert {a.name: a.kind for a in store.annotators()} == {"carol": "human", "sim-1": "simulated"}
