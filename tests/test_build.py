@@ -125,6 +125,26 @@ def test_finetune_takes_the_accepted_or_best_answer(built_all):
         assert r["completion"]
 
 
+def test_rl_prompts_carry_their_best_answer_for_judges(built_all):
+    """The reference judge reads an rl question's highest-scored answer (by the scoring rule), with its link and
+    author; an unanswered question has none."""
+    site = "beer.stackexchange.com"
+    posts = posts_of(site)
+    rows = [r for r in read_parquet_rows(built_all, "rl", "train") if r["site"] == site]
+    assert sum(bool(r["reference_answer"]) for r in rows) > 20
+    for r in rows:
+        children = {i: p for i, p in posts.items() if p.get("ParentId") == str(r["qid"])}
+        assert bool(r["reference_answer"]) == bool(children) == (r["answer_count"] > 0)
+        if not children:
+            assert r["reference_answer_link"] == r["reference_answer_author"] == ""
+            continue
+        accepted = posts[r["qid"]].get("AcceptedAnswerId")
+        scores = {i: answer_score(int(p["Score"]), str(i) == accepted) for i, p in children.items()}
+        best = int(r["reference_answer_link"].rstrip("/").split("/")[-1])
+        assert best in children and scores[best] == max(scores.values())
+        assert r["reference_answer_link"].startswith(f"https://{site}/")
+
+
 def test_attribution_on_every_row(built_all):
     users = users_of("quantumcomputing.stackexchange.com")
     posts = posts_of("quantumcomputing.stackexchange.com")

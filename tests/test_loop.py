@@ -1,8 +1,10 @@
-"""`stackrlhf loop`: queue the policy's answers, wait for labels, retrain the RM on votes + labels, PPO, register."""
+"""`stackrlhf loop`: queue the policy's answers, wait for labels, retrain the RM on votes + labels, PPO, register.
+Two turns: the first labelled by a person, the second by simulated annotators; the loop cannot tell them apart."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,6 +13,8 @@ from click.testing import CliRunner
 
 from stackrlhf.cli import cli
 from stackrlhf.errors import StackRLHFError
+from stackrlhf.feedback.config import SimulateConfig
+from stackrlhf.feedback.simulate import simulate
 from stackrlhf.feedback.store import FeedbackStore
 from stackrlhf.loop import loop_status, loop_turn
 from stackrlhf.models.reward import RewardModel, default_backbone, load_backbone
@@ -43,7 +47,8 @@ def test_a_loop_turn_queues_waits_then_retrains_and_registers(tiny_lm, beer_data
     RewardModel(model, tok, max_length=48, max_question_tokens=16).save_pretrained(rm0)
     registry, db = tmp_path / "registry", f"sqlite:///{tmp_path / 'feedback.db'}"
     settings = tmp_path / "loop.yaml"
-    settings.write_text(yaml.safe_dump({"questions": 4, "max_new_tokens": 12, **SMALL}))
+    settings.write_text(yaml.safe_dump({"questions": 4, "max_new_tokens": 12, "judge": "reference",
+                                        "best_of": [2], **SMALL}))
 
     with pytest.raises(StackRLHFError, match="holds no version"):
         loop_turn(registry)
@@ -66,6 +71,7 @@ def test_a_loop_turn_queues_waits_then_retrains_and_registers(tiny_lm, beer_data
     assert rm_cfg["data"] == v1["data"]  # the RM learned from votes and the human labels
     assert yaml.safe_load((registry / "v1" / "ppo" / "config.yaml").read_text())["policy"] == str(tiny_lm)
     assert "win_rate_proxy_vs_v0" in v1["metrics"] and v1["metrics"]["ppo"]["steps"] == 2
+    assert_judged(registry, v1, 1)
 
     # the next turn queues the new version's answers
     assert loop_turn(registry)["batch"] == "v1"
@@ -76,3 +82,48 @@ def test_a_loop_turn_queues_waits_then_retrains_and_registers(tiny_lm, beer_data
     assert [v["version"] for v in loop_status(registry)["versions"]] == [0, 1]
     result = CliRunner().invoke(cli, ["loop", "--registry", str(registry), "--policy", str(tiny_lm)])
     assert result.exit_code != 0 and "already has versions" in result.output
+
+    # turn 2: simulated annotators label the batch through the app; this RM learns from the labels alone
+    made = simulate(SimulateConfig(db=db, judge="reference", data=str(beer_data), annotators=2, replication=1,
+                                   noise=0.0, seed=1))
+    # every task once (replication 1): the person's labels above were stored without the app's assignments
+    assert made["labels"] == 8
+    store = FeedbackStore(db)
+    v1_tasks = {t.id for t in store.all_tasks() if t.batch == "v1"}
+    kept = [label for label in store.all_labels() if not label.skipped]  # unanswered questions are skipped
+    assert 0 < sum(label.task_id in v1_tasks for label in kept) <= 4
+    assert loop_turn(registry, rm_votes=False, min_labels=1)["version"] == 2
+    v2 = json.loads((registry / "registry.json").read_text())["versions"][2]
+    assert (v2["parent"], v2["labels"]) == (1, sum(label.task_id in v1_tasks for label in kept))
+    assert v2["feedback_pairs"] == len(kept)  # every label so far, the person's and the simulated ones
+    assert v2["data"] == [str(registry / "v2" / "feedback")]
+    assert yaml.safe_load((registry / "v2" / "ppo" / "config.yaml").read_text())["policy"] == v1["model"]
+    assert_judged(registry, v2, 2)
+
+    # the report shows the versions: judge score against labels used and against KL, best-of-n beside them
+    from stackrlhf.evaluate.config import ReportConfig
+    from stackrlhf.evaluate.report import loop_versions, write_report
+
+    rows = loop_versions(registry)
+    assert [r["name"] for r in rows] == ["v0", "v1", "bon2 (RM of v1)", "v2", "bon2 (RM of v2)"]
+    assert [r["labels"] for r in rows] == [0, 3, 3, 3 + v2["labels"], 3 + v2["labels"]]
+    assert rows[3]["score"] == v2["metrics"]["reward_judge"] and rows[3]["judge_name"] == "judge"
+    page = write_report(ReportConfig(registry=str(registry), out=str(tmp_path / "report.html"))).read_text()
+    assert "<h2>Feedback loop</h2>" in page and "data:image/png;base64," in page and "bon2 (RM of v2)" in page
+
+
+def assert_judged(registry, version: dict, n: int) -> None:
+    """A registered version carries the fixed judge's score, its gain over v0 with a standard error, win rate and
+    KL against v0, and best-of-2 from v0 under the turn's RM, all from one evaluation of the same questions."""
+    m = version["metrics"]
+    for key in ("reward_judge", "win_rate_judge_vs_v0", "gain_judge_vs_v0", "gain_judge_vs_v0_se",
+                "kl_to_reference", "length_words"):
+        assert isinstance(m[key], float), key
+    ev = json.loads((registry / f"v{n}" / "eval" / "eval.json").read_text())
+    assert ev["baseline"] == "v0" and ev["judges"]["judge"] == "reference"
+    assert set(ev["models"]) == {"v0", f"v{n}", "bon2"} | ({f"v{n - 1}"} if n > 1 else set())
+    assert m["reward_judge"] == ev["models"][f"v{n}"]["reward_judge"]
+    assert m["v0"]["reward_judge"] == ev["models"]["v0"]["reward_judge"]
+    assert abs(m["gain_judge_vs_v0"] - (m["reward_judge"] - m["v0"]["reward_judge"])) < 1e-9
+    assert abs(ev["models"]["v0"]["kl_to_reference"]) < 1e-4  # v0 is the reference
+    assert m["best_of"]["bon2"]["kl_to_reference"] == pytest.approx(math.log(2) - 0.5, abs=1e-4)

@@ -107,6 +107,8 @@ def test_a_seed_makes_the_labels_reproducible(judge_dir, tmp_path):
 def test_bad_settings_are_refused(judge_dir, tmp_path):
     with pytest.raises(ValueError, match="rm:DIR"):
         SimulateConfig(db="sqlite:///x.db", judge=str(judge_dir))
+    with pytest.raises(ValueError, match="needs --data"):
+        SimulateConfig(db="sqlite:///x.db", judge="reference")
     with pytest.raises(StackRLHFError, match="residualize-length"):
         simulate(SimulateConfig(db=f"sqlite:///{tmp_path / 'x.db'}", judge=f"rm:{judge_dir}", length_neutral=True))
     result = CliRunner().invoke(cli, ["feedback", "simulate", "--db", f"sqlite:///{tmp_path / 'y.db'}", "--judge",
@@ -126,3 +128,59 @@ def test_a_store_from_before_annotator_kinds_is_upgraded(tmp_path):
     assert [(a.name, a.kind) for a in store.annotators()] == [("carol", "human")]
     store.add_annotator("sim-1", kind="simulated")
     assert {a.name: a.kind for a in store.annotators()} == {"carol": "human", "sim-1": "simulated"}
+
+
+def test_the_reference_judge_prefers_the_questions_own_human_answer(beer_data):
+    """The reference judge (MiniLM similarity to the best human answer + relevance) ranks a question's own best
+    answer above another question's, is on the scale of held-out human answers, and its length-neutral form has
+    no linear trend in length on them."""
+    import numpy as np
+
+    from stackrlhf.data.load import load_split
+    from stackrlhf.models.confounders import words
+    from stackrlhf.models.judge import ReferenceJudge, load_judge
+
+    rows = [r for r in load_split(beer_data, "rl", "train").to_list() if r["reference_answer"]][:20]
+    judge = load_judge("reference", str(beer_data))
+    assert load_judge("reference", str(beer_data)) is judge  # one calibration per process
+    own = judge.score(rows, [r["reference_answer"] for r in rows])
+    other = judge.score(rows, [rows[(i + 1) % len(rows)]["reference_answer"] for i in range(len(rows))])
+    assert sum(a > b for a, b in zip(own, other)) >= 0.8 * len(rows)
+    assert np.mean(own) > np.mean(other) + 1.0  # in standard deviations of human answers
+
+    evaluation = [r for r in load_split(beer_data, "evaluation", "test").to_list() if len(r["answers"]) > 1]
+    qs = [r for r in evaluation for _ in r["answers"][1:]]
+    texts = [a["text"] for r in evaluation for a in r["answers"][1:]]
+    logw = np.log1p([words(t) for t in texts])
+    neutral = ReferenceJudge(str(beer_data), length_neutral=True)
+    assert abs(np.corrcoef(neutral.score(qs, texts), logw)[0, 1]) < 0.05
+    raw = np.asarray(judge.score(qs, texts))
+    assert abs(raw.mean()) < 0.05 and abs(raw.std() - 1) < 0.05  # calibrated on exactly these answers
+    with pytest.raises(StackRLHFError, match="knows no human answer"):
+        judge.score([{"site": "beer.stackexchange.com", "qid": -1, "prompt": "?"}], ["a"])
+
+
+def test_simulated_annotators_label_with_the_reference_judge(beer_data, tmp_path):
+    """Through the app: with noise 0 each preference is the question's own human answer over another question's;
+    a question without a human answer is skipped, with the reason."""
+    from stackrlhf.data.load import load_split
+
+    rl = load_split(beer_data, "rl", "train").to_list()
+    answered = [r for r in rl if r["reference_answer"]][:4]
+    unanswered = [r for r in rl if not r["reference_answer"]][:1]
+    db = f"sqlite:///{tmp_path / 'ref.db'}"
+    store = FeedbackStore(db)
+    for i, q in enumerate(answered):
+        store.add_task(q, [{"text": answered[(i + 1) % 4]["reference_answer"], "model": "other"},
+                           {"text": q["reference_answer"], "model": "own"}])
+    for q in unanswered:
+        store.add_task(q, [{"text": "Use more hops.", "model": "a"}, {"text": "Use less.", "model": "b"}])
+    made = simulate(SimulateConfig(db=db, judge="reference", data=str(beer_data), annotators=2, replication=1,
+                                   noise=0.0, seed=3))
+    labels = store.all_labels()
+    tasks = {t.id: t for t in store.all_tasks()}
+    picked = {c.model for lb in labels if not lb.skipped for c in tasks[lb.task_id].candidates
+              if c.id == lb.best_candidate_id}
+    assert picked == {"own"} and sum(not lb.skipped for lb in labels) == 4
+    skipped = [lb for lb in labels if lb.skipped]
+    assert made["labels"] == len(labels) and skipped and all("no reference answer" in lb.comment for lb in skipped)

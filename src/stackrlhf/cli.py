@@ -291,17 +291,21 @@ def run_cmd(config, out, force, until) -> None:
 @cli.group("loop", invoke_without_command=True)
 @click.option("--registry", default="outputs/registry", show_default=True, help="The registry directory.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
-              help="YAML with loop settings (data, db, gold_reward, min_labels, questions, rm:, ppo:, eval:).")
+              help="YAML with loop settings (data, db, gold_reward, judge, rm_votes, best_of, min_labels, "
+                   "questions, rm:, ppo:, eval:).")
 @click.option("--policy", default="", help="First turn only: the starting policy (version 0), e.g. the SFT model.")
-@click.option("--reward", default="", help="First turn only: the reward model that goes with version 0.")
+@click.option("--reward", default="", help="First turn only: the reward model that goes with version 0 (optional; "
+                                          "each turn trains its own).")
 @click.option("--data", default=None, help="The votes dataset (`data build` output) [saved by the first turn].")
 @click.option("--db", default=None, help="The feedback store's URL [saved by the first turn].")
 @click.option("--gold-reward", default=None, help="A held-out judge for the evaluation [saved by the first turn].")
+@click.option("--judge", default=None,
+              help="A fixed judge every version is scored by: rm:DIR or reference [saved by the first turn].")
 @click.option("--min-labels", default=None, type=int, help="Labels needed before a turn trains [20].")
 @click.option("--questions", default=None, type=int, help="Questions queued per turn [20].")
 @click.pass_context
 @user_errors
-def loop_cmd(ctx, registry, config_file, policy, reward, data, db, gold_reward, min_labels, questions) -> None:
+def loop_cmd(ctx, registry, config_file, policy, reward, data, db, gold_reward, judge, min_labels, questions) -> None:
     """One turn of the feedback loop: queue the policy's answers; once labelled, retrain the RM on votes + human
     labels, run PPO, evaluate, and register a new version. `stackrlhf loop status` lists the versions."""
     if ctx.invoked_subcommand is not None:
@@ -309,7 +313,7 @@ def loop_cmd(ctx, registry, config_file, policy, reward, data, db, gold_reward, 
     from stackrlhf.loop import loop_turn
 
     result = loop_turn(registry, policy, reward, config_file, data=data, db=db, gold_reward=gold_reward,
-                       min_labels=min_labels, questions=questions)
+                       judge=judge, min_labels=min_labels, questions=questions)
     click.echo(json.dumps(result))
 
 

@@ -3,7 +3,8 @@
 A turn has two halves, because people label in between:
 1. queue answers of the current policy (version n) for annotation, as feedback batch ``vN``;
 2. once that batch has ``min_labels`` labels: export every label so far, retrain the RM on votes + human pairs,
-   run PPO from the current policy with the new RM, evaluate the new policy against its parent, and register
+   run PPO from the current policy with the new RM, evaluate the new policy against v0 (and its parent, and
+   best-of-n from v0), by the proxy RM, the gold RM and a fixed judge when given, and register
    it as version n+1 (its model, RM, parent, data, metrics).
 ``stackrlhf loop`` does whichever half is due. Each training step is a pipeline stage with its own record in
 ``vN+1/.pipeline``, so a killed turn resumes where it stopped.
@@ -41,6 +42,14 @@ class LoopConfig:
     db: str = field(default=DEFAULT_DB, metadata={"help": "SQLAlchemy URL of the feedback store."})
     gold_reward: str = field(default="", metadata={
         "help": "A held-out judge for the evaluation (an RM trained with --pairs-half gold); optional."})
+    judge: str = field(default="", metadata={
+        "help": "A fixed judge every version is scored by (rm:DIR or reference; see `eval --judge`); optional."})
+    judge_length_neutral: bool = field(default=False, metadata={"help": "Take the judge's trend in length off."})
+    rm_votes: bool = field(default=True, metadata={
+        "help": "Train each turn's RM on the data's vote pairs as well as on every label so far (false: labels only)."})
+    best_of: list[int] = field(default_factory=list, metadata={
+        "help": "Best-of-n from v0 under each turn's RM, evaluated beside the versions (the baseline RL must beat "
+                "at equal KL), e.g. [4, 16]."})
     min_labels: int = field(default=20, metadata={"help": "Labels of the queued batch needed before a turn trains."})
     questions: int = field(default=20, metadata={"help": "Questions queued per turn (from the rl split)."})
     answers_per_question: int = field(default=2, metadata={"help": "Candidate answers per queued question (K)."})
@@ -58,6 +67,10 @@ class LoopConfig:
             raise ValueError("the loop needs --data: a `stackrlhf data build` output")
         if self.min_labels < 1:
             raise ValueError("min_labels must be at least 1")
+        if isinstance(self.best_of, int):
+            self.best_of = [self.best_of]
+        if any(n < 2 for n in self.best_of):
+            raise ValueError(f"best_of {self.best_of}: every n must be at least 2")
 
 
 def _load(registry: Path) -> dict:
@@ -103,12 +116,14 @@ def loop_turn(registry: str | Path, policy: str = "", reward: str = "", config_f
     registry.mkdir(parents=True, exist_ok=True)
     reg = _load(registry)
     if not reg["versions"]:
-        if not (policy and reward):
-            raise StackRLHFError(f"{registry} holds no version yet: start it with --policy SFT_DIR --reward RM_DIR")
+        if not policy:
+            raise StackRLHFError(f"{registry} holds no version yet: start it with --policy SFT_DIR "
+                                 "(and --reward RM_DIR, the RM that goes with it, if there is one)")
         cfg = _settings(registry, overrides, config_file)
-        reg["versions"].append({"version": 0, "model": str(policy), "rm": str(reward), "parent": None,
-                                "data": [cfg.data], "labels": 0, "created": dt.datetime.now().isoformat(),
-                                "metrics": _rm_metrics(Path(reward))})
+        reg["versions"].append({"version": 0, "model": str(policy), "rm": str(reward) if reward else "",
+                                "parent": None, "data": [cfg.data], "labels": 0,
+                                "created": dt.datetime.now().isoformat(),
+                                "metrics": _rm_metrics(Path(reward)) if reward else {}})
         _save(registry, reg)
     elif policy or reward:
         raise StackRLHFError(f"{registry} already has versions; --policy/--reward only start an empty registry")
@@ -149,34 +164,42 @@ def _train_turn(registry: Path, reg: dict, cfg: LoopConfig, current: dict, label
     keys = {"data": json.loads((Path(cfg.data) / "stats.json").read_text()).get("build_key", cfg.data),
             "feedback": hashlib.sha256(pairs_blob).hexdigest()[:16]}
     stamps = vdir / ".pipeline"
+    v0 = reg["versions"][0]["model"]
+    models = [f"v0={v0}"] + ([f"v{n - 1}={current['model']}"] if n > 1 else []) + [f"v{n}={vdir / 'ppo'}"]
+    models += [f"bon{k}=bon:{k}@{v0}" for k in cfg.best_of]
+    rm_data = [cfg.data, str(feedback)] if cfg.rm_votes else [str(feedback)]
     stages = [
-        Stage("rm", config_from_dict(RMConfig, {**cfg.rm, "data": [cfg.data, str(feedback)],
-                                                "out": str(vdir / "rm")}, "loop rm settings"),
+        Stage("rm", config_from_dict(RMConfig, {**cfg.rm, "data": rm_data, "out": str(vdir / "rm")},
+                                     "loop rm settings"),
               ["data", "feedback"], vdir / "rm"),
         Stage("ppo", config_from_dict(PPOConfig, {**cfg.ppo, "policy": current["model"], "reward": str(vdir / "rm"),
                                                   "data": cfg.data, "out": str(vdir / "ppo")}, "loop ppo settings"),
               ["data", "rm"], vdir / "ppo", [current["model"]]),
-        Stage("eval", config_from_dict(EvalConfig, {**cfg.eval, "model": [f"v{n - 1}={current['model']}",
-                                                                          f"v{n}={vdir / 'ppo'}"],
+        # every version is compared with v0 (win rates, KL), beside best-of-n from v0 under this turn's RM
+        Stage("eval", config_from_dict(EvalConfig, {**cfg.eval, "model": models, "baseline": "v0", "reference": v0,
                                                     "data": cfg.data, "reward": str(vdir / "rm"),
-                                                    "gold_reward": cfg.gold_reward, "out": str(vdir / "eval")},
-                                       "loop eval settings"),
-              ["data", "rm", "ppo"], vdir / "eval", [cfg.gold_reward]),
+                                                    "gold_reward": cfg.gold_reward, "judge": cfg.judge,
+                                                    "judge_length_neutral": cfg.judge_length_neutral,
+                                                    "out": str(vdir / "eval")}, "loop eval settings"),
+              ["data", "rm", "ppo"], vdir / "eval", [cfg.gold_reward, v0]),
     ]
     for stage in stages:
         keys[stage.name] = run_stage(stage, stage_key(stage, keys, vdir), stamps)["result_key"]
     ev = json.loads((vdir / "eval" / "eval.json").read_text())
-    new = ev["models"][f"v{n}"]
-    metrics = {"rm": _rm_metrics(vdir / "rm"),
-               **{k: v for k, v in new.items() if k.startswith(("reward_", "win_rate_", "kl_"))},
+    wanted = ("reward_", "win_rate_", "kl_", "gain_", "length_")
+    pick = lambda m: {k: v for k, v in m.items() if k.startswith(wanted)}  # noqa: E731
+    metrics = {"rm": _rm_metrics(vdir / "rm"), **pick(ev["models"][f"v{n}"]),
+               "v0": pick(ev["models"]["v0"]),
+               "best_of": {f"bon{k}": pick(ev["models"][f"bon{k}"]) for k in cfg.best_of},
                "ppo": json.loads((vdir / "ppo" / "metrics.json").read_text())}
     reg["versions"].append({"version": n, "model": str(vdir / "ppo"), "rm": str(vdir / "rm"),
-                            "parent": current["version"], "data": [cfg.data, str(feedback)],
+                            "parent": current["version"], "data": rm_data,
                             "labels": labels, "feedback_pairs": summary["pairs"],
                             "created": dt.datetime.now().isoformat(), "metrics": metrics})
     reg["pending"] = None
     _save(registry, reg)
-    console.print(f"[green]registered version {n}[/]: {vdir / 'ppo'} (RM on votes + {summary['pairs']} human pairs)")
+    console.print(f"[green]registered version {n}[/]: {vdir / 'ppo'} (RM on {'votes + ' if cfg.rm_votes else ''}"
+                  f"{summary['pairs']} labelled pairs, {summary.get('pairs_simulated', 0)} of them simulated)")
     return {"action": "registered", "version": n, "model": str(vdir / "ppo")}
 
 
@@ -187,19 +210,20 @@ def loop_status(registry: str | Path) -> dict:
         raise StackRLHFError(f"{registry} holds no version; start it with `stackrlhf loop --registry {registry} "
                              f"--policy SFT_DIR --reward RM_DIR --data DATA`")
     table = Table(title=f"stackrlhf loop: {registry}")
-    for col in ("version", "parent", "created", "human labels", "RM acc", "proxy reward", "gold reward",
-                "win vs parent", "KL", "model"):
+    for col in ("version", "parent", "created", "labels", "RM acc", "proxy reward", "gold reward", "judge",
+                "judge win vs v0", "KL to v0", "model"):
         table.add_column(col)
     for v in reg["versions"]:
         m = v["metrics"]
-        win = next((m[k] for k in m if k.startswith("win_rate_proxy")), None)
+        win = m.get("win_rate_judge_vs_v0")
         acc = (m.get("rm") or m).get("accuracy")
 
         def f(x, fmt="{:.3f}"):
             return "" if x is None else fmt.format(x)
 
         table.add_row(str(v["version"]), "" if v["parent"] is None else str(v["parent"]), v["created"][:16],
-                      str(v["labels"]), f(acc), f(m.get("reward_proxy")), f(m.get("reward_gold")), f(win, "{:.2f}"),
+                      str(v["labels"]), f(acc), f(m.get("reward_proxy")), f(m.get("reward_gold")),
+                      f(m.get("reward_judge")), f(win, "{:.2f}"),
                       f(m.get("kl_to_reference"), "{:.2f}"), v["model"])
     Console().print(table)
     if reg["pending"]:

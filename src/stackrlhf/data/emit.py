@@ -125,10 +125,14 @@ def emit_question(q: Question, answers: list[Answer], cfg: DataConfig, out: Spli
     the scores with :func:`make_pairs` unless given (hub data comes with its own).
     """
     split = split or question_split(q.site, q.qid, cfg.fractions)
-    if split == "rl":
-        out.add(q.site, RL_TRAIN, {**q.base_row(), "answer_count": len(answers)})
-        return 0
     ranked = sorted(answers, key=lambda a: (not a.accepted if split == "finetune" else False, -a.score, a.answer_id))
+    if split == "rl":  # the prompt, and its best human answer for judges only (RL never reads it)
+        best = ranked[0] if ranked else None
+        out.add(q.site, RL_TRAIN, {**q.base_row(), "answer_count": len(answers),
+                                   "reference_answer": best.text if best else "",
+                                   "reference_answer_link": best.link if best else "",
+                                   "reference_answer_author": best.author if best else ""})
+        return 0
     if split == "finetune":
         best = next((a for a in ranked if a.score >= cfg.finetune_min_score and answer_passes(a, cfg)), None)
         if best is None:

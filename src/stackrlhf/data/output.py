@@ -37,7 +37,7 @@ def build_key(cfg: DataConfig, inputs: dict[str, list[Path]]) -> str:
     """Content key of a build: its settings and the identity (size, mtime) of every input file."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_INPUTS and k != "dump"}
     files = {name: [file_fingerprint(p) for p in sorted(paths)] for name, paths in inputs.items()}
-    blob = json.dumps({"settings": settings, "inputs": files, "version": 1}, sort_keys=True)
+    blob = json.dumps({"settings": settings, "inputs": files, "version": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -49,8 +49,14 @@ FINETUNE = pa.schema(_QUESTION_FIELDS + [
     pa.field("answer_author", pa.string()),
 ])
 
-# rl: prompts only.
-RL = pa.schema(_QUESTION_FIELDS + [pa.field("answer_count", pa.int64())])
+# rl: prompts, with the best human answer (highest score) that only judges read (the simulated annotators'
+# `reference` judge); RL trains on the prompt alone.
+RL = pa.schema(_QUESTION_FIELDS + [
+    pa.field("answer_count", pa.int64()),
+    pa.field("reference_answer", pa.string()),
+    pa.field("reference_answer_link", pa.string()),
+    pa.field("reference_answer_author", pa.string()),
+])
 
 # evaluation: held-out questions with all their answers (best first).
 EVALUATION = pa.schema(_QUESTION_FIELDS + [

@@ -1,8 +1,8 @@
 """Pass 1: stream a dump's XML files into narrow Parquet tables (questions, answers, users, upvotes).
 
 Bodies stay HTML here: pass 2 converts to Markdown only the posts that end up in a row (an rl question
-needs none of its answers, a finetune question only its best one), which is most of the work saved.
-Answers of rl questions are not even staged with a body. Nothing is held beyond one row group.
+needs only its best answer, for judges; a finetune question only its best one), which is most of the work saved.
+Nothing is held beyond one row group.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from stackrlhf.data.config import DataConfig
 from stackrlhf.data.dumps import Dump
-from stackrlhf.data.splits import question_split
 from stackrlhf.data.writers import ParquetRowWriter
 from stackrlhf.data.xml_rows import iter_rows
 from stackrlhf.errors import DumpError
@@ -119,7 +118,6 @@ def _progress_rows(path: Path, cfg: DataConfig, desc: str):
 
 def _stage_posts(posts: Path, cfg: DataConfig, out: StagedDump) -> None:
     wanted_tags = set(cfg.tags)
-    fractions = cfg.fractions
     # Rows go to bucket (question id % buckets), answers by their question's id, so that each bucket's
     # join reads only its own files. Per-writer buffers are capped in bytes: memory ~ buckets x 1 MB.
     n = out.buckets
@@ -151,8 +149,7 @@ def _stage_posts(posts: Path, cfg: DataConfig, out: StagedDump) -> None:
             out.questions += 1
         else:
             parent = _int(row.get("ParentId"))
-            needed = parent is None or question_split(out.site, parent, fractions) != "rl"
-            body = (row.get("Body") or "") if needed else ""
+            body = row.get("Body") or ""
             aws[(parent or 0) % n].add({"id": _int(row.get("Id")), "parent_id": parent, "body": body,
                                         "score": _int(row.get("Score")) or 0, "date": date,
                                         "owner_id": _int(row.get("OwnerUserId")),

@@ -15,6 +15,11 @@ class EvalConfig:
     reward: str = field(default="", metadata={"help": "The proxy reward model (the one RL optimised)."})
     gold_reward: str = field(default="", metadata={
         "help": "A held-out gold reward model, trained on questions disjoint from the proxy's (`rm --pairs-half gold`)."})
+    judge: str = field(default="", metadata={
+        "help": "A third, fixed judge (models/judge.py): rm:DIR or reference (MiniLM similarity to the best human "
+                "answer + relevance to the question); the one simulated annotators label with."})
+    judge_length_neutral: bool = field(default=False, metadata={
+        "help": "Take the judge's linear trend in length off (an rm: judge must carry one)."})
     reference: str = field(default="", metadata={"help": "The reference for KL (default: the baseline model)."})
     baseline: str = field(default="", metadata={"help": "NAME of the model the win rates compare against."})
     out: str = field(default="outputs/eval", metadata={"help": "Output directory (eval.json, samples.jsonl)."})
@@ -51,10 +56,13 @@ class ReportConfig:
     gold_rm: str = field(default="", metadata={"help": "The gold reward model (its metrics.json)."})
     feedback: str = field(default="", metadata={
         "help": "Human feedback: a `feedback export` directory or the store's database URL."})
+    registry: str = field(default="", metadata={
+        "help": "A `stackrlhf loop` registry: its versions' judge scores against labels used and against KL."})
     out: str = field(default="report.html", metadata={"help": "The HTML file to write (one self-contained file)."})
     samples: int = field(default=6, metadata={"help": "Questions shown with every model's answer side by side."})
     title: str = field(default="stackrlhf report", metadata={"help": "The report's title."})
 
     def __post_init__(self) -> None:
-        if not (self.run or self.eval or self.ppo or self.ilql or self.rm):
-            raise ValueError("give --run (a `stackrlhf run` directory) or the artifact directories to report on")
+        if not (self.run or self.eval or self.ppo or self.ilql or self.rm or self.registry):
+            raise ValueError("give --run (a `stackrlhf run` directory), --registry (a loop registry) or the artifact "
+                             "directories to report on")

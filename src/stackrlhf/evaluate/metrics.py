@@ -29,6 +29,7 @@ from stackrlhf.models.answerer import Answerer, ModelSpec, best_of_n_kl, parse_m
 from stackrlhf.models.confounders import length_adjusted_gains, words
 from stackrlhf.models.generation import SamplingConfig
 from stackrlhf.models.ilql import is_ilql_model
+from stackrlhf.models.judge import load_judge, paired_se
 
 console = Console(stderr=True)
 
@@ -68,6 +69,7 @@ def evaluate_models(cfg: EvalConfig) -> dict:
     if cfg.gold_reward:
         judges["gold"] = RewardModel.from_pretrained(cfg.gold_reward, device=device)
     proxy = judges["proxy"]
+    fixed_judge = load_judge(cfg.judge, cfg.data, cfg.judge_length_neutral, device) if cfg.judge else None
     reference_path = cfg.reference or next(s.path for s in specs if s.name == baseline)
     reference = Answerer(ModelSpec("reference", reference_path, 0.0 if is_ilql_model(reference_path) else None), device)
 
@@ -92,6 +94,8 @@ def evaluate_models(cfg: EvalConfig) -> dict:
         human_logp = model.logprobs_of(gen.prompt_ids, human, cfg.batch_size)
         nll = -float(torch.cat(human_logp).mean())
         scores = {name: judge.score(prompts, gen.texts, normalize=True) for name, judge in judges.items()}
+        if fixed_judge is not None:
+            scores["judge"] = fixed_judge.score(questions, gen.texts)
         answers[spec.name] = gen.texts
         per_answer[spec.name] = {**scores, "length": [float(len(r)) for r in gen.response_ids],
                                  "words": [float(words(t)) for t in gen.texts],
@@ -109,19 +113,22 @@ def evaluate_models(cfg: EvalConfig) -> dict:
             "generate_s": t_gen,
         }
         del model
+    judge_names = list(judges) + (["judge"] if fixed_judge is not None else [])
     for name in names:
-        for judge in judges:
+        for judge in judge_names:
             results[name][f"win_rate_{judge}_vs_{baseline}"] = win_rate(per_answer[name][judge],
                                                                         per_answer[baseline][judge])
-    for judge in judges:  # how much of each model's gain over the baseline is its answers' length
+    for judge in judge_names:  # how much of each model's gain over the baseline is its answers' length
         gains = length_adjusted_gains({n: per_answer[n][judge] for n in names},
                                       {n: per_answer[n]["words"] for n in names}, baseline)
         for name in names:
             results[name][f"gain_{judge}_vs_{baseline}"] = gains[name]["gain"]
+            results[name][f"gain_{judge}_vs_{baseline}_se"] = paired_se(per_answer[name][judge],
+                                                                        per_answer[baseline][judge])
             results[name][f"gain_{judge}_vs_{baseline}_length_adjusted"] = gains[name]["gain_length_adjusted"]
             results[name][f"reward_{judge}_per_log_word"] = gains[name]["reward_per_log_word"]
     report = {"questions": len(questions), "baseline": baseline, "reference": reference_path,
-              "judges": {k: v for k, v in (("proxy", cfg.reward), ("gold", cfg.gold_reward)) if v},
+              "judges": {k: v for k, v in (("proxy", cfg.reward), ("gold", cfg.gold_reward), ("judge", cfg.judge)) if v},
               "sampling": asdict(sampling), "models": results, "config": asdict(cfg)}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

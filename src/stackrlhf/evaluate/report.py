@@ -146,7 +146,7 @@ def frontier(ev: dict | None) -> str:
     if not ev:
         return _note("No evaluation: run `stackrlhf eval` (or a pipeline with an `eval:` section).")
     models, n = ev["models"], max(ev.get("questions", 1), 1)
-    judges = [j for j in ("proxy", "gold") if any(m.get(f"reward_{j}") is not None for m in models.values())]
+    judges = [j for j in ("proxy", "gold", "judge") if any(m.get(f"reward_{j}") is not None for m in models.values())]
     fig, axes = plt.subplots(1, len(judges), figsize=(5.2 * len(judges), 3.8), squeeze=False)
     colours = {}
     for ax, judge in zip(axes[0], judges):
@@ -165,12 +165,73 @@ def frontier(ev: dict | None) -> str:
         if bon and base.get(f"reward_{judge}") is not None:
             line = [(base.get("kl_to_reference") or 0.0, base[f"reward_{judge}"]), *bon]
             ax.plot([p[0] for p in line], [p[1] for p in line], "--", color=colours.get("best-of-n", "grey"), lw=1)
-        ax.set_title(f"{judge} reward model" + (" (optimised)" if judge == "proxy" else " (held out)"), fontsize=9)
+        ax.set_title({"proxy": "proxy reward model (optimised)", "gold": "gold reward model (held out)",
+                      "judge": f"judge {ev.get('judges', {}).get('judge', '')} (fixed)"}[judge], fontsize=9)
         ax.set_xlabel("KL to the reference (nats per answer)"), ax.set_ylabel("mean normalised reward")
         ax.grid(alpha=0.3), ax.legend(fontsize=7)
     return _figure(fig, "frontier", "Reward against KL for every method (bars: one standard error). A method is "
                                     "better only above the best-of-n line at the same KL; a gold reward that falls "
                                     "while the proxy rises is over-optimisation")
+
+
+def loop_versions(registry: Path) -> list[dict]:
+    """One row per version after v0 and per best-of-n of its turn, from each turn's ``eval.json``: the score of
+    the fixed judge (else the gold, else the proxy RM), its gain over v0, KL to v0, labels used so far."""
+    reg = read_json(registry / "registry.json") or {}
+    rows, labels = [], 0
+    for v in reg.get("versions", [])[1:]:
+        n, labels = v["version"], labels + v.get("labels", 0)
+        ev = read_json(registry / f"v{n}" / "eval" / "eval.json")
+        if not ev:
+            continue
+        judge = next((j for j in ("judge", "gold", "proxy") if j in ev.get("judges", {})), "proxy")
+        q = max(ev.get("questions", 1), 1)
+        for name, m in ev["models"].items():
+            if name == f"v{n}" or m.get("best_of") or (name == "v0" and n == 1):
+                rows.append({"name": name if not m.get("best_of") else f"{name} (RM of v{n})", "turn": n,
+                             "kind": "best-of-n" if m.get("best_of") else "version", "judge_name": judge,
+                             "labels": 0 if name == "v0" else labels, "score": m[f"reward_{judge}"],
+                             "se": m[f"reward_{judge}_std"] / q ** 0.5, "gain": m.get(f"gain_{judge}_vs_v0"),
+                             "gain_se": m.get(f"gain_{judge}_vs_v0_se"), "win": m.get(f"win_rate_{judge}_vs_v0"),
+                             "kl": m.get("kl_to_reference"), "words": m.get("length_words")})
+    return rows
+
+
+def loop_section(registry: Path | None) -> str:
+    if registry is None:
+        return ""
+    rows = loop_versions(registry)
+    if not rows:
+        return "<h2>Feedback loop</h2>" + _note(f"{registry} has no evaluated version yet: run `stackrlhf loop`.")
+    judge = rows[0]["judge_name"]
+    head = "".join(f"<th>{h}</th>" for h in ("model", "labels used", f"{judge} score ± SE", "gain vs v0 ± SE",
+                                             "win vs v0", "KL to v0", "words"))
+    def cell(value, fmt: str) -> str:
+        return "" if value is None else format(value, fmt)
+
+    body = "".join(
+        f"<tr><td>{_e(r['name'])}</td><td>{r['labels']}</td><td>{r['score']:+.3f} ± {r['se']:.3f}</td>"
+        f"<td>{cell(r['gain'], '+.3f')}{'' if r['gain_se'] is None else ' ± ' + cell(r['gain_se'], '.3f')}</td>"
+        f"<td>{cell(r['win'], '.2f')}</td><td>{cell(r['kl'], '.2f')}</td><td>{cell(r['words'], '.1f')}</td></tr>"
+        for r in rows)
+    fig, (by_labels, by_kl) = plt.subplots(1, 2, figsize=(10.4, 3.8))
+    versions = [r for r in rows if r["kind"] == "version"]
+    for ax, x in ((by_labels, "labels"), (by_kl, "kl")):
+        pts = [r for r in versions if r[x] is not None]
+        ax.errorbar([r[x] for r in pts], [r["score"] for r in pts], yerr=[r["se"] for r in pts], fmt="o-",
+                    color="C0", capsize=3, label="loop versions")
+        for r in pts:
+            ax.annotate(r["name"], (r[x], r["score"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        bon = [r for r in rows if r["kind"] == "best-of-n" and r[x] is not None]
+        if bon:
+            ax.errorbar([r[x] for r in bon], [r["score"] for r in bon], yerr=[r["se"] for r in bon], fmt="s",
+                        color="C1", capsize=3, ms=4, label="best-of-n from v0 (each turn's RM)")
+        ax.set_ylabel(f"{judge} score"), ax.grid(alpha=0.3), ax.legend(fontsize=7)
+    by_labels.set_xlabel("labels used (cumulative)"), by_kl.set_xlabel("KL to v0 (nats per answer)")
+    return ("<h2>Feedback loop</h2>" + f"<table><tr>{head}</tr>{body}</table>"
+            + _figure(fig, "loop", f"Each version's {judge} score on held-out questions (bars: one standard error) "
+                                   "against the labels it learnt from and against its KL to v0; best-of-n from v0 "
+                                   "under each turn's RM is the baseline at equal KL"))
 
 
 def rm_accuracy(rms: dict[str, dict]) -> str:
@@ -342,6 +403,7 @@ def write_report(cfg: ReportConfig) -> Path:
         "<h2>Held-out evaluation</h2>", eval_table(ev) or _note("No evaluation yet."), frontier(ev),
         "<h2>Training</h2>", rl_curves(_read_jsonl(ppo_dir / "history.jsonl") if ppo_dir else [],
                                        _read_jsonl(ilql_dir / "history.jsonl") if ilql_dir else []),
+        loop_section(Path(cfg.registry) if cfg.registry else None),
         "<h2>Reward models</h2>", rm_accuracy(rms), rm_confounders(rms),
         "<h2>Human feedback</h2>", feedback_distribution(feedback),
         pipeline_table(read_json(run / "pipeline.json") if run else None),

@@ -289,7 +289,8 @@ def create_app(db: str, replication: int = 2, max_comment: int = MAX_COMMENT, ma
         if who is None:
             raise BadInput(401, "Sign in first: no valid token.")
         task = own_task(who, task_id)
-        return {"task": task.id, "prompt": task.prompt, "title": task.title, "question": task.question,
+        return {"task": task.id, "site": task.site, "qid": task.qid, "question_link": task.question_link,
+                "prompt": task.prompt, "title": task.title, "question": task.question,
                 "candidates": [{"id": c.id, "text": c.text} for c in task.candidates]}
 
     def admin_of(request: Request):

@@ -10,7 +10,10 @@ class SimulateConfig:
     db: str = field(default="", metadata={"help": "The feedback store (its annotators are created there)."})
     url: str = field(default="", metadata={"help": "The running app (`feedback serve`), e.g. http://127.0.0.1:8000; "
                                                    "empty: start one on a free loopback port for the run."})
-    judge: str = field(default="", metadata={"help": "rm:DIR, a reward model or ensemble directory."})
+    judge: str = field(default="", metadata={"help": "rm:DIR (a reward model or ensemble directory) or reference "
+                                                     "(MiniLM similarity to the best human answer + relevance)."})
+    data: str = field(default="", metadata={"help": "The data build the tasks' questions came from (the reference "
+                                                    "judge reads their best human answers there)."})
     annotators: int = field(default=3, metadata={"help": "Simulated annotators, labelling concurrently."})
     noise: float = field(default=1.0, metadata={"help": "Bradley-Terry temperature of the preference (0: always "
                                                         "the judge's best)."})
@@ -19,14 +22,17 @@ class SimulateConfig:
     max_labels: int = field(default=0, metadata={"help": "Labels per annotator at most (0: until no task is left)."})
     replication: int = field(default=2, metadata={"help": "Annotators per task, as the app was started with."})
     length_neutral: bool = field(default=False, metadata={
-        "help": "Refuse a judge without a length correction (`stackrlhf rm --residualize-length`)."})
+        "help": "A judge that length alone cannot please: the reference judge takes its trend in log words off; an "
+                "rm: judge must have one (`stackrlhf rm --residualize-length`)."})
     seed: int = field(default=0, metadata={"help": "Seed of the annotators' noise (reproducible labels)."})
     name_prefix: str = field(default="sim", metadata={"help": "Annotators are named PREFIX-1 .. PREFIX-N."})
 
     def __post_init__(self) -> None:
         if not self.db:
             raise ValueError("--db is required: the feedback store the app serves")
-        if not self.judge.startswith("rm:") or len(self.judge) == 3:
-            raise ValueError(f"--judge {self.judge!r}: give rm:DIR, a reward model directory")
+        if self.judge != "reference" and (not self.judge.startswith("rm:") or len(self.judge) == 3):
+            raise ValueError(f"--judge {self.judge!r}: give rm:DIR (a reward model directory) or reference")
+        if self.judge == "reference" and not self.data:
+            raise ValueError("--judge reference needs --data: the data build the queued questions came from")
         if self.annotators < 1 or self.noise < 0 or self.rating_noise < 0 or not 0 <= self.skip_rate < 1:
             raise ValueError("need --annotators >= 1, --noise >= 0, --rating-noise >= 0 and 0 <= --skip-rate < 1")

@@ -6,9 +6,9 @@ Each simulated annotator is an annotator of kind ``simulated`` in the store (so 
 labels with people's without saying so), signs in with its own token, and over HTTP fetches ``/api/next``, reads
 the task (``/api/task/ID``) and posts its ratings and preference to ``/task/ID``, with retries, several at once.
 
-The judge gives each candidate answer a score s (``rm:DIR``: a reward model or ensemble, normalised with its
-training statistics; train it with ``--residualize-length`` for a judge that length alone cannot please, and
-``--length-neutral`` refuses one without). The annotator prefers answer i with probability softmax(s / noise)
+The judge (``models/judge.py``) gives each candidate answer a score s on a standard scale: ``rm:DIR``, a reward
+model or ensemble, or ``reference``, the answer's embedding similarity to the question's best human answer plus
+its relevance to the question; ``--length-neutral`` takes the judge's trend in length off. The annotator prefers answer i with probability softmax(s / noise)
 (Bradley-Terry with temperature ``noise``; 0: always the judge's best), rates usefulness and accuracy as
 round(3 + s + N(0, rating_noise)) clipped to 1-5, and skips a task with probability ``skip_rate``.
 """
@@ -26,23 +26,7 @@ import httpx
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.feedback.config import SimulateConfig
 from stackrlhf.feedback.store import FeedbackStore
-
-
-class Judge:
-    """Scores (prompt, answer) pairs; one lock, as annotator threads share it."""
-
-    def __init__(self, spec: str, length_neutral: bool):
-        from stackrlhf.models.reward import RewardModel
-
-        self.rm = RewardModel.from_pretrained(spec[3:])
-        if length_neutral and not getattr(self.rm, "length_slope", 0.0):
-            raise StackRLHFError(f"--length-neutral: the judge {spec[3:]} has no length correction; train it with "
-                                 "`stackrlhf rm --residualize-length`")
-        self.lock = threading.Lock()
-
-    def __call__(self, prompt: str, answers: list[str]) -> list[float]:
-        with self.lock:
-            return self.rm.score([prompt] * len(answers), answers, normalize=True)
+from stackrlhf.models.judge import load_judge
 
 
 def choose(scores: list[float], noise: float, rng: random.Random) -> int:
@@ -84,7 +68,7 @@ def request(client: httpx.Client, method: str, path: str, retries: int = 5, **kw
     return response
 
 
-def annotate(base_url: str, token: str, judge: Judge, cfg: SimulateConfig, seed: int) -> int:
+def annotate(base_url: str, token: str, judge, cfg: SimulateConfig, seed: int) -> int:
     """One annotator's session: label tasks until none is left (or ``max_labels``); returns how many."""
     rng = random.Random(seed)
     done = 0
@@ -97,8 +81,13 @@ def annotate(base_url: str, token: str, judge: Judge, cfg: SimulateConfig, seed:
             if task_id is None:
                 break
             task = request(client, "GET", f"/api/task/{task_id}").json()
-            scores = judge(task["prompt"], [c["text"] for c in task["candidates"]])
-            posted = request(client, "POST", f"/task/{task_id}", data=label_for(task, scores, cfg, rng))
+            answers = [c["text"] for c in task["candidates"]]
+            if judge.knows(task):
+                form = label_for(task, judge.score([task] * len(answers), answers), cfg, rng)
+            else:  # nothing to judge against (an unanswered question): skip it, as a person unsure would
+                form = {"client_id": uuid.UUID(int=rng.getrandbits(128)).hex, "skip": "1",
+                        "comment": "simulated: the judge has no reference answer for this question"}
+            posted = request(client, "POST", f"/task/{task_id}", data=form)
             if posted.status_code >= 400:
                 raise StackRLHFError(f"/task/{task_id}: {posted.status_code} {posted.text[:200]}")
             done += 1
@@ -108,7 +97,7 @@ def annotate(base_url: str, token: str, judge: Judge, cfg: SimulateConfig, seed:
 def simulate(cfg: SimulateConfig) -> dict:
     """Create (or reuse) the simulated annotators, run them concurrently against the app; returns labels made."""
     store = FeedbackStore(cfg.db)
-    judge = Judge(cfg.judge, cfg.length_neutral)
+    judge = load_judge(cfg.judge, cfg.data, cfg.length_neutral)
     tokens = {}
     existing = {a.name: a for a in store.annotators()}
     for i in range(1, cfg.annotators + 1):

@@ -1,0 +1,225 @@
+"""Does feedback make the model better? T turns of `stackrlhf loop`, labelled by simulated annotators with a
+known judge, each version scored by that judge on held-out questions (Gao et al. 2022's gold-judge setup).
+
+    python benchmarks/loop_gain.py [--dump SITE_OR_DIR ...] [--out outputs/loop-gain]
+
+From a data build and an SFT model it makes itself (`stackrlhf run` stages data, pretrain, sft), it runs the real
+loop: queue the current version's answers to rl questions, let `feedback simulate` label them through the app
+(the `reference` judge by default: MiniLM similarity to the question's best human answer + relevance, its
+length trend taken off), retrain the RM on the labels, PPO, evaluate, register. Every turn's evaluation scores
+v0, the new version and best-of-n from v0 under that turn's RM (KL log n - (n-1)/n) on the same held-out
+questions with the same sampling seeds. Printed: a row per version and per best-of-n (judge score, its gain over
+v0 with a paired standard error, judge win rate vs v0, KL to v0, mean words, the proxy RM's agreement with the
+judge on the evaluation answers) and, last line,
+``judge_gain=<v_T - v0> judge_gain_se=<se> kl=<KL of v_T to v0> length_ratio=<mean words v_T / v0>``.
+Rerunning with the same --out resumes: finished stages and turns are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from stackrlhf.feedback.config import SimulateConfig  # noqa: E402
+from stackrlhf.feedback.simulate import simulate  # noqa: E402
+from stackrlhf.loop import loop_turn  # noqa: E402
+from stackrlhf.pipeline import run_pipeline  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dump", action="append", default=[], help="A site name, dump folder, .7z or URL (repeatable; "
+                                                               "default: every dump `stackrlhf data build` finds).")
+    p.add_argument("--out", default="outputs/loop-gain", help="Working directory (kept; a rerun resumes).")
+    p.add_argument("--turns", type=int, default=3, help="Loop turns T.")
+    p.add_argument("--questions", type=int, default=96, help="rl questions queued per turn (tasks).")
+    p.add_argument("--answers-per-question", type=int, default=4, help="Candidates per task (K).")
+    p.add_argument("--annotators", type=int, default=3, help="Simulated annotators.")
+    p.add_argument("--replication", type=int, default=1, help="Annotators per task.")
+    p.add_argument("--noise", type=float, default=0.5, help="Bradley-Terry temperature of the preferences.")
+    p.add_argument("--rating-noise", type=float, default=0.5, help="Noise on the 1-5 ratings.")
+    p.add_argument("--judge", default="reference", help="reference or rm:DIR.")
+    p.add_argument("--no-length-neutral", action="store_true", help="Keep the judge's trend in length.")
+    p.add_argument("--rm-votes", action="store_true", help="Train each turn's RM on the vote pairs too.")
+    p.add_argument("--eval-questions", type=int, default=64, help="Held-out questions each version answers.")
+    p.add_argument("--best-of", default="4,16", help="Best-of-n from v0 under each turn's RM (comma-separated).")
+    p.add_argument("--ppo-steps", type=int, default=12, help="PPO steps per turn.")
+    p.add_argument("--ppo-learning-rate", type=float, default=5e-5, help="PPO learning rate.")
+    p.add_argument("--rm-epochs", type=float, default=2.0, help="RM epochs per turn.")
+    p.add_argument("--pretrain-minutes", type=float, default=3.0, help="Budget of the offline base model.")
+    p.add_argument("--sft-minutes", type=float, default=2.5, help="Budget of the SFT model.")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def setup(args, out: Path) -> tuple[str, str]:
+    """The data build and the SFT model (version 0): pipeline stages, so a rerun skips them."""
+    spec = {
+        "out": str(out / "run"), "base": "pretrain",
+        "data": {"dump": args.dump} if args.dump else {},
+        "pretrain": {"size": "tiny", "max_minutes": args.pretrain_minutes, "learning_rate": 1e-3},
+        "sft": {"max_length": 256, "max_prompt_length": 128, "num_train_epochs": 2, "learning_rate": 3e-4,
+                "max_minutes": args.sft_minutes},
+        "rm": {},  # planned, never run (until sft): each loop turn trains its own RM on the labels
+    }
+    path = out / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    result = run_pipeline(path, out / "run", until="sft")
+    return result["stages"]["data"]["out"], result["stages"]["sft"]["out"]
+
+
+def loop_settings(args, data: str, out: Path) -> Path:
+    best_of = [int(n) for n in args.best_of.split(",") if n.strip()]
+    settings = {
+        "data": data, "db": f"sqlite:///{out / 'feedback.db'}", "judge": args.judge,
+        "judge_length_neutral": not args.no_length_neutral, "rm_votes": args.rm_votes, "best_of": best_of,
+        "questions": args.questions, "answers_per_question": args.answers_per_question,
+        "min_labels": max(1, args.questions * args.replication // 2), "max_new_tokens": 48,
+        "temperature": 1.0, "top_p": 1.0,
+        "rm": {"num_train_epochs": args.rm_epochs, "max_length": 128, "max_question_tokens": 32,
+               "learning_rate": 5e-5, "report_to": "none", "seed": args.seed},
+        "ppo": {"steps": args.ppo_steps, "batch_size": 16, "mini_batch_size": 8, "min_new_tokens": 24,
+                "max_new_tokens": 48, "learning_rate": args.ppo_learning_rate, "save_every": 4,
+                "report_to": "none", "seed": args.seed},
+        "eval": {"questions": args.eval_questions, "max_new_tokens": 48, "seed": args.seed},
+    }
+    path = out / "loop.yaml"
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return path
+
+
+def run_turns(args, data: str, sft: str, out: Path) -> dict:
+    registry = out / "registry"
+    settings = loop_settings(args, data, out)
+    reg_file = registry / "registry.json"
+    first = not reg_file.is_file()
+    while True:
+        versions = json.loads(reg_file.read_text())["versions"] if reg_file.is_file() else []
+        if len(versions) > args.turns:
+            return json.loads(reg_file.read_text())
+        t0 = time.perf_counter()
+        result = loop_turn(registry, policy=sft if first else "", config_file=str(settings))
+        first = False
+        if result["action"] in ("queued", "waiting"):
+            made = simulate(SimulateConfig(
+                db=f"sqlite:///{out / 'feedback.db'}", judge=args.judge, data=data, annotators=args.annotators,
+                noise=args.noise, rating_noise=args.rating_noise, replication=args.replication,
+                length_neutral=not args.no_length_neutral, seed=args.seed * 100 + len(versions)))
+            print(f"batch {result['batch']}: {result['action']}; simulated annotators made "
+                  f"{made['labels']} labels ({time.perf_counter() - t0:.0f} s)", flush=True)
+        else:
+            print(f"registered v{result['version']} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def agreement(samples: Path) -> float:
+    """Share of same-question answer pairs (all evaluated models) the proxy RM orders as the judge does."""
+    agree = total = 0
+    for line in samples.read_text().splitlines():
+        answers = list(json.loads(line)["answers"].values())
+        for a, b in itertools.combinations(answers, 2):
+            dj, dp = a["judge"] - b["judge"], a["proxy"] - b["proxy"]
+            if dj != 0 and dp != 0:
+                total += 1
+                agree += (dj > 0) == (dp > 0)
+    return agree / total if total else math.nan
+
+
+def table(reg: dict, out: Path) -> list[dict]:
+    rows = []
+    for v in reg["versions"][1:]:
+        n = v["version"]
+        ev = json.loads((out / "registry" / f"v{n}" / "eval" / "eval.json").read_text())
+        q = ev["questions"]
+        labels = sum(x["labels"] for x in reg["versions"][1:n + 1])
+        agree = agreement(out / "registry" / f"v{n}" / "eval" / "samples.jsonl")
+        if n == 1:
+            rows.append(row("v0", ev["models"]["v0"], q, 0, math.nan, n))
+        rows.append(row(f"v{n}", ev["models"][f"v{n}"], q, labels, agree, n))
+        for name, m in ev["models"].items():
+            if name.startswith("bon"):
+                rows.append(row(f"{name} (RM of v{n})", m, q, labels, agree, n))
+    return rows
+
+
+def row(name: str, m: dict, questions: int, labels: int, agree: float, turn: int) -> dict:
+    return {"model": name, "turn": turn, "labels": labels, "judge": m["reward_judge"],
+            "judge_se": m["reward_judge_std"] / math.sqrt(questions), "gain": m["gain_judge_vs_v0"],
+            "gain_se": m["gain_judge_vs_v0_se"] or 0.0,
+            "gain_length_adjusted": m["gain_judge_vs_v0_length_adjusted"], "win": m["win_rate_judge_vs_v0"],
+            "kl": m["kl_to_reference"], "kl_se": m["kl_to_reference_se"] or 0.0, "words": m["length_words"],
+            "proxy": m["reward_proxy"], "agreement": agree}
+
+
+def diagnostics(reg: dict, out: Path) -> list[dict]:
+    """Per turn, what could hold the judge's gain back: how often the labels agree with the judge (pairs), how
+    well the turn's RM orders the evaluation answers as the judge does, and what PPO did with it."""
+    rows = []
+    for v in reg["versions"][1:]:
+        n, m = v["version"], v["metrics"]
+        ppo = m.get("ppo", {})
+        rows.append({"turn": n, "labels": v["labels"], "pairs": v.get("feedback_pairs"),
+                     "agreement": agreement(out / "registry" / f"v{n}" / "eval" / "samples.jsonl"),
+                     "ppo_reward_first": ppo.get("reward_first"), "ppo_reward_last": ppo.get("reward_last"),
+                     "ppo_kl_last": ppo.get("kl_last"), "proxy_gain": m.get("gain_proxy_vs_v0"),
+                     "proxy_gain_se": m.get("gain_proxy_vs_v0_se")})
+    return rows
+
+
+def print_diagnostics(rows: list[dict]) -> None:
+    head = ("turn", "labels", "pairs so far", "RM-judge agreement", "PPO proxy reward first -> last", "PPO KL last",
+            "proxy gain vs v0 ± SE")
+    print(" | ".join(head))
+    print(" | ".join("---" for _ in head))
+    for r in rows:
+        print(" | ".join([str(r["turn"]), str(r["labels"]), str(r["pairs"]), f"{r['agreement']:.3f}",
+                          f"{r['ppo_reward_first']:+.3f} -> {r['ppo_reward_last']:+.3f}", f"{r['ppo_kl_last']:.2f}",
+                          f"{r['proxy_gain']:+.3f} ± {r['proxy_gain_se']:.3f}"]))
+
+
+def print_table(rows: list[dict]) -> None:
+    head = ("model", "labels", "judge ± SE", "gain vs v0 ± SE", "gain, length-adj.", "judge win vs v0",
+            "KL to v0", "words", "proxy-judge agreement")
+    print(" | ".join(head))
+    print(" | ".join("---" for _ in head))
+    for r in rows:
+        print(" | ".join([r["model"], str(r["labels"]), f"{r['judge']:+.3f} ± {r['judge_se']:.3f}",
+                          f"{r['gain']:+.3f} ± {r['gain_se']:.3f}", f"{r['gain_length_adjusted']:+.3f}",
+                          f"{r['win']:.2f}", f"{r['kl']:.2f} ± {r['kl_se']:.2f}", f"{r['words']:.1f}",
+                          "" if math.isnan(r["agreement"]) else f"{r['agreement']:.2f}"]))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data, sft = setup(args, out)
+    t_setup = time.perf_counter() - t0
+    reg = run_turns(args, data, sft, out)
+    rows, diag = table(reg, out), diagnostics(reg, out)
+    v0 = next(r for r in rows if r["model"] == "v0")
+    last = next(r for r in rows if r["model"] == f"v{args.turns}")
+    (out / "loop_gain.json").write_text(json.dumps({"args": vars(args), "rows": rows, "diagnostics": diag, "setup_s": t_setup,
+                                                    "seconds": time.perf_counter() - t0}, indent=2) + "\n")
+    print(f"\nloop_gain: {args.turns} turns, {args.questions} tasks x {args.answers_per_question} answers per turn, "
+          f"judge {args.judge}{'' if args.no_length_neutral else ' (length-neutral)'}, "
+          f"{time.perf_counter() - t0:.0f} s ({t_setup:.0f} s data + SFT)\n")
+    print_diagnostics(diag)
+    print()
+    print_table(rows)
+    print(f"judge_gain={last['gain']:.4f} judge_gain_se={last['gain_se']:.4f} kl={last['kl']:.4f} "
+          f"length_ratio={last['words'] / max(v0['words'], 1e-9):.4f}")
+
+
+if __name__ == "__main__":
+    main()
