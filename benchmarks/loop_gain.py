@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rm-votes", action="store_true", help="Train each turn's RM on the vote pairs too.")
     p.add_argument("--eval-questions", type=int, default=64, help="Held-out questions each version answers.")
     p.add_argument("--best-of", default="4,16", help="Best-of-n from v0 under each turn's RM (comma-separated).")
+    p.add_argument("--algorithm", default="ppo", choices=("ppo", "rloo"), help="The RL step of each turn.")
+    p.add_argument("--rloo-k", type=int, default=4, help="Answers per prompt with --algorithm rloo.")
     p.add_argument("--ppo-steps", type=int, default=12, help="PPO steps per turn.")
     p.add_argument("--ppo-learning-rate", type=float, default=5e-5, help="PPO learning rate.")
     p.add_argument("--rm-epochs", type=float, default=2.0, help="RM epochs per turn.")
@@ -88,7 +90,8 @@ def loop_settings(args, data: str, out: Path) -> Path:
         "temperature": 1.0, "top_p": 1.0,
         "rm": {"num_train_epochs": args.rm_epochs, "max_length": 128, "max_question_tokens": 32,
                "learning_rate": 5e-5, "report_to": "none", "seed": args.seed},
-        "ppo": {"steps": args.ppo_steps, "batch_size": 16, "mini_batch_size": 8, "min_new_tokens": 24,
+        "ppo": {"algorithm": args.algorithm, **({"rloo_k": args.rloo_k} if args.algorithm == "rloo" else {}),
+                "steps": args.ppo_steps, "batch_size": 16, "mini_batch_size": 8, "min_new_tokens": 24,
                 "max_new_tokens": 48, "learning_rate": args.ppo_learning_rate, "save_every": 4,
                 "report_to": "none", "seed": args.seed},
         "eval": {"questions": args.eval_questions, "max_new_tokens": 48, "seed": args.seed},
