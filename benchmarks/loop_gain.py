@@ -30,6 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from stackrlhf.evaluate.report import loop_versions  # noqa: E402
 from stackrlhf.feedback.config import SimulateConfig  # noqa: E402
 from stackrlhf.feedback.simulate import simulate  # noqa: E402
 from stackrlhf.loop import loop_turn  # noqa: E402
@@ -137,33 +138,15 @@ def agreement(samples: Path) -> float:
     return agree / total if total else math.nan
 
 
-def table(reg: dict, out: Path) -> list[dict]:
-    rows = []
-    for v in reg["versions"][1:]:
-        n = v["version"]
-        ev = json.loads((out / "registry" / f"v{n}" / "eval" / "eval.json").read_text())
-        q = ev["questions"]
-        labels = sum(x["labels"] for x in reg["versions"][1:n + 1])
-        agree = agreement(out / "registry" / f"v{n}" / "eval" / "samples.jsonl")
-        if n == 1:
-            rows.append(row("v0", ev["models"]["v0"], q, 0, math.nan, n))
-        rows.append(row(f"v{n}", ev["models"][f"v{n}"], q, labels, agree, n))
-        for name, m in ev["models"].items():
-            if name.startswith("bon"):
-                rows.append(row(f"{name} (RM of v{n})", m, q, labels, agree, n))
+def table(out: Path, agreements: dict[int, float]) -> list[dict]:
+    """The report's rows of the loop's versions (``loop_versions``) with each turn's RM-judge agreement."""
+    rows = loop_versions(out / "registry")
+    for r in rows:
+        r["agreement"] = math.nan if r["name"] == "v0" else agreements[r["turn"]]
     return rows
 
 
-def row(name: str, m: dict, questions: int, labels: int, agree: float, turn: int) -> dict:
-    return {"model": name, "turn": turn, "labels": labels, "judge": m["reward_judge"],
-            "judge_se": m["reward_judge_std"] / math.sqrt(questions), "gain": m["gain_judge_vs_v0"],
-            "gain_se": m["gain_judge_vs_v0_se"] or 0.0,
-            "gain_length_adjusted": m["gain_judge_vs_v0_length_adjusted"], "win": m["win_rate_judge_vs_v0"],
-            "kl": m["kl_to_reference"], "kl_se": m["kl_to_reference_se"] or 0.0, "words": m["length_words"],
-            "proxy": m["reward_proxy"], "agreement": agree}
-
-
-def diagnostics(reg: dict, out: Path) -> list[dict]:
+def diagnostics(reg: dict, agreements: dict[int, float]) -> list[dict]:
     """Per turn, what could hold the judge's gain back: how often the labels agree with the judge (pairs), how
     well the turn's RM orders the evaluation answers as the judge does, and what PPO did with it."""
     rows = []
@@ -171,7 +154,7 @@ def diagnostics(reg: dict, out: Path) -> list[dict]:
         n, m = v["version"], v["metrics"]
         ppo = m.get("ppo", {})
         rows.append({"turn": n, "labels": v["labels"], "pairs": v.get("feedback_pairs"),
-                     "agreement": agreement(out / "registry" / f"v{n}" / "eval" / "samples.jsonl"),
+                     "agreement": agreements[n],
                      "ppo_reward_first": ppo.get("reward_first"), "ppo_reward_last": ppo.get("reward_last"),
                      "ppo_kl_last": ppo.get("kl_last"), "proxy_gain": m.get("gain_proxy_vs_v0"),
                      "proxy_gain_se": m.get("gain_proxy_vs_v0_se")})
@@ -195,9 +178,9 @@ def print_table(rows: list[dict]) -> None:
     print(" | ".join(head))
     print(" | ".join("---" for _ in head))
     for r in rows:
-        print(" | ".join([r["model"], str(r["labels"]), f"{r['judge']:+.3f} ± {r['judge_se']:.3f}",
-                          f"{r['gain']:+.3f} ± {r['gain_se']:.3f}", f"{r['gain_length_adjusted']:+.3f}",
-                          f"{r['win']:.2f}", f"{r['kl']:.2f} ± {r['kl_se']:.2f}", f"{r['words']:.1f}",
+        print(" | ".join([r["name"], str(r["labels"]), f"{r['score']:+.3f} ± {r['se']:.3f}",
+                          f"{r['gain']:+.3f} ± {r['gain_se'] or 0.0:.3f}", f"{r['gain_length_adjusted']:+.3f}",
+                          f"{r['win']:.2f}", f"{r['kl']:.2f} ± {r['kl_se'] or 0.0:.2f}", f"{r['words']:.1f}",
                           "" if math.isnan(r["agreement"]) else f"{r['agreement']:.2f}"]))
 
 
@@ -209,9 +192,11 @@ def main(argv=None) -> None:
     data, sft = setup(args, out)
     t_setup = time.perf_counter() - t0
     reg = run_turns(args, data, sft, out)
-    rows, diag = table(reg, out), diagnostics(reg, out)
-    v0 = next(r for r in rows if r["model"] == "v0")
-    last = next(r for r in rows if r["model"] == f"v{args.turns}")
+    agreements = {v["version"]: agreement(out / "registry" / f"v{v['version']}" / "eval" / "samples.jsonl")
+                  for v in reg["versions"][1:]}
+    rows, diag = table(out, agreements), diagnostics(reg, agreements)
+    v0 = next(r for r in rows if r["name"] == "v0")
+    last = next(r for r in rows if r["name"] == f"v{args.turns}")
     (out / "loop_gain.json").write_text(json.dumps({"args": vars(args), "rows": rows, "diagnostics": diag, "setup_s": t_setup,
                                                     "seconds": time.perf_counter() - t0}, indent=2) + "\n")
     print(f"\nloop_gain: {args.turns} turns, {args.questions} tasks x {args.answers_per_question} answers per turn, "

@@ -193,7 +193,9 @@ def loop_versions(registry: Path) -> list[dict]:
                              "labels": 0 if name == "v0" else labels, "score": m[f"reward_{judge}"],
                              "se": m[f"reward_{judge}_std"] / q ** 0.5, "gain": m.get(f"gain_{judge}_vs_v0"),
                              "gain_se": m.get(f"gain_{judge}_vs_v0_se"), "win": m.get(f"win_rate_{judge}_vs_v0"),
-                             "kl": m.get("kl_to_reference"), "words": m.get("length_words")})
+                             "gain_length_adjusted": m.get(f"gain_{judge}_vs_v0_length_adjusted"),
+                             "kl": m.get("kl_to_reference"), "kl_se": m.get("kl_to_reference_se"),
+                             "words": m.get("length_words")})
     return rows
 
 

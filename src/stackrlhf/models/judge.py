@@ -154,10 +154,6 @@ class ReferenceJudge:
             raw = raw - self.slope * (np.log1p([words(t) for t in answers]) - self.center)
         return ((raw - self.mean) / self.std).tolist()
 
-    def describe(self) -> dict:
-        return {"kind": "reference", "mean": self.mean, "std": self.std, "length_slope": self.slope,
-                "questions": len(self.references)}
-
 
 def paired_se(a: list[float], b: list[float]) -> float | None:
     """Standard error of mean(a - b) over paired items (the same questions); None for fewer than two."""
