@@ -30,6 +30,7 @@ def _isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("STACKRLHF_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("STACKRLHF_DUMPS", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("STACKRLHF_OFFLINE", "1")  # `base: auto` downloads no model package (slow tests may)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 

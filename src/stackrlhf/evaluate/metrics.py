@@ -81,10 +81,11 @@ def evaluate_models(cfg: EvalConfig) -> dict:
         model = Answerer(spec, device, scorer=lambda q, a: proxy.score(q, a, normalize=True))
         gen = model.generate(prompts, sampling, cfg.batch_size, cfg.seed)
         t_gen = time.perf_counter() - t0
-        logp = model.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size)
+        # KL between the tempered distributions the models sample from (the temperature is part of the policy)
+        logp = model.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature)
         kl = None
         if same_vocabulary(model.tok, reference.tok):
-            ref = reference.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size)
+            ref = reference.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature)
             kl = [float((a - b).sum()) for a, b in zip(logp, ref)]
             if spec.best_of > 1:  # KL(bon || ref) = KL(bon || policy) (analytic) + E_bon[log policy - log ref]
                 kl = [best_of_n_kl(spec.best_of) + v for v in kl]

@@ -96,18 +96,20 @@ class Answerer:
         return generate(self.lm, self.tok, prompts, sampling, batch_size=batch_size, seed=seed, streamer=streamer)
 
     @torch.no_grad()
-    def response_logprobs(self, batch: dict) -> torch.Tensor:
-        """log p(response token | prefix) under the distribution the model samples from (temperature 1)."""
+    def response_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+        """log p(response token | prefix) under the distribution the model samples from at ``temperature``
+        (the sampling temperature is part of the policy: KL is measured between tempered distributions)."""
+        t = temperature if temperature > 0 else 1.0
         R = batch["responses"].shape[1]
         if self.ilql is None:
             logits = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              position_ids=batch["position_ids"], use_cache=False, logits_to_keep=batch["keep"]).logits
-            logp = F.log_softmax(logits[:, :R].float(), -1)
+            logp = F.log_softmax(logits[:, :R].float() / t, -1)
         else:
             h = self.ilql.hidden_states(batch["input_ids"], batch["attention_mask"],
                                         batch["position_ids"])[:, -batch["keep"]:][:, :R]
             logits = self.lm.get_output_embeddings()(h)
-            logp = F.log_softmax(self.ilql.shifted_logprobs(logits, h, self.beta or 0.0), -1)
+            logp = F.log_softmax(self.ilql.shifted_logprobs(logits, h, self.beta or 0.0) / t, -1)
         return logp.gather(-1, batch["responses"].unsqueeze(-1)).squeeze(-1) * batch["response_mask"]
 
     def best_of_n(self, prompts: list[str], sampling: SamplingConfig, batch_size: int, seed: int | None) -> Generation:
@@ -123,13 +125,13 @@ class Answerer:
                           finished=[many.finished[b] for b in best])
 
     def logprobs_of(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
-                    batch_size: int = 8) -> list[torch.Tensor]:
-        """Per answer, the log-probs of its tokens under this model (a 1-D tensor each)."""
+                    batch_size: int = 8, temperature: float = 1.0) -> list[torch.Tensor]:
+        """Per answer, the log-probs of its tokens under this model at ``temperature`` (a 1-D tensor each)."""
         device = next(self.lm.parameters()).device
         out = []
         for start in range(0, len(prompt_ids), batch_size):
             p, r = prompt_ids[start:start + batch_size], response_ids[start:start + batch_size]
-            logp = self.response_logprobs(pack_sequences(p, r, self.tok.pad_token_id, device)).cpu()
+            logp = self.response_logprobs(pack_sequences(p, r, self.tok.pad_token_id, device), temperature).cpu()
             out.extend(logp[i, :len(ri)] for i, ri in enumerate(r))
         return out
 
@@ -144,6 +146,6 @@ def sample_kl(policy: Answerer, reference: Answerer, prompts: list[str], samplin
     """Per prompt, log p_policy(y) - log p_ref(y) of one answer y sampled from the policy: a Monte-Carlo estimate of
     KL(policy || reference) per sequence (its mean over prompts is the KL the RL stages report)."""
     gen = policy.generate(prompts, sampling, batch_size, seed)
-    mine = policy.logprobs_of(gen.prompt_ids, gen.response_ids, batch_size)
-    ref = reference.logprobs_of(gen.prompt_ids, gen.response_ids, batch_size)
+    mine = policy.logprobs_of(gen.prompt_ids, gen.response_ids, batch_size, sampling.temperature)
+    ref = reference.logprobs_of(gen.prompt_ids, gen.response_ids, batch_size, sampling.temperature)
     return [float((a - b).sum()) for a, b in zip(mine, ref)]

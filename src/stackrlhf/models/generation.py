@@ -10,7 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stackrlhf.models.padding import pad
 from stackrlhf.models.sampling import SamplingConfig
-from stackrlhf.prompts import fit_prompt_ids
+from stackrlhf.prompts import encode_prompt
 
 
 @dataclass
@@ -23,7 +23,8 @@ class Generation:
 
 
 def encode_prompts(tok: PreTrainedTokenizerBase, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
-    return [fit_prompt_ids(tok(p, add_special_tokens=False)["input_ids"], max_prompt_tokens) for p in prompts]
+    """Each plain prompt as the model is asked it (its chat template when it has one), cut to ``max_prompt_tokens``."""
+    return [encode_prompt(tok, p, max_prompt_tokens) for p in prompts]
 
 
 @torch.no_grad()

@@ -22,6 +22,39 @@ def _hidden(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def select_rows(captured: tuple, idx: torch.Tensor, n: int) -> tuple:
+    """Rows ``idx`` of a captured block input (args, kwargs): every tensor whose first dimension is the batch's
+    ``n`` (hidden state, attention mask, rotary cos/sin, position ids) is indexed; anything else is kept."""
+    def pick(x):
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n:
+            return x[idx]
+        if isinstance(x, tuple):
+            return tuple(pick(y) for y in x)
+        return x
+
+    args, kwargs = captured
+    return tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}
+
+
+def replay(blocks, norm: nn.Module | None, captured: tuple) -> torch.Tensor:
+    """Run a captured block input (the trunk's hidden state and the block's mask / position arguments) through
+    ``blocks`` and the final ``norm``: the same computation the model's own forward does from that block on."""
+    args, kwargs = captured
+    kwargs = dict(kwargs)
+    if args:
+        h, rest = args[0], list(args[1:])
+    else:
+        h, rest = kwargs.pop("hidden_states"), []
+    if len(rest) >= 1:
+        rest[0] = None  # no KV cache when replaying
+    kwargs.pop("cache", None)
+    kwargs.pop("past_key_values", None)
+    kwargs["use_cache"] = False
+    for block in blocks:
+        h = _hidden(block(h, *rest, **kwargs))
+    return norm(h) if norm is not None else h
+
+
 class HydraReference(nn.Module):
     """Frozen copies of the top k blocks (+ final norm + head). A forward pre-hook on the first policy block
     of the branch captures its inputs (the trunk's hidden state and the block's mask / position arguments)
@@ -32,6 +65,7 @@ class HydraReference(nn.Module):
         blocks = transformer_blocks(lm)
         norm = final_norm(lm)
         head = lm.get_output_embeddings()
+        self.k = k
         self.blocks = nn.ModuleList(copy.deepcopy(b) for b in list(blocks)[len(blocks) - k:])
         self.norm = copy.deepcopy(norm) if norm is not None else None
         self.head = copy.deepcopy(head)
@@ -41,30 +75,18 @@ class HydraReference(nn.Module):
         entry = blocks[len(blocks) - k] if k > 0 else (norm if norm is not None else head)
         entry.register_forward_pre_hook(self._capture, with_kwargs=True)
         self._captured = None
+        self.last_input = None
 
     def _capture(self, module, args, kwargs):
-        self._captured = (args, dict(kwargs))
+        self._captured = self.last_input = (tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                                            dict(kwargs))
 
     @torch.no_grad()
     def logits(self, keep: int = 0) -> torch.Tensor:
         if self._captured is None:
             raise RuntimeError("run the policy forward first: the reference reuses its trunk")
-        args, kwargs = self._captured
-        self._captured = None
-        if args:
-            h, rest = args[0], list(args[1:])
-        else:
-            h, rest = kwargs.pop("hidden_states"), []
-        if len(rest) >= 1:
-            rest[0] = None  # no KV cache in the reference branch
-        kwargs.pop("cache", None)
-        kwargs.pop("past_key_values", None)
-        kwargs["use_cache"] = False
-        h = h.detach()
-        for block in self.blocks:
-            h = _hidden(block(h, *rest, **kwargs))
-        if self.norm is not None:
-            h = self.norm(h)
+        captured, self._captured = self._captured, None
+        h = replay(self.blocks, self.norm, captured)
         if keep:  # after the norm, in the policy's order, so the two stay bit-identical
             h = h[:, -keep:]
         return self.head(h)
@@ -105,11 +127,17 @@ class PolicyWithValue(nn.Module):
     def _capture_hidden(self, module, args):
         self._last_hidden = args[0]
 
-    def forward(self, input_ids, attention_mask, position_ids=None, with_reference: bool = False, keep: int = 0):
+    def forward(self, input_ids, attention_mask, position_ids=None, with_reference: bool = False, keep: int = 0,
+                trunk: tuple | None = None):
         """(logits, values, reference logits or None) for the last ``keep`` positions (0: every position).
 
         PPO needs only the positions that predict the response: with a long prompt, computing the
-        vocabulary-wide logits of the prompt positions is most of the memory of a step."""
+        vocabulary-wide logits of the prompt positions is most of the memory of a step.
+
+        ``trunk``: the frozen trunk's output for these rows (:meth:`frozen_trunk` of an earlier forward, rows picked
+        with :func:`select_rows`): only the trained top blocks, the norm and the heads run (hydra mode)."""
+        if trunk is not None:
+            return self._forward_top(trunk, keep)
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                       logits_to_keep=keep)
         hidden = self._last_hidden if self.value_grad_to_trunk else self._last_hidden.detach()
@@ -119,6 +147,22 @@ class PolicyWithValue(nn.Module):
         if self.hydra is not None and not with_reference:
             self.hydra._captured = None
         return out.logits, values, ref
+
+    def frozen_trunk(self) -> tuple | None:
+        """The frozen trunk's output in the last forward: the input of the first trained block (hydra mode only;
+        None otherwise). It does not change while only the top blocks train, so PPO computes it once a rollout."""
+        return self.hydra.last_input if self.hydra is not None else None
+
+    def _forward_top(self, trunk: tuple, keep: int):
+        blocks = transformer_blocks(self.lm)
+        h = replay(list(blocks)[len(blocks) - self.hydra.k:], final_norm(self.lm), trunk)
+        self.hydra._captured = None  # the entry block's hook saw these rows again; the reference does not need them
+        if keep:
+            h = h[:, -keep:]
+        logits = self.lm.get_output_embeddings()(h)  # its pre-hook keeps h for the value head, as in forward
+        hidden = self._last_hidden if self.value_grad_to_trunk else self._last_hidden.detach()
+        self._last_hidden = None
+        return logits, self.value_head(hidden).squeeze(-1), None
 
     @torch.no_grad()
     def reference_logits(self, input_ids, attention_mask, position_ids=None, keep: int = 0) -> torch.Tensor:

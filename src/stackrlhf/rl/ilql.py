@@ -152,7 +152,7 @@ def answer_ids(ids: list[int], eos: int, max_tokens: int) -> list[int]:
 
 
 def samples_from_data(cfg: ILQLConfig, tok, scorer: Callable | None = None) -> tuple[list[ScoredSample], dict]:
-    from stackrlhf.prompts import fit_prompt_ids
+    from stackrlhf.prompts import encode_prompt
 
     rows = scored_answers(cfg.data)
     if cfg.max_samples:
@@ -168,7 +168,7 @@ def samples_from_data(cfg: ILQLConfig, tok, scorer: Callable | None = None) -> t
     eos = tok.eos_token_id
     samples = []
     for (prompt, answer, _, _), reward in zip(rows, rewards):
-        p = fit_prompt_ids(tok(prompt, add_special_tokens=False)["input_ids"], cfg.max_prompt_tokens)
+        p = encode_prompt(tok, prompt, cfg.max_prompt_tokens)
         a = answer_ids(tok(answer, add_special_tokens=False)["input_ids"], eos, cfg.max_answer_tokens)
         samples.append(ScoredSample(p, a, float(reward)))
     info = {"samples": len(samples), "reward_source": cfg.reward_source,

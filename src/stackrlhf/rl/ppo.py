@@ -34,7 +34,7 @@ from stackrlhf.errors import StackRLHFError
 from stackrlhf.models.confounders import length_explained_gain, words
 from stackrlhf.models.freezing import apply_lora, describe_trainable
 from stackrlhf.models.generation import SamplingConfig, generate, pack_sequences
-from stackrlhf.models.policy import PolicyWithValue
+from stackrlhf.models.policy import PolicyWithValue, select_rows
 from stackrlhf.models.loading import load_causal_lm, resolve_dtype
 from stackrlhf.models.precision import autocast, upcast_trainable
 from stackrlhf.rl.common import (MetricsWriter, pass_batch, resume_latest, save_checkpoint, seed_everything,
@@ -213,6 +213,8 @@ class PPOTrainer:
             old_logp = logprobs_of(self.response_part(logits, batch), batch["responses"], cfg.temperature)
             ref_logp = logprobs_of(self.response_part(ref_logits, batch), batch["responses"], cfg.temperature)
             old_values = self.response_part(values, batch)
+            # the frozen trunk's output: the update's epochs run only the trained top blocks on it
+            trunk = policy.frozen_trunk()
         mask = batch["response_mask"]
 
         # 4. per-token rewards: -beta * KL_t everywhere, + the score on the last response token
@@ -233,7 +235,7 @@ class PPOTrainer:
         advantages = advantages * mask
 
         # 6. PPO epochs over minibatches
-        stats = self.update(batch, old_logp, old_values, advantages, returns, mask)
+        stats = self.update(batch, old_logp, old_values, advantages, returns, mask, trunk)
 
         # 7. KL controller, bookkeeping: means over every process, so beta stays the same on all of them
         answer_words = torch.tensor([float(words(t)) for t in rollout.texts], device=device)
@@ -265,7 +267,10 @@ class PPOTrainer:
         """Of the last R+1 positions the model kept (P-1 .. P+R-1), the R that predict (or value) the response."""
         return x[:, :batch["responses"].shape[1]]
 
-    def update(self, batch, old_logp, old_values, advantages, returns, mask) -> dict:
+    def update(self, batch, old_logp, old_values, advantages, returns, mask, trunk: tuple | None = None) -> dict:
+        """PPO epochs over minibatches. With ``trunk`` (the frozen bottom blocks' output for the rollout, hydra
+        mode) each minibatch runs only the trained top blocks and the heads: the same losses and gradients as a
+        full forward, without recomputing the blocks that do not change."""
         cfg = self.cfg
         n = len(old_logp)
         totals: dict[str, list[float]] = {k: [] for k in ("loss/policy", "loss/value", "policy/clipfrac",
@@ -277,8 +282,12 @@ class PPOTrainer:
             for start in range(0, n, cfg.mini_batch_size):
                 idx = order[start:start + cfg.mini_batch_size]
                 m = mask[idx]
-                logits, values, _ = self.model(batch["input_ids"][idx], batch["attention_mask"][idx],
-                                               batch["position_ids"][idx], keep=batch["keep"])
+                if trunk is not None:
+                    logits, values, _ = self.model(None, None, None, keep=batch["keep"],
+                                                   trunk=select_rows(trunk, idx, n))
+                else:
+                    logits, values, _ = self.model(batch["input_ids"][idx], batch["attention_mask"][idx],
+                                                   batch["position_ids"][idx], keep=batch["keep"])
                 logits = self.response_part(logits, batch)
                 vpred = self.response_part(values, batch)
                 logp = logprobs_of(logits, batch["responses"][idx], cfg.temperature)

@@ -30,7 +30,7 @@ from stackrlhf.models.answerer import Answerer, same_vocabulary, sample_kl
 from stackrlhf.models.freezing import describe_trainable, freeze_bottom
 from stackrlhf.models.loading import load_causal_lm
 from stackrlhf.models.sampling import SamplingConfig
-from stackrlhf.prompts import fit_prompt_ids
+from stackrlhf.prompts import render_prompt
 from stackrlhf.train.common import (GuardCallback, final_model, last_checkpoint, logging_callbacks, save_stage,
                                     train_whole_run, training_settings)
 from stackrlhf.train.config import DPOConfig
@@ -40,12 +40,9 @@ console = Console(stderr=True)
 
 
 def dpo_pairs(pairs: datasets.Dataset, tok, max_prompt_tokens: int) -> datasets.Dataset:
-    """TRL's preference columns (prompt, chosen, rejected), the question cut in the middle like everywhere else."""
-    def cut(prompt: str) -> str:
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        return prompt if len(ids) <= max_prompt_tokens else tok.decode(fit_prompt_ids(ids, max_prompt_tokens))
-
-    return datasets.Dataset.from_dict({"prompt": [cut(p) for p in pairs["prompt"]],
+    """TRL's preference columns (prompt, chosen, rejected): the prompt as the model is asked it (its chat template
+    when it has one), the question cut in the middle like everywhere else."""
+    return datasets.Dataset.from_dict({"prompt": [render_prompt(tok, p, max_prompt_tokens) for p in pairs["prompt"]],
                                        "chosen": list(pairs["chosen"]), "rejected": list(pairs["rejected"])})
 
 

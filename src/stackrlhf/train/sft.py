@@ -23,7 +23,7 @@ from stackrlhf.errors import StackRLHFError
 from stackrlhf.models.freezing import apply_lora, describe_trainable, freeze_bottom
 from stackrlhf.models.loading import load_causal_lm
 from stackrlhf.models.padding import pad
-from stackrlhf.prompts import fit_prompt_ids
+from stackrlhf.prompts import encode_prompt
 from stackrlhf.train.config import SFTConfig
 from stackrlhf.train.common import (GuardCallback, evaluate_before_training, final_model, last_checkpoint,
                                     logging_callbacks, save_stage, train_whole_run, training_arguments)
@@ -33,12 +33,13 @@ IGNORE = -100
 
 
 def encode_example(tok, prompt: str, completion: str, max_length: int, max_prompt_length: int) -> dict:
-    """Token ids and labels of one example: the prompt's labels are IGNORE, the answer's (and EOS) are kept."""
-    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    """Token ids and labels of one example: the prompt's labels are IGNORE, the answer's (and EOS) are kept.
+    The prompt is encoded as the model is asked at inference (:func:`stackrlhf.prompts.encode_prompt`)."""
+    p = encode_prompt(tok, prompt)
     c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     if len(p) + len(c) > max_length:
         # the prompt keeps what the answer leaves, but at least min(max_prompt_length, half the length)
-        p = fit_prompt_ids(p, min(len(p), max(max_length - len(c), min(max_prompt_length, max_length // 2))))
+        p = encode_prompt(tok, prompt, min(len(p), max(max_length - len(c), min(max_prompt_length, max_length // 2))))
         c = c[: max_length - len(p)]
     return {"input_ids": p + c, "labels": [IGNORE] * len(p) + c}
 
