@@ -56,6 +56,22 @@ def test_best_of_n_keeps_the_scorers_best(tiny_lm):
         assert text in many.texts[4 * i:4 * i + 4]
     with pytest.raises(StackRLHFError, match="reward model"):
         Answerer(ModelSpec("b", str(tiny_lm), best_of=4), "cpu")
+    # best-of-2 and best-of-4 from one pool of 4 samples per prompt: each picks among the first n, scored once
+    calls = []
+
+    def counting(questions, answers):
+        calls.append(len(answers))
+        return count_e(questions, answers)
+
+    bon2 = Answerer(ModelSpec("b2", str(tiny_lm), best_of=2, pool=4), "cpu", scorer=counting)
+    bon4 = Answerer(ModelSpec("b4", str(tiny_lm), best_of=4, pool=4), "cpu", scorer=counting)
+    two = bon2.generate(prompts, sampling, batch_size=8, seed=5)  # not the pool `bon` drew: another scorer
+    four = bon4.generate(prompts, sampling, batch_size=8, seed=5)
+    assert calls == [8]  # the pool was sampled and scored once, for both
+    assert four.texts == got.texts
+    for i, text in enumerate(two.texts):
+        assert text.count("e") == max(t.count("e") for t in many.texts[4 * i:4 * i + 2])
+        assert text in many.texts[4 * i:4 * i + 2]
 
 
 def test_gold_and_proxy_halves_split_the_pairs_by_question(built_all):

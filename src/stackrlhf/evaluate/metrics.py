@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,9 @@ def evaluate_models(cfg: EvalConfig) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     specs = [parse_model_spec(m) for m in cfg.model]
+    # every best-of-n of one policy picks from one pool of max(n) samples per question, drawn and scored once
+    pools = {s.path: max(t.best_of for t in specs if t.path == s.path) for s in specs if s.best_of > 1}
+    specs = [replace(s, pool=pools[s.path]) if s.best_of > 1 else s for s in specs]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise StackRLHFError(f"model names must differ: {names}")
@@ -69,6 +72,9 @@ def evaluate_models(cfg: EvalConfig) -> dict:
     if cfg.gold_reward:
         judges["gold"] = RewardModel.from_pretrained(cfg.gold_reward, device=device)
     proxy = judges["proxy"]
+
+    def pick_best(questions, answers):  # one scorer object: best-of-n specs of one policy share their samples
+        return proxy.score(questions, answers, normalize=True)
     fixed_judge = load_judge(cfg.judge, cfg.data, cfg.judge_length_neutral, device) if cfg.judge else None
     reference_path = cfg.reference or next(s.path for s in specs if s.name == baseline)
     reference = Answerer(ModelSpec("reference", reference_path, 0.0 if is_ilql_model(reference_path) else None), device)
@@ -78,7 +84,7 @@ def evaluate_models(cfg: EvalConfig) -> dict:
     results: dict[str, dict] = {}
     for spec in tqdm(specs, desc="models", disable=not cfg.progress):
         t0 = time.perf_counter()
-        model = Answerer(spec, device, scorer=lambda q, a: proxy.score(q, a, normalize=True))
+        model = Answerer(spec, device, scorer=pick_best)
         gen = model.generate(prompts, sampling, cfg.batch_size, cfg.seed)
         t_gen = time.perf_counter() - t0
         # KL between the tempered distributions the models sample from (the temperature is part of the policy)

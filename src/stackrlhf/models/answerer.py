@@ -24,6 +24,7 @@ class ModelSpec:
     path: str
     beta: float | None = None  # ILQL only; None: the beta saved with the model
     best_of: int = 0  # best-of-n: sample n answers from PATH, keep the reward model's best (0: off)
+    pool: int = 0  # best-of-n from a pool of this many samples per prompt, shared by every n of the same policy
 
 
 def best_of_n_kl(n: int) -> float:
@@ -112,13 +113,23 @@ class Answerer:
             logp = F.log_softmax(self.ilql.shifted_logprobs(logits, h, self.beta or 0.0) / t, -1)
         return logp.gather(-1, batch["responses"].unsqueeze(-1)).squeeze(-1) * batch["response_mask"]
 
+    _pools: dict = {}  # (policy, scorer, prompts, sampling, seed, pool size) -> (samples, rewards)
+
     def best_of_n(self, prompts: list[str], sampling: SamplingConfig, batch_size: int, seed: int | None) -> Generation:
-        """n samples per prompt from the policy; each prompt keeps the one the scorer rates highest."""
+        """n samples per prompt from the policy; each prompt keeps the one the scorer rates highest. With
+        ``spec.pool`` >= n the n are the first n of a pool of samples drawn once and scored once for every best-of-n
+        of this policy under the same scorer object (the first n of i.i.d. samples are n i.i.d. samples: each n is
+        still best-of-n)."""
         n = self.spec.best_of
-        many = generate(self.lm, self.tok, [p for p in prompts for _ in range(n)], sampling, batch_size=batch_size,
-                        seed=seed)
-        rewards = list(self.scorer([p for p in prompts for _ in range(n)], many.texts))
-        best = [i * n + max(range(n), key=lambda j: rewards[i * n + j]) for i in range(len(prompts))]
+        size = max(self.spec.pool, n)
+        key = (self.spec.path, id(self.scorer), tuple(prompts), repr(sampling), seed, size)
+        if key not in Answerer._pools:
+            Answerer._pools.clear()  # one pool at a time: an evaluation asks for one policy's pool in a row
+            many = generate(self.lm, self.tok, [p for p in prompts for _ in range(size)], sampling,
+                            batch_size=batch_size, seed=seed)
+            Answerer._pools[key] = (many, list(self.scorer([p for p in prompts for _ in range(size)], many.texts)))
+        many, rewards = Answerer._pools[key]
+        best = [i * size + max(range(n), key=lambda j: rewards[i * size + j]) for i in range(len(prompts))]
         return Generation(prompts=list(prompts), texts=[many.texts[b] for b in best],
                           prompt_ids=[many.prompt_ids[b] for b in best],
                           response_ids=[many.response_ids[b] for b in best],
