@@ -142,12 +142,15 @@ def test_bad_pipeline_files_are_refused(tmp_path, spec, message):
     assert result.exit_code != 0 and message.split("`")[0] in result.output
 
 
-def test_demo_config_plans_every_stage_but_rloo_and_dpo():
+def test_demo_config_plans_every_stage_but_dpo():
+    """Offline (the tests' STACKRLHF_OFFLINE, an empty cache) `base: auto` falls back to the pretrain stage."""
     stages = pipeline.plan(pipeline.read_pipeline_file(pipeline.find_demo_config()), Path("/tmp/demo"))
-    assert [s.name for s in stages] == [n for n in pipeline.STAGES if n not in ("rloo", "dpo")]
-    eval_models = next(s for s in stages if s.name == "eval").cfg.model
-    assert eval_models == ["sft=/tmp/demo/sft", "base=/tmp/demo/base", "ppo=/tmp/demo/ppo",
-                           "ilql-b0=/tmp/demo/ilql@0", "ilql-b4=/tmp/demo/ilql@4"]
+    assert [s.name for s in stages] == [n for n in pipeline.STAGES if n != "dpo"]
+    by_name = {s.name: s for s in stages}
+    eval_models = by_name["eval"].cfg.model
+    assert eval_models == ["sft=/tmp/demo/sft", "base=/tmp/demo/base", "ppo=/tmp/demo/ppo", "rloo=/tmp/demo/rloo",
+                           "bon4=bon:4@/tmp/demo/sft", "bon16=bon:16@/tmp/demo/sft", "ilql-b4=/tmp/demo/ilql@4"]
+    assert by_name["ppo"].cfg.temperature == by_name["rloo"].cfg.temperature == by_name["eval"].cfg.temperature == 0.7
 
 
 def test_frontier_config_plans_every_stage_and_shares_the_demos_keys():
@@ -158,14 +161,15 @@ def test_frontier_config_plans_every_stage_and_shares_the_demos_keys():
     assert stages["rloo"].cfg.algorithm == "rloo" and stages["rloo"].parents == ["data", "sft", "rm"]
     assert stages["dpo"].cfg.data == ["/tmp/f/data"] and stages["dpo"].cfg.model == "/tmp/f/sft"
     models = stages["eval"].cfg.model
-    assert {"rloo=/tmp/f/rloo", "dpo=/tmp/f/dpo", "bon4=bon:4@/tmp/f/sft", "bon16=bon:16@/tmp/f/sft"} <= set(models)
+    assert {"rloo=/tmp/f/rloo", "dpo=/tmp/f/dpo", "bon4=bon:4@/tmp/f/sft", "bon16=bon:16@/tmp/f/sft",
+            "ilql-b0=/tmp/f/ilql@0", "ilql-b4=/tmp/f/ilql@4"} <= set(models)
     keys: dict = {}
     for s in pipeline.plan(demo, Path("/tmp/f")):  # a demo run's finished stages count for the frontier run
         keys[s.name] = pipeline.stage_key(s, keys, Path("/tmp/f"))
     fkeys: dict = {}
     for s in pipeline.plan(full, Path("/tmp/f")):
         fkeys[s.name] = pipeline.stage_key(s, fkeys, Path("/tmp/f"))
-    for name in ("data", "pretrain", "sft", "rm", "gold_rm", "ppo", "ilql"):
+    for name in ("data", "pretrain", "sft", "rm", "gold_rm", "ppo", "rloo", "ilql"):
         assert keys[name] == fkeys[name], name
 
 
