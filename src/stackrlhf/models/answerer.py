@@ -122,7 +122,7 @@ class Answerer:
         still best-of-n)."""
         n = self.spec.best_of
         size = max(self.spec.pool, n)
-        key = (self.spec.path, id(self.scorer), tuple(prompts), repr(sampling), seed, size)
+        key = (self.spec.path, self.scorer, tuple(prompts), repr(sampling), seed, size)  # the scorer itself: an id could be reused
         if key not in Answerer._pools:
             Answerer._pools.clear()  # one pool at a time: an evaluation asks for one policy's pool in a row
             many = generate(self.lm, self.tok, [p for p in prompts for _ in range(size)], sampling,
