@@ -122,7 +122,8 @@ class Answerer:
         still best-of-n)."""
         n = self.spec.best_of
         size = max(self.spec.pool, n)
-        key = (self.spec.path, self.scorer, tuple(prompts), repr(sampling), seed, size)  # the scorer itself: an id could be reused
+        # the scorer object itself, not its id: an id can be reused once its object is gone
+        key = (self.spec.path, self.scorer, tuple(prompts), repr(sampling), seed, size)
         if key not in Answerer._pools:
             Answerer._pools.clear()  # one pool at a time: an evaluation asks for one policy's pool in a row
             many = generate(self.lm, self.tok, [p for p in prompts for _ in range(size)], sampling,
