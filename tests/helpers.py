@@ -51,8 +51,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(db: str, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "stackrlhf", "feedback", "serve", "--db", db, "--port", str(port)],
+def start_server(db: str, port: int, *options: str) -> subprocess.Popen:
+    """`stackrlhf feedback serve` in a process of its own, with ``options`` added; returns once it answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "stackrlhf", "feedback", "serve", "--db", db, "--port", str(port),
+                             *options],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     for _ in range(200):
         try:

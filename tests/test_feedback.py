@@ -50,6 +50,9 @@ def rating_form(task: dict, client_id: str, u=(4, 2), a=(5, 3), best=0, comment=
     return form
 
 
+BROWSER = {"accept": "text/html", "origin": "http://testserver"}  # what a browser's form post sends
+
+
 @pytest.fixture()
 def app_db(db_url):
     db = db_url
@@ -80,15 +83,16 @@ def test_login_task_page_is_sanitised_and_labels_advance_progress(app_db):
     form = {"client_id": str(uuid.uuid4()), "best": str(cids[1]), "comment": "clear"}
     for cid in cids:
         form[f"u_{cid}"], form[f"a_{cid}"] = "4", "3"
-    after = client.post(f"/task/{task_id}", data=form, headers={"accept": "text/html"})
+    after = client.post(f"/task/{task_id}", data=form, headers=BROWSER)
     assert after.status_code == 200 and "1 / 4 done" in after.text  # redirected to the next task
-    again = client.post(f"/task/{task_id}", data=form, headers={"accept": "text/html"})  # a retried submit
+    again = client.post(f"/task/{task_id}", data=form, headers=BROWSER)  # a retried submit
     assert again.status_code == 200
     stored = labels_in(db)
     assert len(stored) == 1 and stored[0].best_candidate_id == cids[1] and stored[0].comment == "clear"
     # the annotator may edit their own label (a new submission of the same task)
     form2 = dict(form, client_id=str(uuid.uuid4()), best="tie")
-    client.post(f"/task/{task_id}", data=form2)
+    assert client.post(f"/task/{task_id}", data=form2).status_code == 403  # a cookie post must name its origin
+    client.post(f"/task/{task_id}", data=form2, headers=BROWSER)
     stored = labels_in(db)
     assert len(stored) == 1 and stored[0].best_candidate_id is None
 

@@ -126,8 +126,8 @@ def test_a_store_from_before_annotator_kinds_is_upgraded(tmp_path):
         conn.execute("INSERT INTO annotators VALUES (1, 'carol', 'x', 0, '2026-01-01 00:00:00')")
     store = FeedbackStore(f"sqlite:///{path}")
     assert [(a.name, a.kind) for a in store.annotators()] == [("carol", "human")]
-    store.add_annotator("sim-1", kind="simulated")
-    assert {a.name: a.kind for a in store.annotators()} == {"carol": "human", "sim-1": "simulated"}
+    store.add_annotator("bot:sim-1", kind="simulated")
+    assert {a.name: a.kind for a in store.annotators()} == {"carol": "human", "bot:sim-1": "simulated"}
 
 
 def test_the_reference_judge_prefers_the_questions_own_human_answer(beer_data):

@@ -398,15 +398,24 @@ def feedback_queue(db, models, data, split, questions, answers_per_question, con
 @click.option("--replication", default=2, show_default=True, help="Annotators per task (R).")
 @click.option("--cookie-secure/--no-cookie-secure", default=False, show_default=True,
               help="Mark the sign-in cookie Secure (sent over HTTPS only): set it when TLS ends at a reverse proxy.")
-def feedback_serve(db, host, port, replication, cookie_secure) -> None:
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="A Host name the app answers (repeatable; * for any). Default: the loopback names and --host.")
+@click.option("--allowed-origin", "allowed_origins", multiple=True,
+              help="A page origin that may post, e.g. https://labels.example (repeatable): the public address "
+                   "when a reverse proxy rewrites Host.")
+@click.option("--trusted-proxy", "trusted_proxies", multiple=True,
+              help="Address of a reverse proxy whose X-Forwarded-For names the client (repeatable). Default: none, "
+                   "the TCP peer is the client (anyone can send the header).")
+def feedback_serve(db, host, port, replication, cookie_secure, allowed_hosts, allowed_origins,
+                   trusted_proxies) -> None:
     """Run the annotation web app (plain HTTP: for annotators beyond this machine put it behind a TLS reverse
-    proxy, e.g. Caddy or nginx, and pass --cookie-secure)."""
+    proxy, e.g. Caddy or nginx, and pass --cookie-secure, --trusted-proxy and --allowed-host)."""
     import uvicorn
 
-    from stackrlhf.feedback.app import create_app
+    from stackrlhf.feedback.app import serve_config
 
-    uvicorn.run(create_app(db, replication=replication, cookie_secure=cookie_secure), host=host, port=port,
-                log_level="warning", proxy_headers=True)
+    uvicorn.Server(serve_config(db, host, port, replication, cookie_secure, list(allowed_hosts),
+                                list(allowed_origins), list(trusted_proxies))).run()
 
 
 @feedback.command("simulate")
@@ -426,11 +435,12 @@ def feedback_simulate(config_file, **options) -> None:
 @DB_OPTION
 @user_errors
 def feedback_revoke(name, db) -> None:
-    """Invalidate annotator NAME's token at once (their labels stay)."""
+    """Invalidate annotator NAME's token and sign-ins at once; their labels stay, their open task is freed."""
     from stackrlhf.feedback.store import FeedbackStore
 
-    FeedbackStore(db).revoke(name)
-    click.echo(f"revoked the token of {name}")
+    freed = FeedbackStore(db).revoke(name)
+    click.echo(f"revoked the token of {name}: their sign-ins ended, and {freed} unlabelled "
+               f"task{'' if freed == 1 else 's'} went back to the pool")
 
 
 @feedback.command("export")
@@ -468,13 +478,15 @@ def feedback_stats_cmd(db, as_json, replication) -> None:
     if stats["labels_by_kind"].get("simulated"):
         click.echo(f"  of which simulated: {stats['labels_by_kind']['simulated']} labels (people: "
                    f"{stats['labels_by_kind'].get('human', 0)})")
-    click.echo(f"Krippendorff's alpha (preference): {stats['krippendorff_alpha']:.3f} over "
-               f"{stats['items_with_two_or_more_labels']} tasks")
-    for pair, k in stats["cohen_kappa"].items():
-        click.echo(f"  Cohen's kappa {pair}: {k['kappa']:.3f} over {k['items']} tasks")
-    for model, r in stats["by_model"].items():
-        click.echo(f"  {model}: usefulness {r['usefulness']:.2f}, accuracy {r['accuracy']:.2f}, "
-                   f"chosen as better {100 * r['chosen_best']:.0f}% ({r['ratings']} ratings)")
+    for kind, block in stats["by_kind"].items():  # people's and simulated labels are never pooled
+        who = "people" if kind == "human" else "simulated annotators"
+        click.echo(f"{who}: Krippendorff's alpha (preference) {block['krippendorff_alpha']:.3f} over "
+                   f"{block['items_with_two_or_more_labels']} tasks")
+        for pair, k in block["cohen_kappa"].items():
+            click.echo(f"  Cohen's kappa {pair}: {k['kappa']:.3f} over {k['items']} tasks")
+        for model, r in block["by_model"].items():
+            click.echo(f"  {model}: usefulness {r['usefulness']:.2f}, accuracy {r['accuracy']:.2f}, "
+                       f"chosen as better {100 * r['chosen_best']:.0f}% ({r['ratings']} ratings)")
 
 
 def main() -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+MAX_SIMULATED_ANNOTATORS = 64
+
+
 @dataclass
 class SimulateConfig:
     db: str = field(default="", metadata={"help": "The feedback store (its annotators are created there)."})
@@ -25,7 +28,7 @@ class SimulateConfig:
         "help": "A judge that length alone cannot please: the reference judge takes its trend in log words off; an "
                 "rm: judge must have one (`stackrlhf rm --residualize-length`)."})
     seed: int = field(default=0, metadata={"help": "Seed of the annotators' noise (reproducible labels)."})
-    name_prefix: str = field(default="sim", metadata={"help": "Annotators are named PREFIX-1 .. PREFIX-N."})
+    name_prefix: str = field(default="sim", metadata={"help": "Annotators are named bot:PREFIX-1 .. bot:PREFIX-N."})
 
     def __post_init__(self) -> None:
         if not self.db:
@@ -34,5 +37,10 @@ class SimulateConfig:
             raise ValueError(f"--judge {self.judge!r}: give rm:DIR (a reward model directory) or reference")
         if self.judge == "reference" and not self.data:
             raise ValueError("--judge reference needs --data: the data build the queued questions came from")
+        if not 1 <= self.annotators <= MAX_SIMULATED_ANNOTATORS:
+            raise ValueError(f"--annotators {self.annotators}: give 1 to {MAX_SIMULATED_ANNOTATORS} (each is a thread "
+                             "holding a connection to the app)")
+        if not self.name_prefix or len(self.name_prefix) > 80:
+            raise ValueError("--name-prefix: give 1 to 80 characters")
         if self.annotators < 1 or self.noise < 0 or self.rating_noise < 0 or not 0 <= self.skip_rate < 1:
             raise ValueError("need --annotators >= 1, --noise >= 0, --rating-noise >= 0 and 0 <= --skip-rate < 1")

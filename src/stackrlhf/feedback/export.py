@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stackrlhf.data.schema import PAIRS, shard_file
-from stackrlhf.feedback.store import FeedbackStore
+from stackrlhf.feedback.store import ANNOTATOR_KINDS, FeedbackStore
 
 TIE = "tie"
 
@@ -61,20 +61,15 @@ def krippendorff_alpha(units: list[list[str]]) -> float:
     return 1.0 if expected == 0 else 1.0 - observed / expected
 
 
-def feedback_stats(store: FeedbackStore, replication: int = 2) -> dict:
-    tasks = {t.id: t for t in store.all_tasks()}
-    names = {a.id: a.name for a in store.annotators()}
-    labels = store.all_labels()
+def label_statistics(labels: list, tasks: dict, names: dict) -> dict:
+    """Agreement on the preference (Krippendorff's alpha, pairwise Cohen's kappa) and ratings by model, over
+    ``labels`` (one kind of annotator: people's and simulated labels are never pooled)."""
     positions = {c.id: c.position for t in tasks.values() for c in t.candidates}
-    per_annotator = Counter(names[label.annotator_id] for label in labels)
-    kinds = {a.id: a.kind or "human" for a in store.annotators()}
-    per_kind = Counter(kinds[label.annotator_id] for label in labels)
     prefs: dict[int, dict[int, str]] = defaultdict(dict)
     for label in labels:
         p = preference(label, positions)
         if p is not None:
             prefs[label.task_id][label.annotator_id] = p
-    alpha = krippendorff_alpha([list(v.values()) for v in prefs.values()])
     annotators = sorted({a for v in prefs.values() for a in v})
     kappas = {}
     for x, y in combinations(annotators, 2):
@@ -90,24 +85,38 @@ def feedback_stats(store: FeedbackStore, replication: int = 2) -> dict:
         if label.skipped:
             continue
         for cid, r in label.ratings.items():
-            c = candidates[int(cid)]
-            who = c.model or "human answer"
+            who = candidates[int(cid)].model or "human answer"
             ratings[who]["usefulness"].append(r["usefulness"])
             ratings[who]["accuracy"].append(r["accuracy"])
             shown[who] += 1
         if label.best_candidate_id is not None:
-            c = candidates[label.best_candidate_id]
-            wins[c.model or "human answer"] += 1
+            wins[candidates[label.best_candidate_id].model or "human answer"] += 1
     by_model = {m: {"ratings": len(r["usefulness"]), "usefulness": float(np.mean(r["usefulness"])),
                     "accuracy": float(np.mean(r["accuracy"])), "chosen_best": wins[m] / max(shown[m], 1)}
                 for m, r in ratings.items()}
     distribution = {kind: {m: dict(sorted(Counter(r[kind]).items())) for m, r in ratings.items()}
                     for kind in ("usefulness", "accuracy")}
-    return {**store.counts(), "skipped": sum(label.skipped for label in labels), **store.skipped_tasks(replication),
-            "labels_per_annotator": dict(per_annotator), "labels_by_kind": dict(per_kind),
-            "items_with_two_or_more_labels":
-            sum(len(v) >= 2 for v in prefs.values()), "krippendorff_alpha": alpha,
+    return {"labels": len(labels), "items_with_two_or_more_labels": sum(len(v) >= 2 for v in prefs.values()),
+            "krippendorff_alpha": krippendorff_alpha([list(v.values()) for v in prefs.values()]),
             "cohen_kappa": kappas, "by_model": by_model, "rating_distribution": distribution}
+
+
+def feedback_stats(store: FeedbackStore, replication: int = 2) -> dict:
+    """Counts, and each kind of annotator's statistics apart (``by_kind``). The top-level agreement and
+    ratings are people's when there are any, else the simulated annotators' (``statistics_of`` says which)."""
+    tasks = {t.id: t for t in store.all_tasks()}
+    annotators = store.annotators()
+    names = {a.id: a.name for a in annotators}
+    kinds = {a.id: a.kind or "human" for a in annotators}
+    labels = store.all_labels()
+    by_kind = {kind: label_statistics([lb for lb in labels if kinds[lb.annotator_id] == kind], tasks, names)
+               for kind in ANNOTATOR_KINDS if any(kinds[lb.annotator_id] == kind for lb in labels)}
+    main = "human" if "human" in by_kind or not by_kind else "simulated"
+    top = by_kind.get(main) or label_statistics([], tasks, names)
+    return {**store.counts(), "skipped": sum(label.skipped for label in labels), **store.skipped_tasks(replication),
+            "labels_per_annotator": dict(Counter(names[label.annotator_id] for label in labels)),
+            "labels_by_kind": dict(Counter(kinds[label.annotator_id] for label in labels)),
+            **{k: v for k, v in top.items() if k != "labels"}, "statistics_of": main, "by_kind": by_kind}
 
 
 def rating_score(label, candidate) -> int:

@@ -25,7 +25,7 @@ import httpx
 
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.feedback.config import SimulateConfig
-from stackrlhf.feedback.store import FeedbackStore
+from stackrlhf.feedback.store import SIMULATED_PREFIX, FeedbackStore
 from stackrlhf.models.judge import load_judge
 
 
@@ -94,20 +94,29 @@ def annotate(base_url: str, token: str, judge, cfg: SimulateConfig, seed: int) -
     return done
 
 
+def sign_in_simulated(store: FeedbackStore, cfg: SimulateConfig) -> dict[str, str]:
+    """The run's annotators (made when new) and a fresh sign-in for each: {name: credential}. Tokens are never
+    reissued, so a second run with the same names does not lock the first one out; a name held by a person
+    refuses the run before any annotator is made."""
+    existing = {a.name: a for a in store.annotators()}
+    names = [f"{SIMULATED_PREFIX}{cfg.name_prefix}-{i}" for i in range(1, cfg.annotators + 1)]
+    people = [n for n in names if n in existing and existing[n].kind != "simulated"]
+    if people:  # checked before any annotator is made, so a refused run leaves the store as it was
+        raise StackRLHFError(f"annotator {people[0]} exists and is a person; choose another --name-prefix")
+    ids = {name: existing[name].id if name in existing else None for name in names}
+    for name in names:
+        if ids[name] is None:
+            store.add_annotator(name, kind="simulated")
+    ids = {a.name: a.id for a in store.annotators() if a.name in ids}
+    tokens = {name: store.start_session(ids[name]) for name in names}
+    return tokens
+
+
 def simulate(cfg: SimulateConfig) -> dict:
     """Create (or reuse) the simulated annotators, run them concurrently against the app; returns labels made."""
     store = FeedbackStore(cfg.db)
     judge = load_judge(cfg.judge, cfg.data, cfg.length_neutral)
-    tokens = {}
-    existing = {a.name: a for a in store.annotators()}
-    for i in range(1, cfg.annotators + 1):
-        name = f"{cfg.name_prefix}-{i}"
-        if name in existing:  # tokens are stored hashed: a rerun gives the simulated annotator a new one
-            if existing[name].kind != "simulated":
-                raise StackRLHFError(f"annotator {name} exists and is a person; choose another --name-prefix")
-            tokens[name] = store.reissue(name)
-        else:
-            tokens[name] = store.add_annotator(name, kind="simulated")
+    tokens = sign_in_simulated(store, cfg)
     server = None
     url = cfg.url
     if not url:
@@ -130,6 +139,8 @@ def simulate(cfg: SimulateConfig) -> dict:
     finally:
         if server is not None:
             server.should_exit = True
+        for token in tokens.values():
+            store.end_session(token)
     if errors:
         raise errors[0]
     return {"labels": sum(counts.values()), "per_annotator": counts, "url": url}
@@ -141,13 +152,12 @@ def start_local_app(db: str, replication: int):
 
     import uvicorn
 
-    from stackrlhf.feedback.app import create_app
+    from stackrlhf.feedback.app import serve_config
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(db, replication=replication), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(serve_config(db, "127.0.0.1", port, replication))
     threading.Thread(target=server.run, daemon=True).start()
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):

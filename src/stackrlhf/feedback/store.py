@@ -5,17 +5,19 @@ Every submission carries a client id, scoped to its annotator (two annotators' c
 and remembered for good: a retried submit is stored once, and a late replay of an older submission is
 acknowledged and ignored, so it never overwrites a newer edit. A task goes to at most ``replication``
 annotators who label it, never twice to the same one (a unique assignment row); a skip frees its slot for
-another annotator, up to ``MAX_OFFERS_PER_SLOT`` offers per slot, so a task that everyone skips ends.
+another annotator, up to ``MAX_OFFERS_PER_SLOT`` offers per slot, so a task that everyone skips ends. A skip
+is final (its slot may have gone to someone else), an annotator holds at most one open task (a unique row in
+``open_assignments``), and revoking an annotator frees their open task and ends their sign-ins.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint,
-                        create_engine, event, func, inspect, select, text)
+                        create_engine, delete, event, func, inspect, select, text)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
@@ -25,6 +27,9 @@ from stackrlhf.feedback import DEFAULT_DB
 MAX_COMMENT = 2000
 MAX_OFFERS_PER_SLOT = 3  # a task is offered to at most replication * this annotators (skips free slots)
 MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER columns on PostgreSQL
+MAX_SUBMISSIONS_PER_TASK = 50  # an annotator's edits of one task; more are refused (the table cannot be flooded)
+SESSION_DAYS = 30
+SIMULATED_PREFIX = "bot:"  # simulated annotators' names start with it, and people's never do
 
 
 def now() -> datetime:
@@ -37,6 +42,14 @@ def hash_token(token: str) -> str:
 
 class Base(DeclarativeBase):
     pass
+
+
+class StoreError(StackRLHFError):
+    """A request the store refuses, with the HTTP status the app answers it with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 class Annotator(Base):
@@ -99,6 +112,25 @@ class Assignment(Base):
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
+class OpenAssignment(Base):
+    """The one task an annotator holds and has not labelled yet: ``annotator_id`` is unique, so concurrent
+    requests can never hand one annotator several tasks (which nobody else could then take)."""
+
+    __tablename__ = "open_assignments"
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"), primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
+
+
+class LoginSession(Base):
+    """A browser sign-in: the cookie holds a random id (stored hashed), never the annotator's token, so logging
+    out (or revoking the annotator) ends it on the server and a copied cookie stops working."""
+
+    __tablename__ = "sessions"
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id"), index=True)
+    expires: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 def scoped_client_id(annotator_id: int, client_id: str) -> str:
     """The stored form of a client id: hashed with its annotator, so ids are unique per annotator (64 hex)."""
     return hashlib.sha256(f"{annotator_id}:{client_id}".encode("utf-8")).hexdigest()
@@ -153,17 +185,42 @@ class FeedbackStore:
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
+        with self.engine.connect() as conn:
+            upgrade = inspect(conn).has_table("assignments") and not inspect(conn).has_table("open_assignments")
         Base.metadata.create_all(self.engine)
         with self.engine.begin() as conn:  # a store made before annotators had a kind: every one of them is a person
             if "kind" not in {c["name"] for c in inspect(conn).get_columns("annotators")}:
                 conn.execute(text("ALTER TABLE annotators ADD COLUMN kind VARCHAR(20) DEFAULT 'human'"))
         self.session = sessionmaker(self.engine, expire_on_commit=False)
+        if upgrade:
+            self._record_open_assignments()
+
+    def _record_open_assignments(self) -> None:
+        """Upgrade a store made before ``open_assignments``: each annotator keeps their oldest unlabelled task;
+        any further ones they held (which nobody else could take) go back to the pool."""
+        with self.session() as s:
+            labelled = {(t, a) for t, a in s.execute(select(Label.task_id, Label.annotator_id))}
+            kept: set[int] = set()
+            for row in s.scalars(select(Assignment).order_by(Assignment.id)):
+                if (row.task_id, row.annotator_id) in labelled:
+                    continue
+                if row.annotator_id in kept:
+                    s.delete(row)
+                else:
+                    kept.add(row.annotator_id)
+                    s.add(OpenAssignment(annotator_id=row.annotator_id, task_id=row.task_id))
+            s.commit()
 
     # annotators
     def add_annotator(self, name: str, admin: bool = False, kind: str = "human") -> str:
         """Create an annotator; returns their token (shown once, stored hashed)."""
         if kind not in ANNOTATOR_KINDS:
             raise StackRLHFError(f"annotator kind {kind!r}: use one of {', '.join(ANNOTATOR_KINDS)}")
+        if not name.strip() or len(name) > 100:
+            raise StackRLHFError(f"annotator name {name[:120]!r}: give 1 to 100 characters")
+        if (kind == "simulated") != name.startswith(SIMULATED_PREFIX):
+            raise StackRLHFError(f"annotator name {name!r}: names starting with {SIMULATED_PREFIX!r} are kept for "
+                                 "simulated annotators (and theirs always start so); choose another name")
         token = secrets.token_urlsafe(24)
         with self.session() as s:
             if s.scalar(select(Annotator).where(Annotator.name == name)) is not None:
@@ -177,6 +234,30 @@ class FeedbackStore:
             return None
         with self.session() as s:
             return s.scalar(select(Annotator).where(Annotator.token_hash == hash_token(token)))
+
+    # sign-ins
+    def start_session(self, annotator_id: int) -> str:
+        """A new sign-in for the annotator; returns its id (for a cookie, or as a Bearer credential)."""
+        session_id = secrets.token_urlsafe(32)
+        with self.session() as s:
+            s.execute(delete(LoginSession).where(LoginSession.expires < now()))  # expired ones go
+            s.add(LoginSession(id_hash=hash_token(session_id), annotator_id=annotator_id,
+                               expires=now() + timedelta(days=SESSION_DAYS)))
+            s.commit()
+        return session_id
+
+    def annotator_by_session(self, session_id: str | None) -> Annotator | None:
+        if not session_id:
+            return None
+        with self.session() as s:
+            return s.scalar(select(Annotator).join(LoginSession, LoginSession.annotator_id == Annotator.id)
+                            .where(LoginSession.id_hash == hash_token(session_id), LoginSession.expires > now()))
+
+    def end_session(self, session_id: str | None) -> None:
+        if session_id:
+            with self.session() as s:
+                s.execute(delete(LoginSession).where(LoginSession.id_hash == hash_token(session_id)))
+                s.commit()
 
     # tasks
     def add_task(self, question: dict, candidates: list[dict], split: str = "", batch: str = "") -> int:
@@ -202,29 +283,27 @@ class FeedbackStore:
             return task
 
     def next_task(self, annotator_id: int, replication: int) -> int | None:
-        """The annotator's open assignment, else a new one: the oldest task with fewer than ``replication``
-        assignments that this annotator has not had. Concurrent callers may race; the unique assignment row
-        decides, and the loser tries the next task."""
-        with self.session() as s:
-            done = select(Label.task_id).where(Label.annotator_id == annotator_id)
-            open_one = s.scalar(select(Assignment.task_id).where(Assignment.annotator_id == annotator_id,
-                                                                 Assignment.task_id.not_in(done))
-                                .order_by(Assignment.id).limit(1))
-            if open_one is not None:
-                return open_one
+        """The annotator's open task, else a new one: the oldest task with fewer than ``replication`` holders
+        that this annotator has not had. Concurrent callers may race; the unique slot and open-assignment rows
+        decide, and the loser looks again (finding the task it now holds, or the next one)."""
         for _ in range(50):
             with self.session() as s:
+                held = s.scalar(select(OpenAssignment.task_id).where(OpenAssignment.annotator_id == annotator_id))
+                if held is not None:
+                    return held
                 mine = select(Assignment.task_id).where(Assignment.annotator_id == annotator_id)
-                offered, held = self._slot_counts()
+                offered, holding = self._slot_counts()
                 row = s.execute(
-                    select(Task.id, offered).outerjoin(self._counts, self._counts.c.task_id == Task.id)
+                    select(Task.id, func.coalesce(self._counts.c.top, -1) + 1)
+                    .outerjoin(self._counts, self._counts.c.task_id == Task.id)
                     .outerjoin(self._skips, self._skips.c.task_id == Task.id)
-                    .where(Task.id.not_in(mine), held < replication, offered < replication * MAX_OFFERS_PER_SLOT)
-                    .order_by(held.desc(), Task.id).limit(1)).first()
+                    .where(Task.id.not_in(mine), holding < replication, offered < replication * MAX_OFFERS_PER_SLOT)
+                    .order_by(holding.desc(), Task.id).limit(1)).first()
                 if row is None:
                     return None
                 candidate, slot = row  # the next slot number: unique per task, so concurrent takers collide
                 s.add(Assignment(task_id=candidate, annotator_id=annotator_id, slot=slot))
+                s.add(OpenAssignment(annotator_id=annotator_id, task_id=candidate))
                 try:
                     s.commit()
                     return candidate
@@ -235,7 +314,8 @@ class FeedbackStore:
     @property
     def _counts(self):
         if not hasattr(self, "_counts_q"):
-            self._counts_q = select(Assignment.task_id, func.count().label("n")).group_by(Assignment.task_id).subquery()
+            self._counts_q = (select(Assignment.task_id, func.count().label("n"), func.max(Assignment.slot).label("top"))
+                              .group_by(Assignment.task_id).subquery())
         return self._counts_q
 
     @property
@@ -279,8 +359,18 @@ class FeedbackStore:
         with self.session() as s:
             if s.scalar(select(Submission.id).where(Submission.client_key == key)) is not None:
                 return False
-            s.add(Submission(client_key=key, annotator_id=annotator_id, task_id=task_id))
             label = s.scalar(select(Label).where(Label.task_id == task_id, Label.annotator_id == annotator_id))
+            if label is not None and label.skipped and not skipped:
+                raise StoreError(409, f"You skipped task {task_id}: its place went back to the pool (someone else "
+                                      "may have it now), so it can no longer take your label.")
+            edits = s.scalar(select(func.count()).select_from(Submission).where(
+                Submission.annotator_id == annotator_id, Submission.task_id == task_id)) or 0
+            if edits >= MAX_SUBMISSIONS_PER_TASK:
+                raise StoreError(429, f"Task {task_id} has been submitted {edits} times by you, the most allowed; "
+                                      "your last submission stands.")
+            s.add(Submission(client_key=key, annotator_id=annotator_id, task_id=task_id))
+            s.execute(delete(OpenAssignment).where(OpenAssignment.annotator_id == annotator_id,
+                                                   OpenAssignment.task_id == task_id))
             if label is None:
                 label = Label(task_id=task_id, annotator_id=annotator_id, client_id=key)
                 s.add(label)
@@ -316,15 +406,22 @@ class FeedbackStore:
         with self.session() as s:
             return list(s.scalars(select(Annotator).order_by(Annotator.id)))
 
-    def revoke(self, name: str) -> None:
-        """Invalidate an annotator's token (their labels stay); `add-annotator` is refused for the name, so a
-        new token is issued with :meth:`reissue`."""
+    def revoke(self, name: str) -> int:
+        """Invalidate an annotator's token and end their sign-ins (their labels stay); the tasks they held
+        unlabelled go back to the pool. `add-annotator` is refused for the name, so a new token is issued with
+        :meth:`reissue`. Returns how many tasks were freed."""
         with self.session() as s:
             who = s.scalar(select(Annotator).where(Annotator.name == name))
             if who is None:
                 raise StackRLHFError(f"no annotator named {name!r}")
             who.token_hash = "revoked:" + secrets.token_hex(24)  # matches no token's hash
+            labelled = select(Label.task_id).where(Label.annotator_id == who.id)
+            freed = s.execute(delete(Assignment).where(Assignment.annotator_id == who.id,
+                                                       Assignment.task_id.not_in(labelled))).rowcount
+            s.execute(delete(OpenAssignment).where(OpenAssignment.annotator_id == who.id))
+            s.execute(delete(LoginSession).where(LoginSession.annotator_id == who.id))
             s.commit()
+            return freed
 
     def reissue(self, name: str) -> str:
         """A new token for an existing annotator (the old one stops working); returns it."""
@@ -334,6 +431,7 @@ class FeedbackStore:
             if who is None:
                 raise StackRLHFError(f"no annotator named {name!r}")
             who.token_hash = hash_token(token)
+            s.execute(delete(LoginSession).where(LoginSession.annotator_id == who.id))  # the old sign-ins end too
             s.commit()
         return token
 
