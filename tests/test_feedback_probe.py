@@ -25,7 +25,7 @@ from stackrlhf.feedback.simulate import sign_in_simulated
 from stackrlhf.feedback.store import MAX_SUBMISSIONS_PER_TASK, FeedbackStore, Submission
 
 from helpers import free_port, start_server
-from test_feedback import candidates, labels_in, question, rating_form
+from test_feedback import labels_in, rating_form
 from test_feedback_hardening import bearer, setup
 
 BROWSER = {"origin": "http://testserver"}
@@ -336,7 +336,7 @@ def test_cookie_posts_need_an_origin_and_hosts_and_origins_are_checked(tmp_path)
     assert proxied.post("/login", data={"token": tokens["bob"]}, headers={"origin": "https://other.example"},
                         follow_redirects=False).status_code == 403
     # `feedback serve` answers only loopback names by default
-    proc, url, port = served(db)
+    proc, url, _ = served(db)
     try:
         assert httpx.get(f"{url}/healthz", headers={"host": "evil.example"}).status_code == 400
         assert httpx.get(f"{url}/healthz").status_code == 200
