@@ -3,7 +3,8 @@ known judge, each version scored by that judge on held-out questions (Gao et al.
 
     python benchmarks/loop_gain.py [--dump SITE_OR_DIR ...] [--out outputs/loop-gain]
 
-From a data build and an SFT model it makes itself (`stackrlhf run` stages data, pretrain, sft), it runs the real
+From a data build and an SFT model it makes itself (`stackrlhf run` stages data, sft of the demo's base,
+SmolLM2-135M-Instruct, or of the offline pretrain with --base pretrain), it runs the real
 loop: queue the current version's answers to rl questions, let `feedback simulate` label them through the app
 (the `reference` judge by default: MiniLM similarity to the question's best human answer + relevance, its
 length trend taken off), retrain the RM on the labels, PPO, evaluate, register. Every turn's evaluation scores
@@ -59,20 +60,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ppo-steps", type=int, default=12, help="PPO steps per turn.")
     p.add_argument("--ppo-learning-rate", type=float, default=5e-5, help="PPO learning rate.")
     p.add_argument("--rm-epochs", type=float, default=2.0, help="RM epochs per turn.")
-    p.add_argument("--pretrain-minutes", type=float, default=3.0, help="Budget of the offline base model.")
-    p.add_argument("--sft-minutes", type=float, default=2.5, help="Budget of the SFT model.")
+    p.add_argument("--base", default="auto", help="The base model: auto (SmolLM2-135M-Instruct, as the demo), a "
+                                                    "directory or hub id, or pretrain (the offline 7.4 M model).")
+    p.add_argument("--temperature", type=float, default=0.7, help="The policy's sampling temperature (queue, PPO, "
+                                                                  "eval), as the demo's.")
+    p.add_argument("--pretrain-minutes", type=float, default=3.0, help="Budget of the offline base (--base pretrain).")
+    p.add_argument("--sft-minutes", type=float, default=2.0, help="Budget of the SFT model.")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
 def setup(args, out: Path) -> tuple[str, str]:
     """The data build and the SFT model (version 0): pipeline stages, so a rerun skips them."""
+    offline = args.base == "pretrain"
     spec = {
-        "out": str(out / "run"), "base": "pretrain",
+        "out": str(out / "run"), "base": args.base,
         "data": {"dump": args.dump} if args.dump else {},
         "pretrain": {"size": "tiny", "max_minutes": args.pretrain_minutes, "learning_rate": 1e-3},
-        "sft": {"max_length": 256, "max_prompt_length": 128, "num_train_epochs": 2, "learning_rate": 3e-4,
-                "max_minutes": args.sft_minutes},
+        # the offline model learns from scratch; an instruction-tuned base needs a light touch (the demo's SFT)
+        "sft": ({"max_length": 256, "max_prompt_length": 128, "num_train_epochs": 2, "learning_rate": 3e-4}
+                if offline else {"max_length": 320, "max_prompt_length": 128, "num_layers_unfrozen": 6,
+                                 "num_train_epochs": 1, "learning_rate": 2e-5, "max_eval_samples": 32})
+               | {"max_minutes": args.sft_minutes},
         "rm": {},  # planned, never run (until sft): each loop turn trains its own RM on the labels
     }
     path = out / "pipeline.yaml"
@@ -88,14 +97,18 @@ def loop_settings(args, data: str, out: Path) -> Path:
         "judge_length_neutral": not args.no_length_neutral, "rm_votes": args.rm_votes, "best_of": best_of,
         "questions": args.questions, "answers_per_question": args.answers_per_question,
         "min_labels": max(1, args.questions * args.replication // 2), "max_new_tokens": 48,
-        "temperature": 1.0, "top_p": 1.0,
+        "temperature": args.temperature, "top_p": 1.0,
         "rm": {"num_train_epochs": args.rm_epochs, "max_length": 128, "max_question_tokens": 32,
                "learning_rate": 5e-5, "report_to": "none", "seed": args.seed},
+        # PPO and RLOO compute-matched: 16 answers and 2 optimiser steps an epoch per step either way (RLOO: 16 / k
+        # prompts, k answers each)
         "ppo": {"algorithm": args.algorithm, **({"rloo_k": args.rloo_k} if args.algorithm == "rloo" else {}),
-                "steps": args.ppo_steps, "batch_size": 16, "mini_batch_size": 8, "min_new_tokens": 24,
-                "max_new_tokens": 48, "learning_rate": args.ppo_learning_rate, "save_every": 4,
+                "steps": args.ppo_steps, "batch_size": 16 // args.rloo_k if args.algorithm == "rloo" else 16,
+                "mini_batch_size": 8, "min_new_tokens": 24, "max_new_tokens": 48, "max_prompt_tokens": 128,
+                "temperature": args.temperature, "learning_rate": args.ppo_learning_rate, "save_every": 4,
                 "report_to": "none", "seed": args.seed},
-        "eval": {"questions": args.eval_questions, "max_new_tokens": 48, "seed": args.seed},
+        "eval": {"questions": args.eval_questions, "max_new_tokens": 48, "max_prompt_tokens": 96,
+                 "temperature": args.temperature, "seed": args.seed},
     }
     path = out / "loop.yaml"
     path.write_text(yaml.safe_dump(settings, sort_keys=False))

@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo) under `accelerate launch` give what one process gives, for SFT, PPO, RLOO and ILQL.
+"""Two CPU processes (gloo) under `accelerate launch` give what one process gives, for SFT, DPO, PPO, RLOO and ILQL.
 
 The runs are set up so that both see the same global batches: the per-process batch is half the single run's,
 no shuffling in SFT, greedy rollouts of a fixed length in PPO, and dropout off (its masks are drawn per
@@ -66,12 +66,26 @@ def test_sft_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path):
     assert weights_gap(tmp_path / "one", tmp_path / "two") < 1e-5
 
 
+def test_dpo_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path):
+    """DPO measures the pairs before training (an evaluation before `train()`): without the fix in
+    `train/common.py` each process would then train alone on its half of the pairs."""
+    common = ["dpo", "--model", str(no_dropout_lm), "--data", str(beer_data), "--max-steps", "3",
+              "--max-train-pairs", "48", "--max-eval-pairs", "8", "--max-length", "96", "--max-prompt-tokens", "32",
+              "--report-to", "none", "--warmup-ratio", "0", "--lr-scheduler-type", "constant", "--learning-rate",
+              "1e-3", "--no-shuffle", "--seed", "0", "--kl-prompts", "0", "--save-steps", "100"]
+    run(common + ["--out", str(tmp_path / "one"), "--per-device-train-batch-size", "8"], 1)
+    run(common + ["--out", str(tmp_path / "two"), "--per-device-train-batch-size", "4"], 2)
+    moved = weights_gap(tmp_path / "one", no_dropout_lm)
+    assert moved > 1e-3  # training moved the weights
+    assert weights_gap(tmp_path / "one", tmp_path / "two") < 1e-5
+
+
 def test_ppo_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path):
     torch.manual_seed(0)
     model, tok = load_backbone(default_backbone())
     RewardModel(model, tok, max_length=48, max_question_tokens=16).save_pretrained(tmp_path / "rm")
     common = ["ppo", "--policy", str(no_dropout_lm), "--reward", str(tmp_path / "rm"), "--data", str(beer_data),
-              "--steps", "2", "--min-new-tokens", "8", "--max-new-tokens", "8", "--top-k", "1", "--ppo-epochs", "1",
+              "--steps", "3", "--min-new-tokens", "8", "--max-new-tokens", "8", "--top-k", "1", "--ppo-epochs", "1",
               "--no-whiten-advantages", "--num-layers-unfrozen", "1", "--learning-rate", "1e-3", "--report-to",
               "none", "--no-progress", "--save-every", "0", "--sample-every", "0", "--seed", "0"]
     run(common + ["--out", str(tmp_path / "one"), "--batch-size", "8", "--mini-batch-size", "8"], 1)
@@ -81,7 +95,8 @@ def test_ppo_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path):
     for a, b in zip(one, two):  # rewards and KL are means over every process's episodes
         for key in ("reward/score_mean", "kl/mean", "kl/beta", "response/length"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
-    assert one[1]["kl/mean"] != 0.0  # the first update moved the policy
+    assert one[1]["kl/mean"] == 0.0  # step 0 warmed up the critic alone (--value-warmup-steps 1)
+    assert one[2]["kl/mean"] != 0.0  # then the first policy update moved the policy
     assert weights_gap(tmp_path / "one", no_dropout_lm) > 1e-3  # training moved the weights
     assert weights_gap(tmp_path / "one", tmp_path / "two") < 1e-5
     assert weights_gap(tmp_path / "one", tmp_path / "two", "value_head.safetensors") < 1e-5

@@ -94,6 +94,7 @@ def test_dpo_pairs_carry_the_templated_prompt(chat_llama, beer_data):
     pairs = load_pairs([str(beer_data)], "train", 4, 0)
     rows = dpo_pairs(pairs, tok, 64)
     for row, plain in zip(rows, pairs["prompt"]):
-        ids = tok(row["prompt"], add_special_tokens=False)["input_ids"]
-        assert ids == encode_prompt(tok, plain, 64)  # TRL re-tokenizes the string into the same ids
-        assert row["prompt"].startswith("<|im_start|>system") and row["prompt"].endswith("<|im_start|>assistant\n")
+        assert row["prompt_ids"] == encode_prompt(tok, plain, 64)  # as the policy is asked at inference
+        text = tok.decode(row["prompt_ids"])
+        assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
+        assert row["chosen_ids"][-1] == tok.eos_token_id

@@ -152,6 +152,37 @@ def _rm_metrics(rm: Path) -> dict:
     return {k: m[k] for k in ("accuracy", "baseline_longer_wins", "accuracy_shorter_better") if k in m}
 
 
+def turn_stages(reg: dict, cfg: LoopConfig, current: dict, n: int, vdir: Path, feedback: Path):
+    """Turn n's stages (RM on the labels so far, PPO from the current version, eval against v0) and the RM's
+    data. Each turn draws its own prompts and samples (PPO's seed is offset by the version: the same seed would
+    replay turn 1's prompt order and random numbers), and with a gold judge the RM learns only from the proxy
+    half of the vote pairs (the gold RM's half stays held out; labels are always kept). KL is measured to v0 in
+    every turn (PPO's reference), so the controller holds the drift from v0, not from the parent."""
+    v0 = reg["versions"][0]["model"]
+    models = [f"v0={v0}"] + ([f"v{n - 1}={current['model']}"] if n > 1 else []) + [f"v{n}={vdir / 'ppo'}"]
+    models += [f"bon{k}=bon:{k}@{v0}" for k in cfg.best_of]
+    rm_data = [cfg.data, str(feedback)] if cfg.rm_votes else [str(feedback)]
+    rm_half = cfg.rm.get("pairs_half", "proxy" if cfg.gold_reward else "all")
+    stages = [
+        Stage("rm", config_from_dict(RMConfig, {**cfg.rm, "data": rm_data, "pairs_half": rm_half,
+                                            "out": str(vdir / "rm")},
+                                     "loop rm settings"),
+              ["data", "feedback"], vdir / "rm"),
+        Stage("ppo", config_from_dict(PPOConfig, {**cfg.ppo, "seed": int(cfg.ppo.get("seed", 0)) + n,
+                                                  "policy": current["model"], "reference": v0, "reward": str(vdir / "rm"),
+                                                  "data": cfg.data, "out": str(vdir / "ppo")}, "loop ppo settings"),
+              ["data", "rm"], vdir / "ppo", [current["model"]]),
+        # every version is compared with v0 (win rates, KL), beside best-of-n from v0 under this turn's RM
+        Stage("eval", config_from_dict(EvalConfig, {**cfg.eval, "model": models, "baseline": "v0", "reference": v0,
+                                                    "data": cfg.data, "reward": str(vdir / "rm"),
+                                                    "gold_reward": cfg.gold_reward, "judge": cfg.judge,
+                                                    "judge_length_neutral": cfg.judge_length_neutral,
+                                                    "out": str(vdir / "eval")}, "loop eval settings"),
+              ["data", "rm", "ppo"], vdir / "eval", [cfg.gold_reward, v0]),
+    ]
+    return stages, rm_data
+
+
 def _train_turn(registry: Path, reg: dict, cfg: LoopConfig, current: dict, labels: int) -> dict:
     from stackrlhf.feedback.export import export_feedback
     from stackrlhf.feedback.store import FeedbackStore
@@ -164,25 +195,7 @@ def _train_turn(registry: Path, reg: dict, cfg: LoopConfig, current: dict, label
     keys = {"data": json.loads((Path(cfg.data) / "stats.json").read_text()).get("build_key", cfg.data),
             "feedback": hashlib.sha256(pairs_blob).hexdigest()[:16]}
     stamps = vdir / ".pipeline"
-    v0 = reg["versions"][0]["model"]
-    models = [f"v0={v0}"] + ([f"v{n - 1}={current['model']}"] if n > 1 else []) + [f"v{n}={vdir / 'ppo'}"]
-    models += [f"bon{k}=bon:{k}@{v0}" for k in cfg.best_of]
-    rm_data = [cfg.data, str(feedback)] if cfg.rm_votes else [str(feedback)]
-    stages = [
-        Stage("rm", config_from_dict(RMConfig, {**cfg.rm, "data": rm_data, "out": str(vdir / "rm")},
-                                     "loop rm settings"),
-              ["data", "feedback"], vdir / "rm"),
-        Stage("ppo", config_from_dict(PPOConfig, {**cfg.ppo, "policy": current["model"], "reward": str(vdir / "rm"),
-                                                  "data": cfg.data, "out": str(vdir / "ppo")}, "loop ppo settings"),
-              ["data", "rm"], vdir / "ppo", [current["model"]]),
-        # every version is compared with v0 (win rates, KL), beside best-of-n from v0 under this turn's RM
-        Stage("eval", config_from_dict(EvalConfig, {**cfg.eval, "model": models, "baseline": "v0", "reference": v0,
-                                                    "data": cfg.data, "reward": str(vdir / "rm"),
-                                                    "gold_reward": cfg.gold_reward, "judge": cfg.judge,
-                                                    "judge_length_neutral": cfg.judge_length_neutral,
-                                                    "out": str(vdir / "eval")}, "loop eval settings"),
-              ["data", "rm", "ppo"], vdir / "eval", [cfg.gold_reward, v0]),
-    ]
+    stages, rm_data = turn_stages(reg, cfg, current, n, vdir, feedback)
     for stage in stages:
         keys[stage.name] = run_stage(stage, stage_key(stage, keys, vdir), stamps)["result_key"]
     ev = json.loads((vdir / "eval" / "eval.json").read_text())

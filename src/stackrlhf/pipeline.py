@@ -146,10 +146,13 @@ def plan(spec: dict, out: Path | None = None) -> list[Stage]:
     if (rloo := sampled(section(spec, "rloo"))) is not None:  # PPO's trainer with --algorithm rloo
         add("rloo", ["data", "sft", "rm"], {"policy": str(d["sft"]), "reward": str(d["rm"]), "data": data,
                                             "algorithm": "rloo"}, sec=rloo)
+    # with a gold RM, the methods that learn from vote pairs keep to the proxy half: the gold half stays held out
+    held_out = {"pairs_half": "proxy"} if gold is not None else {}
     if (dpo := section(spec, "dpo")) is not None:  # the vote pairs (+ any `data:` given, e.g. a feedback export)
-        add("dpo", ["data", "sft"], {"model": str(d["sft"]), "data": [data, *dpo.pop("data", [])]}, sec=dpo)
+        add("dpo", ["data", "sft"], {"model": str(d["sft"]), "data": [data, *dpo.pop("data", [])]},
+            sec={**held_out, **dpo})
     if (ilql := section(spec, "ilql")) is not None:
-        add("ilql", ["data", "sft"], {"model": str(d["sft"]), "data": data}, sec=ilql)
+        add("ilql", ["data", "sft"], {"model": str(d["sft"]), "data": data}, sec={**held_out, **ilql})
     names = [s.name for s in stages]
     if (ev := sampled(section(spec, "eval"))) is not None:
         models = [f"sft={d['sft']}"]

@@ -26,7 +26,7 @@ from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.evaluate.config import EvalConfig
 from stackrlhf.models.answerer import Answerer, ModelSpec, best_of_n_kl, parse_model_spec, same_vocabulary
-from stackrlhf.models.confounders import length_adjusted_gains, words
+from stackrlhf.models.confounders import length_adjusted_gains, question_overlap, words
 from stackrlhf.models.generation import SamplingConfig
 from stackrlhf.models.ilql import is_ilql_model
 from stackrlhf.models.judge import load_judge, paired_se
@@ -116,6 +116,8 @@ def evaluate_models(cfg: EvalConfig) -> dict:
             "human_answer_perplexity": float(math.exp(min(nll, 50.0))),
             "length_tokens": float(np.mean([len(r) for r in gen.response_ids])),
             "length_words": float(np.mean([words(t) for t in gen.texts])),
+            "question_overlap": float(np.mean([question_overlap(t, q.get("question") or q["prompt"])
+                                               for t, q in zip(gen.texts, questions)])),
             "ended": float(np.mean(gen.finished)), "distinct_2": distinct_n(gen.texts, 2),
             "generate_s": t_gen,
         }

@@ -130,8 +130,8 @@ def author_of(candidate) -> str:
 
 
 def export_feedback(store: FeedbackStore, out: str | Path) -> dict:
-    """``OUT/reward/train-00000-of-00001.parquet`` (pairs: the chosen answer against each other answer of a
-    label; ties and skips give none) and ``OUT/ratings.parquet`` (every rating), written to a temp folder
+    """``OUT/reward/train-00000-of-00001.parquet`` (one pair per label: the chosen answer against the lowest-rated
+    other answer; ties and skips give none) and ``OUT/ratings.parquet`` (every rating), written to a temp folder
     and renamed when complete."""
     out = Path(out)
     tasks = {t.id: t for t in store.all_tasks()}
@@ -152,9 +152,9 @@ def export_feedback(store: FeedbackStore, out: str | Path) -> dict:
         if label.skipped or label.best_candidate_id is None:
             continue
         best = candidates[label.best_candidate_id]
-        for other in task.candidates:
-            if other.id == best.id:
-                continue
+        # one pair per label: a K-way choice as K-1 pairs would count each label K-1 times in the likelihood
+        others = [c for c in task.candidates if c.id != best.id]
+        for other in sorted(others, key=lambda c: (rating_score(label, c), c.position))[:1]:
             pairs.append({
                 "qid": task.qid, "question": task.question, "date": label.created.isoformat(), "metadata": [
                     task.question_link], "response_j": best.text, "response_k": other.text, "prompt": task.prompt,

@@ -47,6 +47,20 @@ def words(text: str) -> int:
     return len(text.split())
 
 
+def question_overlap(answer: str, question: str, n: int = 3) -> float:
+    """Share of the answer's word n-grams (lower case) that appear in the question: how much of an answer is
+    the question repeated (a judge that rewards relevance pays for copying it)."""
+    def grams(text: str) -> list[tuple[str, ...]]:
+        w = text.lower().split()
+        return [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+
+    mine = grams(answer)
+    if not mine:
+        return 0.0
+    theirs = set(grams(question))
+    return sum(g in theirs for g in mine) / len(mine)
+
+
 def _parse_date(value: str | None) -> datetime | None:
     if not value:
         return None

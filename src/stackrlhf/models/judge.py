@@ -4,7 +4,8 @@ A judge is known and fixed, unlike the proxy RM that learns from its labels (Gao
 - ``rm:DIR``: a reward model or ensemble, normalised with its training statistics;
 - ``reference``: how close the answer is to the question's best human answer, plus how relevant it is to the
   question, as cosine similarities of all-MiniLM-L6-v2 sentence embeddings (the offline encoder of the ``rm``
-  extra): s = cos(answer, best human answer) + cos(answer, question). It is put on a standard scale by the
+  extra): s = cos(answer, best human answer) + 0.25 cos(answer, question) (relevance down-weighted: it alone
+  ordered answers much as the whole judge did, so repeating the question paid). It is put on a standard scale by the
   scores of the other human answers of held-out questions (their mean and spread), so 0 is a typical human
   answer and one unit is one standard deviation of them.
 ``length_neutral``: the judge's linear trend in log words is taken off, so length alone cannot please it; an RM
@@ -24,6 +25,10 @@ from stackrlhf.errors import StackRLHFError
 from stackrlhf.models.confounders import words
 
 CALIBRATION_QUESTIONS = 200  # held-out questions whose non-best human answers set the reference judge's scale
+# the weight of cos(answer, question) beside cos(answer, best human answer). At 1 an answer that only repeats the
+# question scored +1.5 SD above a typical human answer; at 0.25, +1.1, with the same accuracy on pairs of human
+# answers (0.59 vs 0.60, SE 0.03; benchmarks/judge_check.py on the four shared sites, 2026-12-01)
+RELEVANCE_WEIGHT = 0.25
 
 
 def judge_kind(spec: str) -> str:
@@ -84,6 +89,7 @@ class ReferenceJudge:
         from stackrlhf.models.reward import default_backbone
 
         self.encoder = SentenceTransformer(default_backbone(), device=device)
+        self.relevance_weight = RELEVANCE_WEIGHT
         self.lock = threading.Lock()
         self.cache: dict[str, np.ndarray] = {}  # embeddings of the human answers and questions, computed once
         self.references: dict[tuple[str, int], str] = {}
@@ -128,7 +134,8 @@ class ReferenceJudge:
                                  "questions of the data build given with --data (its rl or evaluation split)")
         return self.references[key]
 
-    def _raw(self, questions: list[dict], answers: list[str]) -> list[float]:
+    def _cosines(self, questions: list[dict], answers: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(cos(answer, best human answer), cos(answer, question)) of each answer."""
         refs = [self.reference_of(q) for q in questions]
         prompts = [q["prompt"] for q in questions]
         with self.lock:
@@ -138,7 +145,17 @@ class ReferenceJudge:
             a = self._encode(list(answers))
             r = np.stack([self.cache[t] for t in refs])
             q = np.stack([self.cache[t] for t in prompts])
-        return ((a * r).sum(1) + (a * q).sum(1)).tolist()
+        return (a * r).sum(1), (a * q).sum(1)
+
+    def similarity(self, questions: list[dict], answers: list[str]) -> list[float]:
+        return self._cosines(questions, answers)[0].tolist()
+
+    def relevance(self, questions: list[dict], answers: list[str]) -> list[float]:
+        return self._cosines(questions, answers)[1].tolist()
+
+    def _raw(self, questions: list[dict], answers: list[str]) -> list[float]:
+        similarity, relevance = self._cosines(questions, answers)
+        return (similarity + self.relevance_weight * relevance).tolist()
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         if not texts:

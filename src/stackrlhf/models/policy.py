@@ -112,7 +112,8 @@ class PolicyWithValue(nn.Module):
             freeze_bottom(lm, num_layers_unfrozen)
         hidden = lm.get_output_embeddings().weight.shape[1]
         self.value_head = nn.Linear(hidden, 1)
-        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+        # zero: V starts at 0 (a neutral baseline), not at random values that would misdirect the first updates
+        nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         self.value_head.to(next(lm.parameters()).device, dtype=next(lm.parameters()).dtype)
         self.hydra = HydraReference(lm, num_layers_unfrozen) if self.mode == "hydra" else None
@@ -164,12 +165,38 @@ class PolicyWithValue(nn.Module):
         self._last_hidden = None
         return logits, self.value_head(hidden).squeeze(-1), None
 
+    def set_reference(self, ref_lm: nn.Module) -> str:
+        """Measure KL against ``ref_lm`` (the loop's v0) instead of the policy's own starting point. When every
+        frozen weight of the policy equals ``ref_lm``'s (both descend from it with the same top blocks trained),
+        the hydra reference stays: the shared trunk plus ``ref_lm``'s own top blocks, norm and head. Otherwise
+        ``ref_lm`` is kept whole as a frozen copy. Returns which."""
+        theirs = dict(ref_lm.named_parameters())
+        frozen = [(n, p) for n, p in self.lm.named_parameters() if not p.requires_grad]
+        shared = (self.hydra is not None and frozen and all(n in theirs and theirs[n].shape == p.shape
+                                                            and torch.equal(theirs[n].to(p), p) for n, p in frozen))
+        if shared:
+            blocks = transformer_blocks(ref_lm)
+            for mine, src in zip(self.hydra.blocks, list(blocks)[len(blocks) - self.hydra.k:]):
+                mine.load_state_dict(src.state_dict())
+            if self.hydra.norm is not None:
+                self.hydra.norm.load_state_dict(final_norm(ref_lm).state_dict())
+            self.hydra.head.load_state_dict(ref_lm.get_output_embeddings().state_dict())
+            return "hydra"
+        self.ref_copy = ref_lm.eval()
+        for p in self.ref_copy.parameters():
+            p.requires_grad_(False)
+        return "copy"
+
     @torch.no_grad()
     def reference_logits(self, input_ids, attention_mask, position_ids=None, keep: int = 0) -> torch.Tensor:
-        if self.mode == "hydra":
-            return self.hydra.logits(keep)
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       use_cache=False, logits_to_keep=keep)
+        if self.ref_copy is not None:  # a full reference (no hydra, or one set apart from the policy's trunk)
+            if self.hydra is not None:
+                self.hydra._captured = None
+            return self.ref_copy(**kwargs).logits
+        if self.mode == "hydra":
+            return self.hydra.logits(keep)
         if self.mode == "lora":
             with self.lm.disable_adapter():
                 return self.lm(**kwargs).logits

@@ -11,6 +11,8 @@ class PPOConfig:
     reward: str = field(default="", metadata={"help": "The reward-model directory (`stackrlhf rm` output)."})
     data: str = field(default="", metadata={"help": "A `stackrlhf data build` output (its rl split gives prompts)."})
     out: str = field(default="outputs/ppo", metadata={"help": "Output directory."})
+    reference: str = field(default="", metadata={"help": "The model KL is measured against (default: --policy "
+                                                "itself). The loop passes v0, so KL to v0 is what beta holds."})
     algorithm: str = field(default="ppo", metadata={"choices": ("ppo", "rloo"), "help":
         "ppo: GAE advantages from a value head; rloo: k answers per prompt, each one's advantage its sequence "
         "reward minus the mean of the other k - 1 (no value head)."})
@@ -42,13 +44,17 @@ class PPOConfig:
     init_kl_coef: float = field(default=0.05, metadata={"help": "Initial beta."})
     adaptive_kl: bool = field(default=True, metadata={"help": "Adapt beta toward target_kl (Ziegler et al.)."})
     target_kl: float = field(default=6.0, metadata={"help": "Target KL per response for the adaptive controller."})
-    kl_horizon: int = field(default=10000, metadata={"help": "Horizon of the adaptive controller (episodes)."})
+    kl_horizon: int = field(default=0, metadata={"help": "Horizon of the adaptive controller in episodes (0: one "
+                                                 "step's, so beta moves up to 20% a step and holds KL near the target "
+                                                 "within a short run; 10,000 as in Ziegler et al. barely moves it)."})
     # advantages and losses
     gamma: float = field(default=1.0, metadata={"help": "Discount."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
     cliprange_value: float = field(default=0.2, metadata={"help": "Value clip."})
     vf_coef: float = field(default=0.1, metadata={"help": "Value loss weight."})
+    value_warmup_steps: int = field(default=1, metadata={"help": "PPO: the first N steps train only the value head "
+                                                         "(the policy waits for a critic that is not cold)."})
     whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages per rollout."})
     max_approx_kl: float = field(default=0.0, metadata={
         "help": "Stop an update's epochs early once the approximate KL to the rollout policy exceeds this (0: off)."})
@@ -103,6 +109,9 @@ class ILQLConfig:
         "choices": ("votes", "rm"), "help": "votes: the answer's vote-based score; rm: the reward model's score."})
     reward: str = field(default="", metadata={"help": "Reward-model directory (with --reward-source rm)."})
     max_samples: int = field(default=0, metadata={"help": "Use at most this many scored answers (0: all)."})
+    pairs_half: str = field(default="all", metadata={"choices": ("all", "proxy", "gold"), "help":
+        "Learn only from the answers of one half of the questions: `proxy` when a gold RM (trained on the `gold` "
+        "half) judges the result, so it stays held out."})
     max_prompt_tokens: int = field(default=128, metadata={"help": "Longer prompts are cut in the middle."})
     max_answer_tokens: int = field(default=128, metadata={"help": "Longer answers are cut (their reward kept)."})
     # optimisation

@@ -122,19 +122,25 @@ def normalise(values: Sequence[float]) -> list[float]:
     return list((arr - arr.mean()) / std)
 
 
-def scored_answers(data_dir: str) -> list[tuple[str, str, float, str]]:
+def scored_answers(data_dir: str, half: str = "all") -> list[tuple[str, str, float, str]]:
     """(prompt, answer, vote score, answer link) of every distinct answer in the finetune and reward training
-    splits: the best answers and the answers that lost a comparison, so low rewards are represented too."""
+    splits: the best answers and the answers that lost a comparison, so low rewards are represented too.
+    ``half`` (proxy / gold) keeps one half of the questions (:func:`stackrlhf.data.splits.pair_half`)."""
     from stackrlhf.data.load import load_split
+    from stackrlhf.data.splits import pair_half
 
     seen: set[str] = set()
     out = []
     ft = load_split(data_dir, "finetune", "train")
+    pairs = load_split(data_dir, "reward", "train")
+    if half != "all":
+        ft = ft.select([i for i, (site, qid) in enumerate(zip(ft["site"], ft["qid"])) if pair_half(site, qid) == half])
+        pairs = pairs.select([i for i, (site, qid) in enumerate(zip(pairs["site"], pairs["qid"]))
+                              if pair_half(site, qid) == half])
     for prompt, answer, score, link in zip(ft["prompt"], ft["completion"], ft["answer_score"], ft["answer_link"]):
         if link not in seen:
             seen.add(link)
             out.append((prompt, answer, float(score), link))
-    pairs = load_split(data_dir, "reward", "train")
     for row in pairs.select_columns(["prompt", "chosen", "rejected", "score_j", "score_k", "answer_link_j",
                                      "answer_link_k"]):
         for answer, score, link in ((row["chosen"], row["score_j"], row["answer_link_j"]),
@@ -154,7 +160,7 @@ def answer_ids(ids: list[int], eos: int, max_tokens: int) -> list[int]:
 def samples_from_data(cfg: ILQLConfig, tok, scorer: Callable | None = None) -> tuple[list[ScoredSample], dict]:
     from stackrlhf.prompts import encode_prompt
 
-    rows = scored_answers(cfg.data)
+    rows = scored_answers(cfg.data, cfg.pairs_half)
     if cfg.max_samples:
         random.Random(cfg.seed).shuffle(rows)
         rows = rows[: cfg.max_samples]

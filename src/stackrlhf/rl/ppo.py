@@ -33,6 +33,7 @@ from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.models.confounders import length_explained_gain, words
 from stackrlhf.models.freezing import apply_lora, describe_trainable
+from stackrlhf.models.answerer import same_vocabulary
 from stackrlhf.models.generation import SamplingConfig, generate, pack_sequences
 from stackrlhf.models.policy import PolicyWithValue, select_rows
 from stackrlhf.models.loading import load_causal_lm, resolve_dtype
@@ -40,7 +41,7 @@ from stackrlhf.models.precision import autocast, upcast_trainable
 from stackrlhf.rl.common import (MetricsWriter, pass_batch, resume_latest, save_checkpoint, seed_everything,
                                  write_run_artifacts)
 from stackrlhf.rl.config import PPOConfig
-from stackrlhf.rl.rloo import rloo_advantages
+from stackrlhf.rl.rloo import normalise_sequence_advantages, rloo_advantages
 
 console = Console(stderr=True)
 Scorer = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
@@ -119,6 +120,20 @@ class FixedKLController:
         pass
 
 
+def load_value_head(policy, model_dir: str) -> str:
+    """Start the critic from the one a previous PPO run saved beside ``model_dir`` (the loop's parent version),
+    not from zero; returns where it came from ("" when there is none)."""
+    path = Path(model_dir) / "value_head.safetensors"
+    if not path.is_file():
+        return ""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    head = policy.value_head
+    policy.value_head.load_state_dict({k: v.to(head.weight.device, head.weight.dtype) for k, v in state.items()})
+    return str(path)
+
+
 # ---------------------------------------------------------------- the trainer
 
 class PPOTrainer:
@@ -136,15 +151,28 @@ class PPOTrainer:
         self.policy = PolicyWithValue(lm, cfg.num_layers_unfrozen, lora=cfg.lora,
                                       value_grad_to_trunk=cfg.value_grad_to_trunk).to(self.accelerator.device)
         upcast_trainable(self.policy)  # the reference was copied before: it stays in the loaded dtype
+        self.value_head_from = load_value_head(self.policy, cfg.policy) if cfg.algorithm == "ppo" else ""
+        self.reference_from = ""
+        if cfg.reference and Path(cfg.reference).resolve() != Path(cfg.policy).resolve():
+            ref_lm, ref_tok = load_causal_lm(cfg.reference, dtype=cfg.dtype, device=self.accelerator.device)
+            if not same_vocabulary(self.tok, ref_tok):
+                raise StackRLHFError(f"--reference {cfg.reference} has another tokenizer than --policy {cfg.policy}: "
+                                     "KL compares their log-probs of the same tokens")
+            how = self.policy.set_reference(ref_lm)
+            self.reference_from = (f"{cfg.reference} ({'its top blocks on the shared trunk' if how == 'hydra' else 'a full copy'})")
         self.rloo = cfg.algorithm == "rloo"
         if self.rloo:  # no critic: the value head is not trained (nor, under DDP, expected to get gradients)
             self.policy.value_head.requires_grad_(False)
         self.rollouts_per_step = cfg.batch_size * (cfg.rloo_k if self.rloo else 1)
-        console.print(f"PPO policy ({self.policy.mode} reference): {describe_trainable(self.policy)}")
+        console.print(f"PPO policy ({self.policy.mode} reference{': ' + self.reference_from if self.reference_from else ''}): "
+                      f"{describe_trainable(self.policy)}; value head: "
+                      f"{self.value_head_from or 'zero (no parent critic)' if not self.rloo else 'unused (RLOO)'}")
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.learning_rate, eps=1e-5)
         self.model, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
+        self.value_optimizer = torch.optim.AdamW(self.policy.value_head.parameters(), lr=cfg.learning_rate, eps=1e-5)
         self.scorer = scorer if scorer is not None else self._load_rm()
-        self.kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
+        horizon = cfg.kl_horizon or self.rollouts_per_step * self.accelerator.num_processes
+        self.kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.init_kl_coef))
         rows = load_split(cfg.data, "rl", "train")
         self.prompts = list(rows["prompt"])
@@ -226,13 +254,7 @@ class PPOTrainer:
         rewards[torch.arange(len(last)), last] += scores
 
         # 5. advantages
-        if self.rloo:  # the sequence reward (score - beta * KL) minus the mean of the prompt's other answers'
-            advantages, returns = rloo_advantages(rewards.sum(1), cfg.rloo_k)[:, None] * mask, old_values
-        else:
-            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
-        advantages = advantages * mask
+        advantages, returns = self.advantages(rewards, old_values, mask)
 
         # 6. PPO epochs over minibatches
         stats = self.update(batch, old_logp, old_values, advantages, returns, mask, trunk)
@@ -261,6 +283,21 @@ class PPOTrainer:
         }
         self.step_index += 1
         return metrics | {"_samples": list(zip(prompts, rollout.texts, scores.tolist()))}
+
+    def advantages(self, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
+        """(advantages, returns). RLOO: the sequence reward (score - beta * KL) minus the mean of the prompt's other
+        answers', the same for each of its tokens, scaled per sequence (never shifted). PPO: GAE, whitened per
+        token over the rollout."""
+        cfg = self.cfg
+        if self.rloo:
+            per_sequence = rloo_advantages(rewards.sum(1), cfg.rloo_k)
+            if cfg.whiten_advantages:
+                per_sequence = normalise_sequence_advantages(per_sequence)
+            return per_sequence[:, None] * mask, values
+        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        return advantages * mask, returns
 
     @staticmethod
     def response_part(x: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -300,7 +337,13 @@ class PPOTrainer:
                 ratio = log_ratio.exp()
                 pg_losses, clipped = clipped_policy_loss(advantages[idx], ratio, cfg.cliprange)
                 pg_loss = masked_mean(pg_losses, m)
-                loss = pg_loss if self.rloo else pg_loss + cfg.vf_coef * vf_loss
+                warming = not self.rloo and self.step_index < cfg.value_warmup_steps  # the critic learns first
+                if self.rloo:
+                    loss = pg_loss
+                elif warming:  # 0 x the policy loss: every parameter gets a (zero) gradient, as DDP expects
+                    loss = 0.0 * pg_loss + cfg.vf_coef * vf_loss
+                else:
+                    loss = pg_loss + cfg.vf_coef * vf_loss
                 if not torch.isfinite(loss):
                     raise StackRLHFError(f"step {self.step_index}: the PPO loss is NaN/inf; stopping (the last "
                                          f"checkpoint in {self.out / 'checkpoints'} is good). Lower the learning rate.")
@@ -308,7 +351,8 @@ class PPOTrainer:
                 self.accelerator.backward(loss)
                 if cfg.max_grad_norm:
                     self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
+                # while warming up only the value head steps (the policy's optimizer would still decay its weights)
+                (self.value_optimizer if warming else self.optimizer).step()
                 with torch.no_grad():
                     approx_kl = masked_mean((ratio - 1) - log_ratio, m)
                     totals["loss/policy"].append(float(pg_loss))

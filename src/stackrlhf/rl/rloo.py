@@ -5,6 +5,8 @@ rollout, reward, KL, clipped update and checkpoints; what differs is this one st
   for each prompt, k answers y_1..y_k; the sequence reward R_i = score_i - beta * sum_t KL_t (k1)
   baseline_i = (sum_j R_j - R_i) / (k - 1)       (the mean reward of the other k - 1 answers)
   A_i = R_i - baseline_i, the same for every token of y_i; no value head
+  normalised (optional) by the std of the A_i over sequences, never shifted: each prompt's A_i still sum to zero,
+  and a long answer's tokens weigh what a short one's do
 """
 
 from __future__ import annotations
@@ -20,3 +22,10 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     grouped = rewards.view(-1, k)
     baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
     return (grouped - baseline).reshape(-1)
+
+
+def normalise_sequence_advantages(advantages: torch.Tensor) -> torch.Tensor:
+    """Scale per-sequence advantages to unit std (over sequences, not tokens), without subtracting a mean: a
+    token-level whitening would shift every token by the token-weighted mean, breaking the per-prompt zero sum
+    and tying each answer's advantage to its length."""
+    return advantages / (advantages.std() + 1e-8) if len(advantages) > 1 else advantages

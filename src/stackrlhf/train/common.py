@@ -188,9 +188,15 @@ def evaluate_before_training(trainer) -> dict:
     evaluation-mode prepare marks the bare model as prepared, so ``train()`` would then skip the DDP wrap and each
     process would silently train on its own gradients (found by the 2-process test; accelerate 1.15)."""
     metrics = trainer.evaluate()
+    forget_evaluation_prepare(trainer)
+    return metrics
+
+
+def forget_evaluation_prepare(trainer) -> None:
+    """Undo what an evaluation before training leaves behind: the bare model marked as prepared (see
+    :func:`evaluate_before_training`)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     if getattr(model, "_is_accelerate_prepared", False):
         model._is_accelerate_prepared = False
     trainer.model_wrapped = trainer.model
-    return metrics
 

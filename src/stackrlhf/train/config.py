@@ -176,6 +176,11 @@ class DPOConfig(TrainConfig):
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     max_train_pairs: int = field(default=0, metadata={"help": "Use at most this many training pairs (0: all)."})
     max_eval_pairs: int = field(default=0, metadata={"help": "Use at most this many held-out pairs (0: all)."})
+    shuffle: bool = field(default=True, metadata={
+        "help": "Shuffle the training pairs (off: their order on disk, the same batches for any process count)."})
+    pairs_half: str = field(default="all", metadata={"choices": ("all", "proxy", "gold"), "help":
+        "Learn from the vote pairs of one half of the questions only: `proxy` when a gold RM (trained on the "
+        "`gold` half) judges the result, so it stays held out. Labelled pairs are always used."})
     kl_prompts: int = field(default=32, metadata={
         "help": "Held-out questions the trained policy answers to measure its KL to the reference (0: off)."})
     learning_rate: float = field(default=5e-6, metadata={"help": "Peak learning rate."})

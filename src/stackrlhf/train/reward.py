@@ -50,18 +50,23 @@ def load_pairs(dirs: list[str], split: str, limit: int = 0, seed: int = 0, half:
                dataset: str = "reward") -> datasets.Dataset:
     """The ``<dataset>/<split>`` pairs of every directory, concatenated. Every directory must have training
     pairs; one without held-out pairs (a small feedback export, say) adds none to ``eval`` or ``test``.
-    ``half`` (``proxy`` / ``gold``) keeps the questions of one half only (:func:`stackrlhf.data.splits.pair_half`)."""
+    ``half`` (``proxy`` / ``gold``) keeps the vote pairs of one half of the questions only
+    (:func:`stackrlhf.data.splits.pair_half`); labelled pairs (a `feedback export`, source ``feedback...``) are
+    always kept: no gold RM learns from them."""
     parts = []
     for d in dirs:
         if split != "train" and not list((Path(d) / dataset).glob(f"{split}-*.parquet")):
             continue
-        parts.append(load_split(d, dataset, split).select_columns(PAIR_COLUMNS))
+        part = load_split(d, dataset, split)
+        if half != "all":
+            sources = part["source"] if "source" in part.column_names else [""] * len(part)
+            keep = [i for i, (site, qid, source) in enumerate(zip(part["site"], part["qid"], sources))
+                    if (source or "").startswith("feedback") or pair_half(site, qid) == half]
+            part = part.select(keep)
+        parts.append(part.select_columns(PAIR_COLUMNS))
     if not parts:
         return datasets.Dataset.from_dict({c: [] for c in PAIR_COLUMNS})
     pairs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    if half != "all":
-        keep = [i for i, (site, qid) in enumerate(zip(pairs["site"], pairs["qid"])) if pair_half(site, qid) == half]
-        pairs = pairs.select(keep)
     if limit and len(pairs) > limit:
         pairs = pairs.shuffle(seed=seed).select(range(limit))
     return pairs
