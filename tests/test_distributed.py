@@ -69,8 +69,8 @@ def test_sft_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path):
 def test_dpo_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path):
     """DPO measures the pairs before training (an evaluation before `train()`): without the fix in
     `train/common.py` each process would then train alone on its half of the pairs."""
-    common = ["dpo", "--model", str(no_dropout_lm), "--data", str(beer_data), "--max-steps", "3",
-              "--max-train-pairs", "48", "--max-eval-pairs", "8", "--max-length", "96", "--max-prompt-tokens", "32",
+    common = ["dpo", "--model", str(no_dropout_lm), "--data", str(beer_data), "--max-steps", "2",
+              "--max-train-pairs", "32", "--max-eval-pairs", "8", "--max-length", "96", "--max-prompt-tokens", "32",
               "--report-to", "none", "--warmup-ratio", "0", "--lr-scheduler-type", "constant", "--learning-rate",
               "1e-3", "--no-shuffle", "--seed", "0", "--kl-prompts", "0", "--save-steps", "100"]
     run(common + ["--out", str(tmp_path / "one"), "--per-device-train-batch-size", "8"], 1)

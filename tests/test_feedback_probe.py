@@ -24,7 +24,7 @@ from stackrlhf.feedback.export import feedback_stats
 from stackrlhf.feedback.simulate import sign_in_simulated
 from stackrlhf.feedback.store import MAX_SUBMISSIONS_PER_TASK, FeedbackStore, Submission
 
-from helpers import free_port, start_server
+from helpers import free_port
 from test_feedback import labels_in, rating_form
 from test_feedback_hardening import bearer, setup
 
@@ -35,14 +35,34 @@ def sqlite_db(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'feedback.db'}"
 
 
-def served(db: str, *options: str):
-    port = free_port()
-    return start_server(db, port, *options), f"http://127.0.0.1:{port}", port
+class Served:
+    """`feedback serve`'s app (its uvicorn settings, `serve_config`) in a thread of this process: no interpreter
+    start per test. ``options`` are `serve_config`'s keyword arguments, as the CLI passes them."""
 
+    def __init__(self, db: str, **options):
+        import uvicorn
 
-def stop(proc) -> None:
-    proc.terminate()
-    proc.wait(timeout=30)
+        from stackrlhf.feedback.app import serve_config
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(serve_config(db, "127.0.0.1", self.port, **options))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("the app did not start")
+
+    def __enter__(self) -> "Served":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
 
 
 # ---------------------------------------------------------------- 1-3: the failure limit
@@ -63,8 +83,8 @@ def slow_login(port: int, token: str, start: threading.Event, out: list, lock: t
 def test_concurrent_wrong_logins_are_all_counted(tmp_path):
     db = sqlite_db(tmp_path)
     setup(db, tasks=1)
-    proc, url, port = served(db)
-    try:
+    with Served(db) as app:
+        url, port = app.url, app.port
         start, lock, statuses = threading.Event(), threading.Lock(), []
         threads = [threading.Thread(target=slow_login, args=(port, f"wrong{i}", start, statuses, lock))
                    for i in range(40)]
@@ -77,8 +97,6 @@ def test_concurrent_wrong_logins_are_all_counted(tmp_path):
         assert len(statuses) == 40
         assert statuses.count(401) == LOGIN_FAILURES and statuses.count(429) == 40 - LOGIN_FAILURES, statuses
         assert httpx.post(f"{url}/login", data={"token": "again"}).status_code == 429
-    finally:
-        stop(proc)
 
 
 def test_the_limit_survives_success_and_covers_every_route(tmp_path):
@@ -103,9 +121,9 @@ def test_the_limit_survives_success_and_covers_every_route(tmp_path):
 def test_forwarded_addresses_are_trusted_only_from_a_named_proxy(tmp_path):
     db = sqlite_db(tmp_path)
     _, tokens = setup(db, tasks=1)
-    for options, expect_429 in (((), True), (("--trusted-proxy", "127.0.0.1"), False)):
-        proc, url, _ = served(db, *options)
-        try:
+    for options, expect_429 in (({}, True), ({"trusted_proxies": ["127.0.0.1"]}, False)):
+        with Served(db, **options) as app:
+            url = app.url
             codes = [httpx.post(f"{url}/login", data={"token": "wrong"},
                                 headers={"x-forwarded-for": f"10.0.{i}.1"}).status_code
                      for i in range(LOGIN_FAILURES + 2)]
@@ -113,8 +131,6 @@ def test_forwarded_addresses_are_trusted_only_from_a_named_proxy(tmp_path):
             # failures sent "in the victim's name" never lock out the victim's right token
             r = httpx.post(f"{url}/login", data={"token": tokens["ann"]}, headers={"x-forwarded-for": "10.0.0.1"})
             assert r.status_code == 303
-        finally:
-            stop(proc)
 
 
 def test_the_failure_table_expires_and_is_capped():
@@ -166,8 +182,8 @@ def test_revoking_an_annotator_frees_their_task_and_ends_their_sign_ins(db_url):
 
 def test_concurrent_next_calls_give_one_annotator_one_task(db_url):
     store, tokens = setup(db_url, tasks=10)
-    proc, url, _ = served(db_url, "--replication", "1")
-    try:
+    with Served(db_url, replication=1) as app:
+        url = app.url
         got, lock = [], threading.Lock()
 
         def ask() -> None:
@@ -183,8 +199,6 @@ def test_concurrent_next_calls_give_one_annotator_one_task(db_url):
         assert len(got) == 40 and len(set(got)) == 1, sorted(set(got))
         held = [t for t in range(1, 11) if store.is_assigned(t, store.annotator_by_token(tokens["ann"]).id)]
         assert held == got[:1]
-    finally:
-        stop(proc)
 
 
 # ---------------------------------------------------------------- 7-10: headers, fields, names, sign-ins
@@ -336,9 +350,11 @@ def test_cookie_posts_need_an_origin_and_hosts_and_origins_are_checked(tmp_path)
     assert proxied.post("/login", data={"token": tokens["bob"]}, headers={"origin": "https://other.example"},
                         follow_redirects=False).status_code == 403
     # `feedback serve` answers only loopback names by default
-    proc, url, _ = served(db)
-    try:
-        assert httpx.get(f"{url}/healthz", headers={"host": "evil.example"}).status_code == 400
-        assert httpx.get(f"{url}/healthz").status_code == 200
-    finally:
-        stop(proc)
+    with Served(db) as app:
+        assert httpx.get(f"{app.url}/healthz", headers={"host": "evil.example"}).status_code == 400
+        assert httpx.get(f"{app.url}/healthz").status_code == 200
+    # and the CLI passes its options to those settings
+    from stackrlhf.cli import cli as command
+
+    help_text = CliRunner().invoke(command, ["feedback", "serve", "--help"]).output
+    assert all(o in help_text for o in ("--allowed-host", "--allowed-origin", "--trusted-proxy"))
