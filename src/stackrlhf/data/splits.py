@@ -67,3 +67,11 @@ def pair_half(site: str, qid: int) -> str:
     """``proxy`` or ``gold``: which of two reward models may learn from a question's pairs, when a held-out
     "gold" RM is trained on questions disjoint from the proxy RM's (to see over-optimisation, Gao et al. 2022)."""
     return "gold" if unit_hash(f"gold/{site}/{qid}") < 0.5 else "proxy"
+
+
+def of_half(rows, half: str):
+    """The rows (a ``datasets.Dataset`` with ``site`` and ``qid``) of one half's questions; all of them for "all"."""
+    if half == "all":
+        return rows
+    return rows.select([i for i, (site, qid) in enumerate(zip(rows["site"], rows["qid"]))
+                        if pair_half(site, qid) == half])

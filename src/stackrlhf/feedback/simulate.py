@@ -103,13 +103,11 @@ def sign_in_simulated(store: FeedbackStore, cfg: SimulateConfig) -> dict[str, st
     people = [n for n in names if n in existing and existing[n].kind != "simulated"]
     if people:  # checked before any annotator is made, so a refused run leaves the store as it was
         raise StackRLHFError(f"annotator {people[0]} exists and is a person; choose another --name-prefix")
-    ids = {name: existing[name].id if name in existing else None for name in names}
     for name in names:
-        if ids[name] is None:
+        if name not in existing:
             store.add_annotator(name, kind="simulated")
-    ids = {a.name: a.id for a in store.annotators() if a.name in ids}
-    tokens = {name: store.start_session(ids[name]) for name in names}
-    return tokens
+    ids = {a.name: a.id for a in store.annotators() if a.name in names}
+    return {name: store.start_session(ids[name]) for name in names}
 
 
 def simulate(cfg: SimulateConfig) -> dict:

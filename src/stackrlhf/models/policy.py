@@ -197,10 +197,8 @@ class PolicyWithValue(nn.Module):
             return self.ref_copy(**kwargs).logits
         if self.mode == "hydra":
             return self.hydra.logits(keep)
-        if self.mode == "lora":
-            with self.lm.disable_adapter():
-                return self.lm(**kwargs).logits
-        return self.ref_copy(**kwargs).logits
+        with self.lm.disable_adapter():  # lora: the same model with its adapters off
+            return self.lm(**kwargs).logits
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -127,16 +127,12 @@ def scored_answers(data_dir: str, half: str = "all") -> list[tuple[str, str, flo
     splits: the best answers and the answers that lost a comparison, so low rewards are represented too.
     ``half`` (proxy / gold) keeps one half of the questions (:func:`stackrlhf.data.splits.pair_half`)."""
     from stackrlhf.data.load import load_split
-    from stackrlhf.data.splits import pair_half
+    from stackrlhf.data.splits import of_half
 
     seen: set[str] = set()
     out = []
-    ft = load_split(data_dir, "finetune", "train")
-    pairs = load_split(data_dir, "reward", "train")
-    if half != "all":
-        ft = ft.select([i for i, (site, qid) in enumerate(zip(ft["site"], ft["qid"])) if pair_half(site, qid) == half])
-        pairs = pairs.select([i for i, (site, qid) in enumerate(zip(pairs["site"], pairs["qid"]))
-                              if pair_half(site, qid) == half])
+    ft = of_half(load_split(data_dir, "finetune", "train"), half)
+    pairs = of_half(load_split(data_dir, "reward", "train"), half)
     for prompt, answer, score, link in zip(ft["prompt"], ft["completion"], ft["answer_score"], ft["answer_link"]):
         if link not in seen:
             seen.add(link)
