@@ -22,10 +22,10 @@ from stackrlhf.feedback.app import LOGIN_FAILURES, FailureLimit, create_app
 from stackrlhf.feedback.config import SimulateConfig
 from stackrlhf.feedback.export import feedback_stats
 from stackrlhf.feedback.simulate import sign_in_simulated
-from stackrlhf.feedback.store import MAX_SUBMISSIONS_PER_TASK, FeedbackStore, Submission
+from stackrlhf.feedback.store import MAX_SUBMISSIONS_PER_TASK, Assignment, FeedbackStore, Submission
 
 from helpers import free_port
-from test_feedback import labels_in, rating_form
+from test_feedback import candidates, labels_in, question, rating_form
 from test_feedback_hardening import bearer, setup
 
 BROWSER = {"origin": "http://testserver"}
@@ -199,6 +199,37 @@ def test_concurrent_next_calls_give_one_annotator_one_task(db_url):
         assert len(got) == 40 and len(set(got)) == 1, sorted(set(got))
         held = [t for t in range(1, 11) if store.is_assigned(t, store.annotator_by_token(tokens["ann"]).id)]
         assert held == got[:1]
+
+
+def test_many_lost_races_for_a_slot_still_give_a_task_never_none(db_url):
+    """CI once saw "no task left" with 600 tasks open: 20 annotators raced for the same slot and one lost 50
+    times in a row. Here 60 rivals each take, just before our commit, the very slot we are about to take."""
+    store = FeedbackStore(db_url)
+    for i in range(10):
+        store.add_task(question(i), candidates(i))
+    ours = store.annotator_by_token(store.add_annotator("ours")).id
+    rivals = [store.annotator_by_token(store.add_annotator(f"rival{i}")).id for i in range(60)]
+    rival_store, real_session = FeedbackStore(db_url), store.session
+
+    def racing_session():
+        session, commit = real_session(), None
+
+        def lose_then_commit():
+            taking = [row for row in session.new if isinstance(row, Assignment)]
+            if rivals and taking:  # a rival takes our very (task, slot) first
+                with rival_store.session() as other:
+                    other.add(Assignment(task_id=taking[0].task_id, annotator_id=rivals.pop(), slot=taking[0].slot))
+                    other.commit()
+            commit()
+
+        commit, session.commit = session.commit, lose_then_commit
+        return session
+
+    store.session = racing_session
+    task = store.next_task(ours, replication=100)
+    store.session = real_session
+    assert not rivals  # all 60 races were run, and lost, before ours won
+    assert task is not None and store.is_assigned(task, ours)
 
 
 # ---------------------------------------------------------------- 7-10: headers, fields, names, sign-ins

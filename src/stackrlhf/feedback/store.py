@@ -13,6 +13,7 @@ is final (its slot may have gone to someone else), an annotator holds at most on
 from __future__ import annotations
 
 import hashlib
+import random
 import secrets
 from datetime import datetime, timedelta, timezone
 
@@ -29,6 +30,8 @@ MAX_OFFERS_PER_SLOT = 3  # a task is offered to at most replication * this annot
 MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER columns on PostgreSQL
 MAX_SUBMISSIONS_PER_TASK = 50  # an annotator's edits of one task; more are refused (the table cannot be flooded)
 SESSION_DAYS = 30
+MAX_TAKE_ATTEMPTS = 1000  # lost races for a slot before next_task gives up with an error (never a silent None)
+SPREAD_AFTER_COLLISION = 8  # after a lost race, take one of the first this-many open tasks at random
 SIMULATED_PREFIX = "bot:"  # simulated annotators' names start with it, and people's never do
 
 
@@ -284,24 +287,27 @@ class FeedbackStore:
 
     def next_task(self, annotator_id: int, replication: int) -> int | None:
         """The annotator's open task, else a new one: the oldest task with fewer than ``replication`` holders
-        that this annotator has not had. Concurrent callers may race; the unique slot and open-assignment rows
-        decide, and the loser looks again (finding the task it now holds, or the next one)."""
-        for _ in range(50):
+        that this annotator has not had; None only when no such task exists. Concurrent callers race for the
+        same slot; the unique slot and open-assignment rows decide, and the loser looks again (finding the task
+        it now holds, or another one: after a lost race it picks at random among the first few, so twenty
+        annotators do not keep colliding on one task). Every lost race means someone else took a slot, and
+        slots are finite, so the loop ends; the bound only turns a defect into an error instead of a hang."""
+        for attempt in range(MAX_TAKE_ATTEMPTS):
             with self.session() as s:
                 held = s.scalar(select(OpenAssignment.task_id).where(OpenAssignment.annotator_id == annotator_id))
                 if held is not None:
                     return held
                 mine = select(Assignment.task_id).where(Assignment.annotator_id == annotator_id)
                 offered, holding = self._slot_counts()
-                row = s.execute(
+                rows = s.execute(
                     select(Task.id, func.coalesce(self._counts.c.top, -1) + 1)
                     .outerjoin(self._counts, self._counts.c.task_id == Task.id)
                     .outerjoin(self._skips, self._skips.c.task_id == Task.id)
                     .where(Task.id.not_in(mine), holding < replication, offered < replication * MAX_OFFERS_PER_SLOT)
-                    .order_by(holding.desc(), Task.id).limit(1)).first()
-                if row is None:
+                    .order_by(holding.desc(), Task.id).limit(1 if attempt == 0 else SPREAD_AFTER_COLLISION)).all()
+                if not rows:
                     return None
-                candidate, slot = row  # the next slot number: unique per task, so concurrent takers collide
+                candidate, slot = rows[0] if attempt == 0 else random.choice(rows)  # slot: unique per task
                 s.add(Assignment(task_id=candidate, annotator_id=annotator_id, slot=slot))
                 s.add(OpenAssignment(annotator_id=annotator_id, task_id=candidate))
                 try:
@@ -309,7 +315,8 @@ class FeedbackStore:
                     return candidate
                 except IntegrityError:
                     s.rollback()
-        return None
+        raise StoreError(503, f"could not take a task after {MAX_TAKE_ATTEMPTS} attempts (every one collided); "
+                         "try again")
 
     @property
     def _counts(self):
