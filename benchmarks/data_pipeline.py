@@ -38,7 +38,7 @@ def synthesise(src: Path, dst: Path, factor: int) -> None:
         for k in range(factor):
             shift = k * (max_id + 1)
             for ln in rows:
-                out.write(_ID_ATTRS.sub(lambda m: b'%s="%d"' % (m.group(1), int(m.group(2)) + shift), ln))
+                out.write(_ID_ATTRS.sub(lambda m, shift=shift: b'%s="%d"' % (m.group(1), int(m.group(2)) + shift), ln))
         out.write(b"</posts>\n")
 
 

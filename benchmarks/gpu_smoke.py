@@ -3,7 +3,8 @@ config (no hub), in bf16 autocast over float32 master weights, with and without 
 
 Per stage it prints: throughput (tokens/s or episodes/s), peak GPU memory, the share of trainable tensors that
 changed (1.0 expected: with pure-bf16 weights most small updates round away), and whether the loss fell (PPO:
-whether the reward rose; a few PPO steps are noise, so its check is a finite KL and every tensor changed). It runs on a CPU too, with a tiny model (``--tiny``; CPU autocast supports bf16),
+whether the reward rose; a few PPO steps are noise, so its check is a finite KL and every tensor changed). It runs
+on a CPU too, with a tiny model (``--tiny``; CPU autocast supports bf16),
 which is how the test suite checks it. On a GPU, within about 8 minutes:
 
     python benchmarks/gpu_smoke.py --out /tmp/smoke              # builds its data from the shared beer dump
@@ -93,9 +94,9 @@ def stage_rm(base: Path, data: str, out: Path, steps: int, dtype: str, gc: bool,
     from stackrlhf.train.config import RMConfig
     from stackrlhf.train.reward import train_reward_model
 
-    m = train_reward_model(RMConfig(backbone=str(base), data=[data], out=str(out), max_steps=steps, dtype=dtype,
+    m = train_reward_model(RMConfig(model=str(base), data=[data], out=str(out), max_steps=steps, dtype=dtype,
                                     gradient_checkpointing=gc, per_device_train_batch_size=4 if tiny else 16,
-                                    max_length=128 if tiny else 256, max_question_tokens=32, learning_rate=1e-4,
+                                    max_length=128 if tiny else 256, max_prompt_tokens=32, learning_rate=1e-4,
                                     max_eval_pairs=32, report_to="none", warmup_ratio=0.0,
                                     adjust=["length,time"]))
     from stackrlhf.models.reward import load_backbone
@@ -115,7 +116,7 @@ def stage_ppo(base: Path, data: str, out: Path, steps: int, dtype: str, gc: bool
     from stackrlhf.rl.ppo import PPOTrainer
 
     prompts = (8 if tiny else 64) // (2 if algorithm == "rloo" else 1)  # RLOO: half the prompts, 2 answers each
-    cfg = PPOConfig(policy=str(base), data=data, out=str(out), steps=steps, batch_size=prompts,
+    cfg = PPOConfig(model=str(base), data=data, out=str(out), steps=steps, batch_size=prompts,
                     algorithm=algorithm,
                     mini_batch_size=4 if tiny else 16, ppo_epochs=2, min_new_tokens=16 if tiny else 64,
                     max_new_tokens=16 if tiny else 96, learning_rate=1e-4, num_layers_unfrozen=2, dtype=dtype,

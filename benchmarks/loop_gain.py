@@ -78,8 +78,8 @@ def setup(args, out: Path) -> tuple[str, str]:
         "data": {"dump": args.dump} if args.dump else {},
         "pretrain": {"size": "tiny", "max_minutes": args.pretrain_minutes, "learning_rate": 1e-3},
         # the offline model learns from scratch; an instruction-tuned base needs a light touch (the demo's SFT)
-        "sft": ({"max_length": 256, "max_prompt_length": 128, "num_train_epochs": 2, "learning_rate": 3e-4}
-                if offline else {"max_length": 320, "max_prompt_length": 128, "num_layers_unfrozen": 6,
+        "sft": ({"max_length": 256, "max_prompt_tokens": 128, "num_train_epochs": 2, "learning_rate": 3e-4}
+                if offline else {"max_length": 320, "max_prompt_tokens": 128, "num_layers_unfrozen": 6,
                                  "num_train_epochs": 1, "learning_rate": 2e-5, "max_eval_samples": 32})
                | {"max_minutes": args.sft_minutes},
         "rm": {},  # planned, never run (until sft): each loop turn trains its own RM on the labels
@@ -98,7 +98,7 @@ def loop_settings(args, data: str, out: Path) -> Path:
         "questions": args.questions, "answers_per_question": args.answers_per_question,
         "min_labels": max(1, args.questions * args.replication // 2), "max_new_tokens": 48,
         "temperature": args.temperature, "top_p": 1.0,
-        "rm": {"num_train_epochs": args.rm_epochs, "max_length": 128, "max_question_tokens": 32,
+        "rm": {"num_train_epochs": args.rm_epochs, "max_length": 128, "max_prompt_tokens": 32,
                "learning_rate": 5e-5, "report_to": "none", "seed": args.seed},
         # PPO and RLOO compute-matched: 16 answers and 2 optimiser steps an epoch per step either way (RLOO: 16 / k
         # prompts, k answers each)
@@ -131,7 +131,7 @@ def run_turns(args, data: str, sft: str, out: Path) -> dict:
             made = simulate(SimulateConfig(
                 db=f"sqlite:///{out / 'feedback.db'}", judge=args.judge, data=data, annotators=args.annotators,
                 noise=args.noise, rating_noise=args.rating_noise, replication=args.replication,
-                length_neutral=not args.no_length_neutral, seed=args.seed * 100 + len(versions)))
+                judge_length_neutral=not args.no_length_neutral, seed=args.seed * 100 + len(versions)))
             print(f"batch {result['batch']}: {result['action']}; simulated annotators made "
                   f"{made['labels']} labels ({time.perf_counter() - t0:.0f} s)", flush=True)
         else:

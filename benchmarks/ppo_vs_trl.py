@@ -79,7 +79,7 @@ def worker_ours(root: Path, steps: int, k: int, algorithm: str = "ppo") -> dict:
     from stackrlhf.rl.ppo import PPOTrainer
 
     rm = RewardModel.from_pretrained(root / "rm")
-    cfg = PPOConfig(policy=str(root / "policy"), data=str(root / "data"), out=str(root / f"ours-{k}-{time.time()}"),
+    cfg = PPOConfig(model=str(root / "policy"), data=str(root / "data"), out=str(root / f"ours-{k}-{time.time()}"),
                     steps=steps, batch_size=BATCH if algorithm == "ppo" else BATCH // 2, algorithm=algorithm,
                     rloo_k=2, mini_batch_size=MINI, ppo_epochs=EPOCHS, learning_rate=LR,
                     min_new_tokens=NEW_TOKENS, max_new_tokens=NEW_TOKENS, num_layers_unfrozen=k, report_to="none",

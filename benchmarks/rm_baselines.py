@@ -24,8 +24,9 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from stackrlhf.models.reward import RewardModel
-from stackrlhf.train.reward import (answer_scores, confounder_report, evaluation_report, load_pairs, load_test_pairs,
-                                    pair_scores, residualize_length)
+from stackrlhf.data.load import load_pairs, load_test_pairs
+from stackrlhf.evaluate.reward_report import confounder_report, evaluation_report, pair_scores
+from stackrlhf.train.reward import answer_scores, residualize_length
 
 
 def structure(text: str) -> list[float]:
@@ -59,8 +60,11 @@ def main() -> None:
     scale = np.array([structure(a) for a in list(train["chosen"])]).std(0) + 1e-6
     feats = {"TF-IDF, whole answers": lambda texts: tfidf.transform(texts),
              "structure, no length": lambda texts: np.array([structure(a) for a in texts]) / scale}
-    scorers = {name: (lambda pairs, f=f, m=fit_pairwise(f(list(train["chosen"])) - f(list(train["rejected"]))):
-                      as_pair_scores(m, f(list(pairs["chosen"])), f(list(pairs["rejected"])))) for name, f in feats.items()}
+    def probe(f):  # a linear model on feature differences, fitted once on the training pairs
+        m = fit_pairwise(f(list(train["chosen"])) - f(list(train["rejected"])))
+        return lambda pairs: as_pair_scores(m, f(list(pairs["chosen"])), f(list(pairs["rejected"])))
+
+    scorers = {name: probe(f) for name, f in feats.items()}
     for path in args.rm:
         rm = RewardModel.from_pretrained(path)
         scorers[path] = lambda pairs, rm=rm: pair_scores(rm, pairs, 32, progress="scoring")

@@ -20,7 +20,8 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason=DUMPS_MISSING)
     for item in items:
-        if DUMP_FIXTURES & set(getattr(item, "fixturenames", ())) or getattr(getattr(item, "module", None), "SHARED", None) is not None:
+        module_needs_dumps = getattr(getattr(item, "module", None), "SHARED", None) is not None
+        if DUMP_FIXTURES & set(getattr(item, "fixturenames", ())) or module_needs_dumps:
             item.add_marker(skip)
 
 

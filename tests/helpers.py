@@ -14,6 +14,7 @@ from stackrlhf.data.schema import shard_file
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "stackexchange"
+TINY_DUMP = REPO / "tests" / "data" / "tea.example.com"  # a made-up dump (CC0): tests that need any dump, not ../shared
 SITES = ("beer.stackexchange.com", "cardano.stackexchange.com", "quantumcomputing.stackexchange.com",
          "matheducators.stackexchange.com")
 

@@ -16,7 +16,7 @@ SITE = "beer.stackexchange.com"
 
 def run_build(dump: str, out: Path, *extra: str):
     result = CliRunner().invoke(cli, ["data", "build", "--dump", dump, "--out", str(out), "--no-progress",
-                                      "--cache-dir", str(out.parent / "cache"), *extra])
+                                      "--cache", str(out.parent / "cache"), *extra])
     return result
 
 

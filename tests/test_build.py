@@ -7,7 +7,6 @@ import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
 
 import datasets
-import pytest
 
 from helpers import SHARED, SITES, read_parquet_rows
 from stackrlhf.data.build import build_dataset
@@ -228,13 +227,3 @@ def test_dataset_card_and_config_written(built_all):
     card = (built_all / "README.md").read_text()
     assert "config_name: reward" in card and "CC BY-SA" in card
     assert "dump:" in (built_all / "config.yaml").read_text()
-
-
-@pytest.mark.parametrize("cmd", [[], ["data"], ["data", "build"], ["data", "fetch"]])
-def test_help_on_every_command(cmd):
-    from click.testing import CliRunner
-
-    from stackrlhf.cli import cli
-
-    result = CliRunner().invoke(cli, cmd + ["--help"])
-    assert result.exit_code == 0 and "Usage:" in result.output

@@ -22,7 +22,8 @@ from stackrlhf.models.confounders import (answer_covariates, fit_bradley_terry, 
 from stackrlhf.models.reward import RewardModel
 from stackrlhf.prompts import format_prompt
 from stackrlhf.train.config import RMConfig
-from stackrlhf.train.reward import batch_covariance, confounder_report, train_reward_model
+from stackrlhf.evaluate.reward_report import confounder_report
+from stackrlhf.train.reward import batch_covariance, train_reward_model
 
 WORDS = ("malt hops yeast barley water lager stout porter ale wheat bitter sweet cold warm glass bottle "
          "keg foam head aroma").split()
@@ -71,7 +72,7 @@ def confounded_pairs(root: Path, n_train: int, n_eval: int, n_test: int, seed: i
     return root
 
 
-FAST = {"report_to": "none", "logging_steps": 5, "max_length": 64, "max_question_tokens": 16,
+FAST = {"report_to": "none", "logging_steps": 5, "max_length": 64, "max_prompt_tokens": 16,
         "per_device_train_batch_size": 16, "learning_rate": 1e-4, "num_train_epochs": 2}
 
 
@@ -212,7 +213,8 @@ def test_time_adjustment_needs_dates(tmp_path):
 def test_residualized_length_trend_is_removed_from_scores(planted, tmp_path):
     """--residualize-length: the plain RM's linear trend in log words, fitted on its training answers, comes off
     every score (and survives a save and reload), so its length correlation on new answers falls."""
-    from stackrlhf.train.reward import answer_scores, load_pairs, load_test_pairs, residualize_length
+    from stackrlhf.data.load import load_pairs, load_test_pairs
+    from stackrlhf.train.reward import answer_scores, residualize_length
 
     rm, _ = planted["plain"]
     train, test = load_pairs([str(planted["data"])], "train"), load_test_pairs([str(planted["data"])])

@@ -17,7 +17,7 @@ from stackrlhf.errors import StackRLHFError
 from stackrlhf.models.loading import load_causal_lm
 from stackrlhf.train.config import DPOConfig
 from stackrlhf.train.dpo import dpo, dpo_pairs, dpo_trainer
-from stackrlhf.train.reward import load_pairs
+from stackrlhf.data.load import load_pairs
 
 FAST = dict(max_length=96, max_prompt_tokens=32, per_device_train_batch_size=4, per_device_eval_batch_size=4,
             report_to="none", logging_steps=1, kl_prompts=0, save_steps=1000)

@@ -18,7 +18,7 @@ from stackrlhf.models.answerer import best_of_n_kl, parse_model_spec
 from stackrlhf.models.loading import load_causal_lm
 from stackrlhf.models.reward import RewardModel, default_backbone, load_backbone
 from stackrlhf.models.ilql import ILQLModel
-from stackrlhf.train.reward import load_pairs
+from stackrlhf.data.load import load_pairs
 
 
 def test_small_metrics():

@@ -18,7 +18,7 @@ from stackrlhf.feedback.app import create_app
 from stackrlhf.feedback.export import cohen_kappa, feedback_stats, krippendorff_alpha
 from stackrlhf.feedback.store import FeedbackStore, Label, scoped_client_id
 from stackrlhf.data.load import load_split
-from stackrlhf.train.reward import load_pairs
+from stackrlhf.data.load import load_pairs
 
 from helpers import free_port, start_server
 
@@ -220,7 +220,7 @@ def test_load_20_annotators_50_labels_each_with_retries_and_a_restart(db_url):
                         errors.append("no task left")
                     return
                 form = rating_form(task, str(uuid.uuid4()), best=k % 2)
-                for attempt in range(2 if k % 7 == 0 else 1):  # every 7th submit is retried (same client id)
+                for _attempt in range(2 if k % 7 == 0 else 1):  # every 7th submit is retried (same client id)
                     r = client.post(f"/task/{task['task']}", data=form)
                     if r.status_code not in (200, 201):
                         with lock:
@@ -228,7 +228,7 @@ def test_load_20_annotators_50_labels_each_with_retries_and_a_restart(db_url):
                 with lock:
                     sent[scoped_client_id(aid, form["client_id"])] = task["task"]
 
-    for phase in range(2):  # stop and restart the server between the halves
+    for _phase in range(2):  # stop and restart the server between the halves
         server = start_server(db, port)
         try:
             threads = [threading.Thread(target=annotate, args=(t, 25)) for t in tokens]

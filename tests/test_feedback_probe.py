@@ -57,7 +57,7 @@ class Served:
                 time.sleep(0.05)
         raise RuntimeError("the app did not start")
 
-    def __enter__(self) -> "Served":
+    def __enter__(self) -> Served:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -85,7 +85,7 @@ def test_download_gives_up_with_a_clear_error(tmp_path, archive_dir):
 def test_build_from_a_url(tmp_path, archive_dir):
     with FileServer(archive_dir) as srv:
         result = CliRunner().invoke(cli, ["data", "build", "--dump", f"{srv.url}/{SITE}.7z", "--out",
-                                          str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"),
+                                          str(tmp_path / "out"), "--cache", str(tmp_path / "c"),
                                           "--no-progress"])
     assert result.exit_code == 0, result.output
     import json
@@ -140,7 +140,7 @@ def test_demo_sites_download_on_a_clone_without_shared(tmp_path, monkeypatch):
     monkeypatch.setattr(dumps, "shared_dump_dirs", lambda: [])  # as on a clone with nothing beside it
     with FileServer(served) as srv:
         cfg = load_config(DataConfig, REPO / "configs" / "demo.yaml", section="data", base_url=srv.url,
-                          out=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"), progress=False)
+                          out=str(tmp_path / "data"), cache=str(tmp_path / "cache"), progress=False)
         assert sorted(cfg.dump) == ["beer", "cardano", "matheducators", "quantumcomputing"]
         build_dataset(cfg)
     assert len(list((tmp_path / "cache").rglob("Posts.xml"))) == 4  # all four fetched and unpacked

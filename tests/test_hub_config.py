@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from helpers import read_parquet_rows
+from helpers import TINY_DUMP, read_parquet_rows
 from stackrlhf.cli import cli
 from stackrlhf.config import load_config
 from stackrlhf.data.config import DataConfig
@@ -99,13 +99,13 @@ def test_yaml_config_errors(tmp_path):
 def test_cli_config_file_and_override(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     out = tmp_path / "o"
-    cfg_file.write_text(f"dump: [matheducators]\nout: {out}\nmax_pairs_per_question: 1\nprogress: false\n")
+    cfg_file.write_text(f"dump: [{TINY_DUMP}]\nout: {out}\nmax_pairs_per_question: 1\nprogress: false\n")
     result = CliRunner().invoke(cli, ["data", "build", "--config", str(cfg_file), "--max-pairs-per-question", "2"])
     assert result.exit_code == 0, result.output
     import yaml
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["max_pairs_per_question"] == 2 and saved["dump"] == ["matheducators"]
+    assert saved["max_pairs_per_question"] == 2 and saved["dump"] == [str(TINY_DUMP)]
     per_q = {}
     for r in read_parquet_rows(out, "reward", "train"):
         per_q[r["qid"]] = per_q.get(r["qid"], 0) + 1

@@ -13,9 +13,9 @@ PACKAGE = REPO / "src" / "stackrlhf"
 FORBIDDEN = {
     "models": {"train", "rl", "evaluate", "feedback", "pipeline", "loop", "cli"},
     "data": {"models", "train", "rl", "evaluate", "feedback", "pipeline", "loop", "cli"},
-    "evaluate": {"feedback", "pipeline", "loop", "cli"},
+    "evaluate": {"feedback", "train", "rl", "pipeline", "loop", "cli"},
     "feedback": {"evaluate", "train", "rl", "pipeline", "loop", "cli"},
-    "train": {"rl", "evaluate", "feedback", "pipeline", "loop", "cli"},
+    "train": {"rl", "feedback", "pipeline", "loop", "cli"},  # train reports an RM through evaluate/
     "rl": {"train", "evaluate", "feedback", "pipeline", "loop", "cli"},
 }
 

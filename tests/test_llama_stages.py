@@ -47,7 +47,7 @@ def test_sft_then_ppo_rloo_ilql_and_dpo_train_a_chat_llama(chat_llama, beer_data
 
     quiet = dict(report_to="none")
     sft(SFTConfig(model=str(chat_llama), data=str(beer_data), out=str(tmp_path / "sft"), max_steps=3,
-                  max_length=128, max_prompt_length=96, max_train_samples=24, max_eval_samples=8,
+                  max_length=128, max_prompt_tokens=96, max_train_samples=24, max_eval_samples=8,
                   learning_rate=1e-3, **quiet))
     assert changed(chat_llama, tmp_path / "sft") > 0.5
     _, tok = load_causal_lm(str(tmp_path / "sft"))
@@ -57,7 +57,7 @@ def test_sft_then_ppo_rloo_ilql_and_dpo_train_a_chat_llama(chat_llama, beer_data
         return [len(a) / 100 for a in answers]
 
     for algorithm in ("ppo", "rloo"):
-        metrics = train_ppo(PPOConfig(policy=str(tmp_path / "sft"), data=str(beer_data), out=str(tmp_path / algorithm),
+        metrics = train_ppo(PPOConfig(model=str(tmp_path / "sft"), data=str(beer_data), out=str(tmp_path / algorithm),
                                       algorithm=algorithm, steps=2, batch_size=8 if algorithm == "ppo" else 4,
                                       mini_batch_size=4, min_new_tokens=8, max_new_tokens=8, max_prompt_tokens=96,
                                       num_layers_unfrozen=1, learning_rate=1e-3, sample_every=0, save_every=0,
@@ -88,7 +88,7 @@ def test_sft_then_ppo_rloo_ilql_and_dpo_train_a_chat_llama(chat_llama, beer_data
 
 def test_dpo_pairs_carry_the_templated_prompt(chat_llama, beer_data):
     from stackrlhf.train.dpo import dpo_pairs
-    from stackrlhf.train.reward import load_pairs
+    from stackrlhf.data.load import load_pairs
 
     _, tok = load_causal_lm(str(chat_llama))
     pairs = load_pairs([str(beer_data)], "train", 4, 0)

@@ -20,7 +20,7 @@ from stackrlhf.loop import loop_status, loop_turn
 from stackrlhf.models.reward import RewardModel, default_backbone, load_backbone
 
 SMALL = {
-    "rm": {"max_steps": 2, "max_train_pairs": 24, "max_eval_pairs": 12, "max_length": 48, "max_question_tokens": 16,
+    "rm": {"max_steps": 2, "max_train_pairs": 24, "max_eval_pairs": 12, "max_length": 48, "max_prompt_tokens": 16,
            "report_to": "none"},
     "ppo": {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "min_new_tokens": 4, "max_new_tokens": 8,
             "num_layers_unfrozen": 1, "report_to": "none", "progress": False},
@@ -69,7 +69,7 @@ def test_a_loop_turn_queues_waits_then_retrains_and_registers(tiny_lm, beer_data
     assert v1["data"] == [str(beer_data), str(registry / "v1" / "feedback")]
     rm_cfg = yaml.safe_load((registry / "v1" / "rm" / "config.yaml").read_text())
     assert rm_cfg["data"] == v1["data"]  # the RM learned from votes and the human labels
-    assert yaml.safe_load((registry / "v1" / "ppo" / "config.yaml").read_text())["policy"] == str(tiny_lm)
+    assert yaml.safe_load((registry / "v1" / "ppo" / "config.yaml").read_text())["model"] == str(tiny_lm)
     assert "win_rate_proxy_vs_v0" in v1["metrics"] and v1["metrics"]["ppo"]["steps"] == 2
     assert_judged(registry, v1, 1)
 
@@ -97,7 +97,7 @@ def test_a_loop_turn_queues_waits_then_retrains_and_registers(tiny_lm, beer_data
     assert (v2["parent"], v2["labels"]) == (1, sum(label.task_id in v1_tasks for label in kept))
     assert v2["feedback_pairs"] == len(kept)  # every label so far, the person's and the simulated ones
     assert v2["data"] == [str(registry / "v2" / "feedback")]
-    assert yaml.safe_load((registry / "v2" / "ppo" / "config.yaml").read_text())["policy"] == v1["model"]
+    assert yaml.safe_load((registry / "v2" / "ppo" / "config.yaml").read_text())["model"] == v1["model"]
     assert_judged(registry, v2, 2)
 
     # the report shows the versions: judge score against labels used and against KL, best-of-n beside them

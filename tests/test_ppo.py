@@ -38,7 +38,7 @@ def target_fraction(tok=None):
 
 
 def config(tiny_policy, beer_data, out, **kw) -> PPOConfig:
-    base = dict(policy=str(tiny_policy), data=str(beer_data), out=str(out), batch_size=16, mini_batch_size=8,
+    base = dict(model=str(tiny_policy), data=str(beer_data), out=str(out), batch_size=16, mini_batch_size=8,
                 ppo_epochs=2, min_new_tokens=12, max_new_tokens=12, learning_rate=3e-3, num_layers_unfrozen=1,
                 report_to="none", progress=False, sample_every=0, save_every=0, init_kl_coef=0.01,
                 adaptive_kl=False, seed=0)
@@ -121,6 +121,12 @@ def test_large_fixed_beta_keeps_the_policy_close(tiny_policy, beer_data, tmp_pat
     end = sum(h["reward/score_mean"] for h in history[-3:]) / 3
     assert end < start + 0.05
     assert max(abs(h["kl/mean"]) for h in history) < 1.5
+    # and not because nothing trained: the policy loss was live and the top block's weights moved
+    trained, _ = load_causal_lm(str(tmp_path / "leash"))
+    start_lm, _ = load_causal_lm(str(tiny_policy))
+    moved = max((a - b).abs().max().item() for a, b in zip(trained.parameters(), start_lm.parameters()))
+    assert moved > 1e-4, moved
+    assert any(abs(h["loss/policy"]) > 0 for h in history)
 
 
 def test_resume_gives_the_same_next_step(tiny_policy, beer_data, tmp_path):

@@ -18,11 +18,13 @@ from stackrlhf.data.schema import PAIRS
 from stackrlhf.models.reward import RewardModel, default_backbone, encode_pair, load_backbone
 from stackrlhf.prompts import format_prompt
 from stackrlhf.train.config import RMConfig
-from stackrlhf.train.reward import evaluation_report, load_pairs, train_reward_model
+from stackrlhf.data.load import load_pairs
+from stackrlhf.evaluate.reward_report import evaluation_report
+from stackrlhf.train.reward import train_reward_model
 
 WORDS = ("malt hops yeast barley water lager stout porter ale wheat bitter sweet cold warm glass bottle "
          "keg foam head aroma").split()
-FAST = {"report_to": "none", "logging_steps": 5, "max_length": 48, "max_question_tokens": 16,
+FAST = {"report_to": "none", "logging_steps": 5, "max_length": 48, "max_prompt_tokens": 16,
         "per_device_train_batch_size": 16, "learning_rate": 1e-4}
 
 
@@ -115,10 +117,13 @@ def test_text_from_another_tokenizer_is_scored(planted_rm):
     out, _ = planted_rm
     rm = RewardModel.from_pretrained(out)
     policy_tok = train_tokenizer([" ".join(WORDS)] * 50, vocab_size=300)
-    ids = policy_tok("the stout is excellent and cold")["input_ids"]
-    text = policy_tok.decode(ids)
+    texts = [policy_tok.decode(policy_tok(t)["input_ids"]) for t in ("stout excellent cold keg", "stout cold keg")]
     assert type(policy_tok).__name__ != type(rm.tokenizer).__name__
-    assert rm.score([format_prompt("q", "b")], [text]) == rm.score([format_prompt("q", "b")], [text])
+    assert texts == ["stout excellent cold keg", "stout cold keg"]  # the policy's ids come back as the same text
+    q = [format_prompt("q", "b")] * 2
+    with_marker, without = rm.score(q, texts)
+    assert with_marker > without  # the planted preference survives the trip through another tokenizer
+    assert rm.score(q, texts) == rm.score(q, ["stout excellent cold keg", "stout cold keg"])
 
 
 def test_question_is_cut_before_the_answer():
@@ -167,7 +172,7 @@ def test_evaluation_report_baselines():
 
 
 def test_bootstrap_interval_resamples_whole_questions():
-    from stackrlhf.train.reward import question_bootstrap_ci
+    from stackrlhf.evaluate.reward_report import question_bootstrap_ci
 
     assert question_bootstrap_ci(np.ones(30), list(range(30))) == [1.0, 1.0]
     assert question_bootstrap_ci(np.array([]), []) is None
@@ -211,7 +216,7 @@ def test_causal_lm_backbone(tmp_path):
     make_model("tiny", tok).save_pretrained(str(tmp_path / "lm"))
     tok.save_pretrained(str(tmp_path / "lm"))
     data = write_pairs(tmp_path / "pairs", 32, 8)
-    metrics = train_reward_model(RMConfig(backbone=str(tmp_path / "lm"), data=[str(data)], out=str(tmp_path / "rm"),
+    metrics = train_reward_model(RMConfig(model=str(tmp_path / "lm"), data=[str(data)], out=str(tmp_path / "rm"),
                                           max_steps=2, num_layers_unfrozen=1, **FAST))
     assert metrics["eval_pairs"] == 8
     rm = RewardModel.from_pretrained(tmp_path / "rm")
@@ -221,9 +226,15 @@ def test_causal_lm_backbone(tmp_path):
 
 def test_score_cli(planted_rm):
     out, _ = planted_rm
-    result = CliRunner().invoke(cli, ["score", str(out), "malt question", "an excellent answer"])
-    assert result.exit_code == 0, result.output
-    float(result.stdout.strip())
+    rm = RewardModel.from_pretrained(out)
+    printed = []
+    for answer in ("malt excellent hops", "malt hops"):
+        result = CliRunner().invoke(cli, ["score", str(out), "malt question", answer])
+        assert result.exit_code == 0, result.output
+        printed.append(float(result.stdout.strip()))
+        expected = rm.score([format_prompt("", "malt question")], [answer])[0]
+        assert printed[-1] == pytest.approx(expected, abs=1e-3)  # the RM's raw score, to the 4 decimals printed
+    assert printed[0] > printed[1]  # the planted marker wins through the CLI too
 
 
 def test_lora_reward_model(tmp_path):
@@ -264,7 +275,7 @@ def test_debias_weight_counts_pairs_against_length_and_time_more():
             row("a long answer", "short", None, None)]                  # a human label without dates
     assert [against_bias(r) for r in rows] == [False, True, True, False]
     model, tok = load_backbone(default_backbone())
-    cfg = RMConfig(data=["x"], debias_weight=2.0, max_length=32, max_question_tokens=8)
+    cfg = RMConfig(data=["x"], debias_weight=2.0, max_length=32, max_prompt_tokens=8)
     items = PairDataset(tok, rows, cfg)
     assert [it["weight"] for it in items.items] == [1.0, 3.0, 3.0, 1.0]
     batch = PairCollator(tok.pad_token_id)(items.items)
@@ -314,3 +325,24 @@ def test_reward_ensemble(planted_rm, tmp_path):
         result = runner.invoke(cli, ["rm-ensemble", *args, "--data", str(data), "--out", str(tmp_path / "bad")])
         assert result.exit_code != 0 and message in result.output, result.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_label_pairs_are_weighted_against_the_votes():
+    import datasets
+
+    from stackrlhf.train.reward import PairDataset, label_loss_weight
+
+    def row(source):
+        return {"prompt": "Question: q\n\nAnswer: ", "chosen": "a", "rejected": "b", "score_j": 2, "score_k": 1,
+                "date_j": None, "date_k": None, "source": source}
+
+    rows = [row("stackexchange")] * 9 + [row("feedback:alice"), row("feedback-simulated:bot:sim-1"), row("feedback:bo")]
+    pairs = datasets.Dataset.from_list(rows)
+    assert label_loss_weight(pairs, -1) == 3.0  # 9 vote pairs, 3 label pairs: equal total weight
+    assert label_loss_weight(pairs, 2.5) == 2.5 and label_loss_weight(pairs.select(range(9)), -1) == 1.0
+    _, tok = load_backbone(default_backbone())
+    items = PairDataset(tok, rows, RMConfig(data=["x"], max_length=32, max_prompt_tokens=8), label_weight=3.0)
+    weights = [it["weight"] for it in items.items]
+    assert weights == [1.0] * 9 + [3.0] * 3 and sum(weights[:9]) == sum(weights[9:])
+    with pytest.raises(ValueError, match="label-weight"):
+        RMConfig(data=["x"], label_weight=-2)

@@ -91,3 +91,28 @@ def test_wandb_is_wired_and_missing_wandb_is_a_clear_error(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     with pytest.raises(StackRLHFError, match="pip install wandb"):
         MetricsWriter(tmp_path, "wandb")
+
+
+def test_rl_trainers_do_not_inherit_an_earlier_stages_bf16_autocast(tmp_path):
+    """accelerate keeps one state per process: after a bf16 Trainer stage (a pipeline runs stages in one
+    process) a plain Accelerator() would wrap ILQL's and PPO's forward in bf16 autocast; ours asks for none."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from stackrlhf.rl.common import make_accelerator
+    from stackrlhf.rl.config import ILQLConfig
+    from stackrlhf.rl.ilql import ILQLTrainer
+    from stackrlhf.rl.randomwalks import generate_random_walks, walk_model, walk_tokenizer
+
+    AcceleratorState._reset_state()
+    assert Accelerator(mixed_precision="bf16").mixed_precision == "bf16"  # what a bf16 Trainer stage leaves
+    assert make_accelerator().mixed_precision == "no"
+    AcceleratorState._reset_state()
+    Accelerator(mixed_precision="bf16")  # the same state again, for the trainer
+    task = generate_random_walks()
+    tok = walk_tokenizer(task.n_nodes)
+    trainer = ILQLTrainer(ILQLConfig(model="randomwalks", out=str(tmp_path / "w"), steps=1, batch_size=8,
+                                     report_to="none", progress=False, save_every=0),
+                          task.samples(tok), walk_model(tok), tok)
+    assert trainer.accelerator.mixed_precision == "no"
+    AcceleratorState._reset_state()

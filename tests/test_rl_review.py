@@ -98,6 +98,7 @@ def test_each_loop_turn_draws_its_own_prompts_and_its_rm_keeps_the_gold_half_out
             by_name = {s.name: s.cfg for s in stages}
             seeds.append(by_name["ppo"].seed)
             assert by_name["ppo"].reference == str(tmp_path / "v0")  # KL to v0 in every turn
+            assert by_name["rm"].label_weight == -1  # labels weigh as much as all the votes together
             halves.append(by_name["rm"].pairs_half)
     assert len(set(seeds[:3])) == 3  # each turn its own prompt order and sampling seeds
     assert halves == ["all"] * 3 + ["proxy"] * 3
@@ -109,7 +110,7 @@ def test_the_proxy_half_keeps_every_label_and_drops_the_gold_votes(beer_data, tm
     from stackrlhf.data.load import load_split
     from stackrlhf.feedback.export import export_feedback
     from stackrlhf.feedback.store import FeedbackStore
-    from stackrlhf.train.reward import load_pairs
+    from stackrlhf.data.load import load_pairs
 
     rows = load_split(beer_data, "reward", "train")
     gold_qids = list(dict.fromkeys(q for s, q in zip(rows["site"], rows["qid"]) if pair_half(s, q) == "gold"))[:2]
@@ -173,7 +174,7 @@ def test_dpo_pairs_are_tokenized_exactly_as_sft_encodes_them(tiny_lm, beer_data,
     from test_dpo import FAST, make_trainer
 
     from stackrlhf.train.dpo import dpo_pairs
-    from stackrlhf.train.reward import load_pairs
+    from stackrlhf.data.load import load_pairs
     from stackrlhf.train.sft import encode_example
 
     _, tok = load_causal_lm(str(tiny_lm))

@@ -211,7 +211,17 @@ def test_guard_stops_on_nan():
         guard.on_log(Args(), State(), None, logs={"loss": float("nan")})
 
 
-def test_bad_model_path_is_a_clear_error(beer_data, tmp_path):
+def test_bad_model_path_is_a_clear_error(beer_data, tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["sft", "--model", str(tmp_path / "nope"), "--data", str(beer_data),
                                       "--out", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "nope: does not exist" in result.output
+    assert not (tmp_path / "o").exists()  # nothing written for a run that cannot start
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(cli, ["sft", "--model", str(tmp_path / "empty"), "--data", str(beer_data),
+                                      "--out", str(tmp_path / "o")])
     assert result.exit_code != 0 and "not a model directory" in result.output
+    monkeypatch.chdir(tmp_path)  # `outputs/sft` beside an outputs/ folder is a path, not a hub id: no hub call
+    (tmp_path / "outputs").mkdir()
+    result = CliRunner().invoke(cli, ["sft", "--model", "outputs/sft", "--data", str(beer_data), "--out", "o"])
+    assert result.exit_code != 0 and "outputs/sft: does not exist" in result.output
+    assert not (tmp_path / "o").exists()  # nothing written for a run that cannot start

@@ -110,7 +110,7 @@ def test_bad_settings_are_refused(judge_dir, tmp_path):
     with pytest.raises(ValueError, match="needs --data"):
         SimulateConfig(db="sqlite:///x.db", judge="reference")
     with pytest.raises(StackRLHFError, match="residualize-length"):
-        simulate(SimulateConfig(db=f"sqlite:///{tmp_path / 'x.db'}", judge=f"rm:{judge_dir}", length_neutral=True))
+        simulate(SimulateConfig(db=f"sqlite:///{tmp_path / 'x.db'}", judge=f"rm:{judge_dir}", judge_length_neutral=True))
     result = CliRunner().invoke(cli, ["feedback", "simulate", "--db", f"sqlite:///{tmp_path / 'y.db'}", "--judge",
                                       f"rm:{judge_dir}", "--skip-rate", "1.5"])
     assert result.exit_code != 0 and "skip-rate" in result.output and "Traceback" not in result.output

@@ -35,10 +35,23 @@ def user_errors(func):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+PIPELINE_ORDER = ("run", "data", "models", "pretrain", "sft", "rm", "rm-ensemble", "score", "ppo", "dpo", "ilql",
+                  "eval", "report", "ask", "feedback", "loop")
+
+
+class PipelineOrder(click.Group):
+    """`stackrlhf --help` lists the commands in the order a run uses them, not alphabetically."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        rank = {name: i for i, name in enumerate(PIPELINE_ORDER)}
+        return sorted(self.commands, key=lambda name: (rank.get(name, len(rank)), name))
+
+
+@click.group(cls=PipelineOrder, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="stackrlhf")
 def cli() -> None:
-    """RLHF for Stack Exchange question answering: data dump -> SFT -> reward model -> PPO / ILQL."""
+    """RLHF for Stack Exchange question answering: data dump -> SFT -> reward model -> PPO / RLOO / DPO / ILQL ->
+    evaluation, and human feedback that retrains the reward model."""
 
 
 @cli.group()
@@ -214,7 +227,7 @@ def rm_ensemble_cmd(members, out, data, combine, batch_size) -> None:
 
     Example: stackrlhf rm-ensemble outputs/rm-a outputs/rm-b --data outputs/data --out outputs/rm-ensemble
     """
-    from stackrlhf.train.reward import build_reward_ensemble
+    from stackrlhf.train.ensemble import build_reward_ensemble
 
     build_reward_ensemble(list(members), out, list(data), combine, batch_size)
 
@@ -245,7 +258,7 @@ def score_cmd(rm_dir, question, answer, title, normalize) -> None:
 def ppo_cmd(config_file, **options) -> None:
     """Online RLHF: PPO on the rl prompts, reward = RM score - beta * KL to the frozen reference.
 
-    Example: stackrlhf ppo --policy outputs/sft --reward outputs/rm --data outputs/data --out outputs/ppo
+    Example: stackrlhf ppo --model outputs/sft --reward outputs/rm --data outputs/data --out outputs/ppo
     """
     from stackrlhf.rl.ppo import train_ppo
 
@@ -287,9 +300,9 @@ def report_cmd(config_file, **options) -> None:
 
     Example: stackrlhf report --run outputs/demo --out outputs/demo/report.html
     """
-    from stackrlhf.pipeline import write_report
+    from stackrlhf.pipeline import report_stage
 
-    click.echo(str(write_report(load_config(ReportConfig, config_file, section="report", **options))))
+    click.echo(str(report_stage(load_config(ReportConfig, config_file, section="report", **options))))
 
 
 @cli.command("run")
@@ -313,7 +326,9 @@ def run_cmd(config, out, force, until) -> None:
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
               help="YAML with loop settings (data, db, gold_reward, judge, rm_votes, best_of, min_labels, "
                    "questions, rm:, ppo:, eval:).")
-@click.option("--policy", default="", help="First turn only: the starting policy (version 0), e.g. the SFT model.")
+@click.option("--model", "policy", default="", help="First turn only: the starting policy (version 0), e.g. the SFT "
+                                                    "model.")
+@click.option("--policy", "old_policy", default="", hidden=True, help="The old name of --model.")
 @click.option("--reward", default="", help="First turn only: the reward model that goes with version 0 (optional; "
                                           "each turn trains its own).")
 @click.option("--data", default=None, help="The votes dataset (`data build` output) [saved by the first turn].")
@@ -325,13 +340,17 @@ def run_cmd(config, out, force, until) -> None:
 @click.option("--questions", default=None, type=int, help="Questions queued per turn [20].")
 @click.pass_context
 @user_errors
-def loop_cmd(ctx, registry, config_file, policy, reward, data, db, gold_reward, judge, min_labels, questions) -> None:
+def loop_cmd(ctx, registry, config_file, policy, old_policy, reward, data, db, gold_reward, judge, min_labels,
+             questions) -> None:
     """One turn of the feedback loop: queue the policy's answers; once labelled, retrain the RM on votes + human
     labels, run PPO, evaluate, and register a new version. `stackrlhf loop status` lists the versions."""
     if ctx.invoked_subcommand is not None:
         return
     from stackrlhf.loop import loop_turn
 
+    if old_policy:
+        click.echo("warning: --policy is the old name of --model; use that", err=True)
+        policy = policy or old_policy
     result = loop_turn(registry, policy, reward, config_file, data=data, db=db, gold_reward=gold_reward,
                        judge=judge, min_labels=min_labels, questions=questions)
     click.echo(json.dumps(result))

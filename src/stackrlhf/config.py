@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import types
 import typing
@@ -42,6 +43,24 @@ def _field_kind(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")  # training dtypes: auto is bf16 autocast on a capable GPU
+REPORT_TO_CHOICES = ("tensorboard", "wandb", "both", "none")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")  # transformers' SchedulerType names
+
+
+def shown_default(value: Any) -> str:
+    """How ``--help`` shows a default, the same way everywhere: ``[default: 0.7]``, ``[default: length, time]``,
+    ``[default: on]``; nothing when there is none (an empty string, list or None)."""
+    if value is None or value == "" or value == [] or value == ():
+        return ""
+    if isinstance(value, bool):
+        return f"[default: {'on' if value else 'off'}]"
+    if isinstance(value, (list, tuple)):
+        return f"[default: {', '.join(map(str, value))}]"
+    return f"[default: {value}]"
+
+
 def config_options(cls: type) -> typing.Callable:
     """Decorate a click command with ``--config FILE`` and one option per field of the dataclass ``cls``.
 
@@ -58,17 +77,22 @@ def config_options(cls: type) -> typing.Callable:
             name = "--" + f.name.replace("_", "-")
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-            help_text = f.metadata.get("help", "")
-            help_text = f"{help_text} [default: {default!r}]" if help_text else f"[default: {default!r}]"
-            if scalar is bool and not is_list:
-                opt = click.option(f"{name}/--no-{name[2:]}", f.name, default=None, help=help_text)
-            else:
+            help_text = " ".join(filter(None, (f.metadata.get("help", ""), shown_default(default))))
+            ctype: Any = None
+            if not (scalar is bool and not is_list):
                 ctype = {int: int, float: float, str: str}.get(scalar, str)
-                choices = f.metadata.get("choices")
-                if choices:
-                    ctype = click.Choice(list(choices))
-                opt = click.option(name, f.name, type=ctype, default=None, multiple=is_list, help=help_text)
-            func = opt(func)
+                if f.metadata.get("choices"):
+                    ctype = click.Choice(list(f.metadata["choices"]))
+            for flag, dest, shown in [(name, f.name, True)] + [
+                    ("--" + old.replace("_", "-"), old, False) for old in f.metadata.get("aliases", ())]:
+                # an old spelling (``aliases``) is still accepted, hidden from --help, with a warning
+                if ctype is None:
+                    opt = click.option(f"{flag}/--no-{flag[2:]}", dest, default=None, hidden=not shown,
+                                       help=help_text if shown else None)
+                else:
+                    opt = click.option(flag, dest, type=ctype, default=None, multiple=is_list, hidden=not shown,
+                                       help=help_text if shown else None)
+                func = opt(func)
         return click.option(
             "--config", "config_file", type=click.Path(dir_okay=False), default=None,
             help="YAML file with the settings (a stage's fields, or a pipeline file with a section per stage).",
@@ -77,10 +101,34 @@ def config_options(cls: type) -> typing.Callable:
     return decorate
 
 
+def field_aliases(cls: type) -> dict[str, str]:
+    """Old names of settings that still work, {old: new}, from each field's ``aliases`` metadata."""
+    return {old: f.name for f in dataclasses.fields(cls) for old in f.metadata.get("aliases", ())}  # type: ignore
+
+
+def rename_aliases(cls: type, values: dict, where: str) -> dict:
+    """``values`` with each old setting name replaced by the current one, and a warning on stderr that says which
+    name to use; both names at once is refused."""
+    out = dict(values)
+    for old, new in field_aliases(cls).items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        if value is None or (isinstance(value, tuple) and not value):
+            continue  # a hidden CLI alias that was not given
+        if out.get(new) not in (None, (), ""):
+            raise StackRLHFError(f"{where}: {new} is given twice, also under its old name {old}; keep {new}")
+        print(f"warning: {where}: `{old}` (--{old.replace('_', '-')}) is the old name of `{new}` "
+              f"(--{new.replace('_', '-')}); use that", file=sys.stderr)
+        out[new] = value
+    return out
+
+
 def load_config(cls: type[C], config_file: str | os.PathLike | None = None, section: str | None = None,
                 **overrides: Any) -> C:
     """Build a ``cls`` from defaults, then ``config_file``, then ``overrides`` that are not None / empty."""
     values: dict[str, Any] = {}
+    overrides = rename_aliases(cls, overrides, "command line")
     if config_file is not None:
         path = Path(config_file)
         data = read_yaml_mapping(path, "config file")
@@ -88,7 +136,12 @@ def load_config(cls: type[C], config_file: str | os.PathLike | None = None, sect
             data = data[section]
         elif section and section in data:
             data = {}  # a pipeline file whose section is disabled or empty
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        elif section and (sections := ", ".join(sorted(  # a pipeline file without this stage
+                k for k, v in data.items() if isinstance(v, dict) and k not in _field_names(cls)))):
+            raise StackRLHFError(f"config file {path} has sections ({sections}) but no `{section}:` section; add one "
+                                 f"with this stage's settings, or run the whole file with `stackrlhf run {path}`")
+        names = _field_names(cls)
+        data = rename_aliases(cls, data, f"config file {path}")
         if not (section and any(isinstance(v, dict) for v in data.values())):  # a stage file: check every key
             check_settings(cls, data, f"config file {path}")
         values.update({k: v for k, v in data.items() if k in names})
@@ -97,6 +150,10 @@ def load_config(cls: type[C], config_file: str | os.PathLike | None = None, sect
             continue
         values[key] = list(value) if isinstance(value, tuple) else value
     return config_from_dict(cls, values, f"config file {config_file}" if config_file is not None else cls.__name__)
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
 
 
 def read_yaml_mapping(path: Path, what: str) -> dict:
@@ -163,12 +220,14 @@ def _type_name(scalar: Any) -> str:
 
 def config_from_dict(cls: type[C], values: dict, where: str) -> C:
     """``cls(**values)`` with the errors a user can act on."""
+    values = rename_aliases(cls, values, where)
     check_settings(cls, values, where)
     check_types(cls, values, where)
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
-        raise StackRLHFError(f"{where}: bad settings for {cls.__name__}: {exc}") from exc
+        prefix = "bad setting" if where == cls.__name__ else where  # no "SFTConfig: bad settings for SFTConfig"
+        raise StackRLHFError(f"{prefix}: {exc}") from exc
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:

@@ -117,7 +117,7 @@ def loop_turn(registry: str | Path, policy: str = "", reward: str = "", config_f
     reg = _load(registry)
     if not reg["versions"]:
         if not policy:
-            raise StackRLHFError(f"{registry} holds no version yet: start it with --policy SFT_DIR "
+            raise StackRLHFError(f"{registry} holds no version yet: start it with --model SFT_DIR "
                                  "(and --reward RM_DIR, the RM that goes with it, if there is one)")
         cfg = _settings(registry, overrides, config_file)
         reg["versions"].append({"version": 0, "model": str(policy), "rm": str(reward) if reward else "",
@@ -126,7 +126,7 @@ def loop_turn(registry: str | Path, policy: str = "", reward: str = "", config_f
                                 "metrics": _rm_metrics(Path(reward)) if reward else {}})
         _save(registry, reg)
     elif policy or reward:
-        raise StackRLHFError(f"{registry} already has versions; --policy/--reward only start an empty registry")
+        raise StackRLHFError(f"{registry} already has versions; --model/--reward only start an empty registry")
     cfg = _settings(registry, overrides, config_file)
     current = reg["versions"][-1]
     n = current["version"]
@@ -164,12 +164,12 @@ def turn_stages(reg: dict, cfg: LoopConfig, current: dict, n: int, vdir: Path, f
     rm_data = [cfg.data, str(feedback)] if cfg.rm_votes else [str(feedback)]
     rm_half = cfg.rm.get("pairs_half", "proxy" if cfg.gold_reward else "all")
     stages = [
-        Stage("rm", config_from_dict(RMConfig, {**cfg.rm, "data": rm_data, "pairs_half": rm_half,
+        Stage("rm", config_from_dict(RMConfig, {"label_weight": -1, **cfg.rm, "data": rm_data, "pairs_half": rm_half,
                                             "out": str(vdir / "rm")},
                                      "loop rm settings"),
               ["data", "feedback"], vdir / "rm"),
         Stage("ppo", config_from_dict(PPOConfig, {**cfg.ppo, "seed": int(cfg.ppo.get("seed", 0)) + n,
-                                                  "policy": current["model"], "reference": v0, "reward": str(vdir / "rm"),
+                                                  "model": current["model"], "reference": v0, "reward": str(vdir / "rm"),
                                                   "data": cfg.data, "out": str(vdir / "ppo")}, "loop ppo settings"),
               ["data", "rm"], vdir / "ppo", [current["model"]]),
         # every version is compared with v0 (win rates, KL), beside best-of-n from v0 under this turn's RM
@@ -221,7 +221,7 @@ def loop_status(registry: str | Path) -> dict:
     reg = _load(Path(registry))
     if not reg["versions"]:
         raise StackRLHFError(f"{registry} holds no version; start it with `stackrlhf loop --registry {registry} "
-                             f"--policy SFT_DIR --reward RM_DIR --data DATA`")
+                             f"--model SFT_DIR --reward RM_DIR --data DATA`")
     table = Table(title=f"stackrlhf loop: {registry}")
     for col in ("version", "parent", "created", "labels", "RM acc", "proxy reward", "gold reward", "judge",
                 "judge win vs v0", "KL to v0", "model"):

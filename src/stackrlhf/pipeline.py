@@ -19,7 +19,8 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.table import Table
@@ -131,10 +132,12 @@ def plan(spec: dict, out: Path | None = None) -> list[Stage]:
         base_parents, base_path, external = [], base, [base]
     add("sft", ["data", *base_parents], {"model": base_path, "data": data}, external)
     def add_rm(name: str, sec: dict, half: str) -> None:
-        """``backbone: sft`` puts the reward head on this run's SFT model (as StackLLaMA did)."""
+        """``model: sft`` (or its old name ``backbone: sft``) puts the reward head on this run's SFT model (as
+        StackLLaMA did)."""
         wired, parents = {"data": [data, *sec.pop("data", [])]}, ["data"]
-        if sec.get("backbone") == "sft":
-            wired["backbone"], parents = str(d["sft"]), ["data", "sft"]
+        if sec.get("model", sec.get("backbone")) == "sft":
+            sec.pop("model", None), sec.pop("backbone", None)
+            wired["model"], parents = str(d["sft"]), ["data", "sft"]
         add(name, parents, wired, sec={"pairs_half": half, **sec})
 
     gold = section(spec, "gold_rm")
@@ -142,9 +145,9 @@ def plan(spec: dict, out: Path | None = None) -> list[Stage]:
     if gold is not None:
         add_rm("gold_rm", gold, "gold")
     if (ppo := sampled(section(spec, "ppo"))) is not None:
-        add("ppo", ["data", "sft", "rm"], {"policy": str(d["sft"]), "reward": str(d["rm"]), "data": data}, sec=ppo)
+        add("ppo", ["data", "sft", "rm"], {"model": str(d["sft"]), "reward": str(d["rm"]), "data": data}, sec=ppo)
     if (rloo := sampled(section(spec, "rloo"))) is not None:  # PPO's trainer with --algorithm rloo
-        add("rloo", ["data", "sft", "rm"], {"policy": str(d["sft"]), "reward": str(d["rm"]), "data": data,
+        add("rloo", ["data", "sft", "rm"], {"model": str(d["sft"]), "reward": str(d["rm"]), "data": data,
                                             "algorithm": "rloo"}, sec=rloo)
     # with a gold RM, the methods that learn from vote pairs keep to the proxy half: the gold half stays held out
     held_out = {"pairs_half": "proxy"} if gold is not None else {}
@@ -192,13 +195,13 @@ RUNNERS = {  # stage -> its function, imported late: the CLI starts fast and a s
     "dpo": "stackrlhf.train.dpo:dpo",
     "ilql": "stackrlhf.rl.ilql:train_ilql",
     "eval": "stackrlhf.evaluate.metrics:evaluate_models",
-    "report": "stackrlhf.pipeline:write_report",
+    "report": "stackrlhf.pipeline:report_stage",
 }
 
 
-def write_report(cfg: ReportConfig) -> Path:
-    """The report stage. Human feedback given as the store's URL is exported first (to a temp folder), so the
-    report reads only artifacts, the ``ratings.parquet`` of a ``feedback export``."""
+def report_stage(cfg: ReportConfig) -> Path:
+    """The report stage (and `stackrlhf report`). Human feedback given as the store's URL is exported first (to a
+    temp folder), so the report reads only artifacts, the ``ratings.parquet`` of a ``feedback export``."""
     import tempfile
 
     from stackrlhf.evaluate.report import write_report as write
@@ -252,9 +255,14 @@ def run_pipeline(config: str | Path | None = None, out: str | Path | None = None
     spec = read_pipeline_file(path)
     stages = plan(spec, Path(out) if out else None)
     run = Path(out or spec.get("out") or "outputs/run")
-    for name in (*force, *([until] if until else [])):
-        if name not in STAGES:
-            raise StackRLHFError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    planned = [s.name for s in stages]
+    for option, names in (("--force", force), ("--until", [until] if until else [])):
+        for name in names:
+            if name not in STAGES:
+                raise StackRLHFError(f"{option} {name}: unknown stage; stages: {', '.join(STAGES)}")
+            if name not in planned:
+                raise StackRLHFError(f"{option} {name}: {path} does not run that stage (it runs {', '.join(planned)}); "
+                                     f"add a `{name}:` section or name one of those")
     console.print(f"[bold]stackrlhf run[/] {path} -> {run}: {', '.join(s.name for s in stages)}")
     keys: dict[str, str] = {}
     summary: dict[str, dict] = {}

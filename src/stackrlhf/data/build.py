@@ -42,7 +42,7 @@ def build_dataset(cfg: DataConfig) -> dict:
 
         return build_from_hub(cfg)
     out = Path(cfg.out)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+    cache = Path(cfg.cache) if cfg.cache else None
     specs = cfg.dump or default_dumps()
     dumps = [resolve_dump(spec, cache, cfg.base_url) for spec in specs]
     sites = [d.site for d in dumps]

@@ -37,7 +37,7 @@ class DataConfig:
     date_to: str | None = field(default=None, metadata={"help": "Keep questions created before (YYYY-MM-DD)."})
     finetune_min_score: int = field(default=0, metadata={
         "help": "Finetune rows need an answer scoring at least this (the score rule's -1 marks negative posts)."})
-    cache_dir: str | None = field(default=None, metadata={
+    cache: str | None = field(default=None, metadata={"aliases": ("cache_dir",),
         "help": "Where downloads and unpacked archives go [$STACKRLHF_CACHE or ~/.cache/stackrlhf]."})
     base_url: str = field(default=DEFAULT_BASE_URL, metadata={"help": "Base URL of the dump archives."})
     join_bucket_mb: int = field(default=8, metadata={

@@ -66,7 +66,7 @@ def build_from_hub(cfg: DataConfig) -> dict:
     from stackrlhf.data.emit import Answer, Question, SplitWriters, arrow_batches, connect, emit_question
     from stackrlhf.data.pairs import sample_pairs
 
-    files = hub_parquet_files(cfg.from_hub, Path(cfg.cache_dir) if cfg.cache_dir else None)
+    files = hub_parquet_files(cfg.from_hub, Path(cfg.cache) if cfg.cache else None)
     for f in files:
         names = set(pq.read_schema(f).names)
         missing = [c for c in PAIRED_COLUMNS if c not in names]

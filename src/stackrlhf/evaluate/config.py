@@ -53,8 +53,9 @@ class ReportConfig:
     eval: str = field(default="", metadata={"help": "A `stackrlhf eval` output (overrides the run's)."})
     ppo: str = field(default="", metadata={"help": "A `stackrlhf ppo` output (its history.jsonl)."})
     ilql: str = field(default="", metadata={"help": "A `stackrlhf ilql` output (its history.jsonl)."})
-    rm: str = field(default="", metadata={"help": "The proxy reward model (its metrics.json)."})
-    gold_rm: str = field(default="", metadata={"help": "The gold reward model (its metrics.json)."})
+    reward: str = field(default="", metadata={"aliases": ("rm",), "help": "The proxy reward model (its metrics.json)."})
+    gold_reward: str = field(default="", metadata={"aliases": ("gold_rm",),
+                                                   "help": "The gold reward model (its metrics.json)."})
     feedback: str = field(default="", metadata={
         "help": "Human feedback: a `feedback export` directory or the store's database URL."})
     registry: str = field(default="", metadata={
@@ -64,6 +65,6 @@ class ReportConfig:
     title: str = field(default="stackrlhf report", metadata={"help": "The report's title."})
 
     def __post_init__(self) -> None:
-        if not (self.run or self.eval or self.ppo or self.ilql or self.rm or self.registry):
+        if not (self.run or self.eval or self.ppo or self.ilql or self.reward or self.registry):
             raise ValueError("give --run (a `stackrlhf run` directory), --registry (a loop registry) or the artifact "
                              "directories to report on")

@@ -26,7 +26,7 @@ from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.evaluate.config import EvalConfig
 from stackrlhf.models.answerer import Answerer, ModelSpec, best_of_n_kl, parse_model_spec, same_vocabulary
-from stackrlhf.models.confounders import length_adjusted_gains, question_overlap, words
+from stackrlhf.models.confounders import gain_text, length_adjusted_gains, question_overlap, words
 from stackrlhf.models.generation import SamplingConfig
 from stackrlhf.models.ilql import is_ilql_model
 from stackrlhf.models.judge import load_judge, paired_se
@@ -47,11 +47,46 @@ def win_rate(scores: list[float], baseline: list[float]) -> float:
 
 
 def evaluate_models(cfg: EvalConfig) -> dict:
+    """``stackrlhf eval``: every model answers the same held-out questions with the same seeds; each answer is
+    scored by every judge; the models are compared with the baseline; ``eval.json`` and ``samples.jsonl``."""
     from stackrlhf.models.reward import RewardModel
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    specs, baseline = model_specs(cfg)
+    questions = select_questions(cfg)
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                              top_p=cfg.top_p, max_prompt_tokens=cfg.max_prompt_tokens)
+    judges = {"proxy": RewardModel.from_pretrained(cfg.reward, device=device)}
+    if cfg.gold_reward:
+        judges["gold"] = RewardModel.from_pretrained(cfg.gold_reward, device=device)
+    if cfg.judge:
+        judges["judge"] = load_judge(cfg.judge, cfg.data, cfg.judge_length_neutral, device)
+    reference_path = cfg.reference or next(s.path for s in specs if s.name == baseline)
+    reference = Answerer(ModelSpec("reference", reference_path, 0.0 if is_ilql_model(reference_path) else None), device)
+    proxy = judges["proxy"]
+
+    def pick_best(prompts, answers):  # one scorer object: best-of-n specs of one policy share their samples
+        return proxy.score(prompts, answers, normalize=True)
+
+    answers: dict[str, list[str]] = {}
+    per_answer: dict[str, dict[str, list[float]]] = {}
+    results: dict[str, dict] = {}
+    for spec in tqdm(specs, desc="models", disable=not cfg.progress):
+        answers[spec.name], per_answer[spec.name], results[spec.name] = answer_and_score(
+            Answerer(spec, device, scorer=pick_best), questions, sampling, judges, reference, cfg)
+    compare_with_baseline(results, per_answer, list(judges), baseline)
+    report = {"questions": len(questions), "baseline": baseline, "reference": reference_path,
+              "judges": {k: v for k, v in (("proxy", cfg.reward), ("gold", cfg.gold_reward), ("judge", cfg.judge)) if v},
+              "sampling": asdict(sampling), "models": results, "config": asdict(cfg)}
+    write_evaluation(Path(cfg.out), report, questions, answers, per_answer)
+    print_table(report)
+    return report
+
+
+def model_specs(cfg: EvalConfig) -> tuple[list[ModelSpec], str]:
+    """The models to answer (every best-of-n of one policy picks from one pool of max(n) samples per question,
+    drawn and scored once) and the baseline's name."""
     specs = [parse_model_spec(m) for m in cfg.model]
-    # every best-of-n of one policy picks from one pool of max(n) samples per question, drawn and scored once
     pools = {s.path: max(t.best_of for t in specs if t.path == s.path) for s in specs if s.best_of > 1}
     specs = [replace(s, pool=pools[s.path]) if s.best_of > 1 else s for s in specs]
     names = [s.name for s in specs]
@@ -60,103 +95,86 @@ def evaluate_models(cfg: EvalConfig) -> dict:
     baseline = cfg.baseline or names[0]
     if baseline not in names:
         raise StackRLHFError(f"--baseline {baseline} is not one of the models ({', '.join(names)})")
+    return specs, baseline
 
+
+def select_questions(cfg: EvalConfig) -> list[dict]:
+    """``--questions`` held-out questions (all when 0), drawn with ``--seed``, in their dataset order."""
     rows = load_split(cfg.data, "evaluation", "test")
     order = np.random.RandomState(cfg.seed).permutation(len(rows))
-    rows = rows.select(sorted(order[: cfg.questions] if cfg.questions else order))
-    questions = rows.to_list()
+    return rows.select(sorted(order[: cfg.questions] if cfg.questions else order)).to_list()
+
+
+def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingConfig, judges: dict,
+                     reference: Answerer, cfg: EvalConfig) -> tuple[list[str], dict, dict]:
+    """One model's answers, each scored by every judge, with its KL to the reference and the perplexity of the
+    human answers: (answers, per-answer values, the model's summary)."""
     prompts = [q["prompt"] for q in questions]
-    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                              top_p=cfg.top_p, max_prompt_tokens=cfg.max_prompt_tokens)
-    judges = {"proxy": RewardModel.from_pretrained(cfg.reward, device=device)}
-    if cfg.gold_reward:
-        judges["gold"] = RewardModel.from_pretrained(cfg.gold_reward, device=device)
-    proxy = judges["proxy"]
+    t0 = time.perf_counter()
+    gen = model.generate(prompts, sampling, cfg.batch_size, cfg.seed)
+    t_gen = time.perf_counter() - t0
+    # KL between the tempered distributions the models sample from (the temperature is part of the policy)
+    logp = model.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature)
+    kl = None
+    if same_vocabulary(model.tok, reference.tok):
+        ref = reference.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature)
+        kl = [float((a - b).sum()) for a, b in zip(logp, ref)]
+        if model.spec.best_of > 1:  # KL(bon || ref) = KL(bon || policy) (analytic) + E_bon[log policy - log ref]
+            kl = [best_of_n_kl(model.spec.best_of) + v for v in kl]
+    # perplexity of the held-out human answers (the best one per question)
+    human = [model.tok(q["best_answer"], add_special_tokens=False)["input_ids"][: cfg.max_new_tokens]
+             + [model.tok.eos_token_id] for q in questions]
+    nll = -float(torch.cat(model.logprobs_of(gen.prompt_ids, human, cfg.batch_size)).mean())
+    scores = {name: (judge.score(questions, gen.texts) if name == "judge"
+                     else judge.score(prompts, gen.texts, normalize=True)) for name, judge in judges.items()}
+    per_answer = {**scores, "length": [float(len(r)) for r in gen.response_ids],
+                  "words": [float(words(t)) for t in gen.texts], **({"kl": kl} if kl is not None else {})}
+    summary = {
+        "path": model.spec.path, "beta": model.beta, "best_of": model.spec.best_of or None,
+        "top_k": cfg.top_k or model.top_k,
+        **{f"reward_{name}": float(np.mean(s)) for name, s in scores.items()},
+        **{f"reward_{name}_std": float(np.std(s)) for name, s in scores.items()},
+        "kl_to_reference": float(np.mean(kl)) if kl is not None else None,
+        "kl_to_reference_se": float(np.std(kl) / math.sqrt(len(kl))) if kl else None,
+        "human_answer_perplexity": float(math.exp(min(nll, 50.0))),
+        "length_tokens": float(np.mean([len(r) for r in gen.response_ids])),
+        "length_words": float(np.mean([words(t) for t in gen.texts])),
+        "question_overlap": float(np.mean([question_overlap(t, q.get("question") or q["prompt"])
+                                           for t, q in zip(gen.texts, questions)])),
+        "ended": float(np.mean(gen.finished)), "distinct_2": distinct_n(gen.texts, 2),
+        "generate_s": t_gen,
+    }
+    return gen.texts, per_answer, summary
 
-    def pick_best(questions, answers):  # one scorer object: best-of-n specs of one policy share their samples
-        return proxy.score(questions, answers, normalize=True)
-    fixed_judge = load_judge(cfg.judge, cfg.data, cfg.judge_length_neutral, device) if cfg.judge else None
-    reference_path = cfg.reference or next(s.path for s in specs if s.name == baseline)
-    reference = Answerer(ModelSpec("reference", reference_path, 0.0 if is_ilql_model(reference_path) else None), device)
 
-    answers: dict[str, list[str]] = {}
-    per_answer: dict[str, dict[str, list[float]]] = {}
-    results: dict[str, dict] = {}
-    for spec in tqdm(specs, desc="models", disable=not cfg.progress):
-        t0 = time.perf_counter()
-        model = Answerer(spec, device, scorer=pick_best)
-        gen = model.generate(prompts, sampling, cfg.batch_size, cfg.seed)
-        t_gen = time.perf_counter() - t0
-        # KL between the tempered distributions the models sample from (the temperature is part of the policy)
-        logp = model.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature)
-        kl = None
-        if same_vocabulary(model.tok, reference.tok):
-            ref = reference.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature)
-            kl = [float((a - b).sum()) for a, b in zip(logp, ref)]
-            if spec.best_of > 1:  # KL(bon || ref) = KL(bon || policy) (analytic) + E_bon[log policy - log ref]
-                kl = [best_of_n_kl(spec.best_of) + v for v in kl]
-        # perplexity of the held-out human answers (the best one per question)
-        human = [model.tok(q["best_answer"], add_special_tokens=False)["input_ids"][: cfg.max_new_tokens]
-                 + [model.tok.eos_token_id] for q in questions]
-        human_logp = model.logprobs_of(gen.prompt_ids, human, cfg.batch_size)
-        nll = -float(torch.cat(human_logp).mean())
-        scores = {name: judge.score(prompts, gen.texts, normalize=True) for name, judge in judges.items()}
-        if fixed_judge is not None:
-            scores["judge"] = fixed_judge.score(questions, gen.texts)
-        answers[spec.name] = gen.texts
-        per_answer[spec.name] = {**scores, "length": [float(len(r)) for r in gen.response_ids],
-                                 "words": [float(words(t)) for t in gen.texts],
-                                 **({"kl": kl} if kl is not None else {})}
-        results[spec.name] = {
-            "path": spec.path, "beta": model.beta, "best_of": spec.best_of or None, "top_k": cfg.top_k or model.top_k,
-            **{f"reward_{name}": float(np.mean(s)) for name, s in scores.items()},
-            **{f"reward_{name}_std": float(np.std(s)) for name, s in scores.items()},
-            "kl_to_reference": float(np.mean(kl)) if kl is not None else None,
-            "kl_to_reference_se": float(np.std(kl) / math.sqrt(len(kl))) if kl else None,
-            "human_answer_perplexity": float(math.exp(min(nll, 50.0))),
-            "length_tokens": float(np.mean([len(r) for r in gen.response_ids])),
-            "length_words": float(np.mean([words(t) for t in gen.texts])),
-            "question_overlap": float(np.mean([question_overlap(t, q.get("question") or q["prompt"])
-                                               for t, q in zip(gen.texts, questions)])),
-            "ended": float(np.mean(gen.finished)), "distinct_2": distinct_n(gen.texts, 2),
-            "generate_s": t_gen,
-        }
-        del model
-    judge_names = list(judges) + (["judge"] if fixed_judge is not None else [])
-    for name in names:
-        for judge in judge_names:
-            results[name][f"win_rate_{judge}_vs_{baseline}"] = win_rate(per_answer[name][judge],
-                                                                        per_answer[baseline][judge])
-    for judge in judge_names:  # how much of each model's gain over the baseline is its answers' length
+def compare_with_baseline(results: dict, per_answer: dict, judge_names: list[str], baseline: str) -> None:
+    """Each model's win rate and gain over the baseline by every judge, paired over the same questions, and how
+    much of the gain is its answers' length (one slope of reward on log words over every model's answers)."""
+    names = list(results)
+    for judge in judge_names:
         gains = length_adjusted_gains({n: per_answer[n][judge] for n in names},
                                       {n: per_answer[n]["words"] for n in names}, baseline)
         for name in names:
+            mine, base = per_answer[name][judge], per_answer[baseline][judge]
+            results[name][f"win_rate_{judge}_vs_{baseline}"] = win_rate(mine, base)
             results[name][f"gain_{judge}_vs_{baseline}"] = gains[name]["gain"]
-            results[name][f"gain_{judge}_vs_{baseline}_se"] = paired_se(per_answer[name][judge],
-                                                                        per_answer[baseline][judge])
+            results[name][f"gain_{judge}_vs_{baseline}_se"] = paired_se(mine, base)
             results[name][f"gain_{judge}_vs_{baseline}_length_adjusted"] = gains[name]["gain_length_adjusted"]
             results[name][f"reward_{judge}_per_log_word"] = gains[name]["reward_per_log_word"]
-    report = {"questions": len(questions), "baseline": baseline, "reference": reference_path,
-              "judges": {k: v for k, v in (("proxy", cfg.reward), ("gold", cfg.gold_reward), ("judge", cfg.judge)) if v},
-              "sampling": asdict(sampling), "models": results, "config": asdict(cfg)}
-    out = Path(cfg.out)
+
+
+def write_evaluation(out: Path, report: dict, questions: list[dict], answers: dict, per_answer: dict) -> None:
+    """``eval.json`` and ``samples.jsonl`` (every answer with its scores and the question's link, author and
+    licence), each written whole."""
     out.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, q in enumerate(questions):
-        lines.append(json.dumps({
-            "site": q["site"], "qid": q["qid"], "title": q["title"], "question_link": q["question_link"],
-            "question_author": q["question_author"], "license": q["license"], "prompt": q["prompt"],
-            "best_answer": q["best_answer"],
-            "answers": {n: {"text": answers[n][i], **{k: v[i] for k, v in per_answer[n].items()}} for n in names}}))
+    lines = [json.dumps({
+        "site": q["site"], "qid": q["qid"], "title": q["title"], "question_link": q["question_link"],
+        "question_author": q["question_author"], "license": q["license"], "prompt": q["prompt"],
+        "best_answer": q["best_answer"],
+        "answers": {n: {"text": answers[n][i], **{k: v[i] for k, v in per_answer[n].items()}} for n in answers}})
+        for i, q in enumerate(questions)]
     write_text_atomic(out / "samples.jsonl", "\n".join(lines) + "\n")
     write_text_atomic(out / "eval.json", json.dumps(report, indent=2) + "\n")
-    print_table(report)
-    return report
-
-
-def _fmt_gain(m: dict, judge: str, base: str) -> str:
-    adjusted = m.get(f"gain_{judge}_vs_{base}_length_adjusted")
-    return "-" if adjusted is None else f"{m[f'gain_{judge}_vs_{base}']:+.3f} / {adjusted:+.3f}"
 
 
 def print_table(report: dict) -> None:
@@ -171,7 +189,7 @@ def print_table(report: dict) -> None:
         kl = m["kl_to_reference"]
         table.add_row(name, *[f"{m[f'reward_{j}']:+.3f}" for j in judges],
                       *[f"{m[f'win_rate_{j}_vs_{base}']:.2f}" for j in judges],
-                      *[_fmt_gain(m, j, base) for j in judges],
+                      *[gain_text(m, j, base) for j in judges],
                       "-" if kl is None else f"{kl:.2f}", f"{m['human_answer_perplexity']:.1f}",
                       f"{m['length_tokens']:.1f}", f"{m['distinct_2']:.3f}")
     console.print(table)

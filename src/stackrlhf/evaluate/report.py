@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from stackrlhf.config import read_json, write_text_atomic  # noqa: E402
 from stackrlhf.data.attribution import http_url  # noqa: E402
 from stackrlhf.evaluate.config import ReportConfig  # noqa: E402
+from stackrlhf.models.confounders import gain_text, history_length_analysis  # noqa: E402
 
 CSS = """
 body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
@@ -106,8 +107,6 @@ def ppo_length(history: list[dict]) -> str:
     """Answer length over the PPO steps beside the reward, and how much of the reward gain length explains."""
     if not history or "response/words" not in history[0]:
         return ""
-    from stackrlhf.rl.ppo import history_length_analysis
-
     steps = [h["step"] for h in history]
     fig, ax = plt.subplots(figsize=(5.6, 3.2))
     ax.plot(steps, [h["response/words"] for h in history], color="C4", label="answer words")
@@ -161,7 +160,7 @@ def frontier(ev: dict | None) -> str:
             ax.annotate(name, (m["kl_to_reference"], m[f"reward_{judge}"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
         base = models.get(ev.get("baseline"), {})
-        bon = sorted(((m["kl_to_reference"], m[f"reward_{judge}"]) for m in pts.values() if m.get("best_of")))
+        bon = sorted((m["kl_to_reference"], m[f"reward_{judge}"]) for m in pts.values() if m.get("best_of"))
         if bon and base.get(f"reward_{judge}") is not None:
             line = [(base.get("kl_to_reference") or 0.0, base[f"reward_{judge}"]), *bon]
             ax.plot([p[0] for p in line], [p[1] for p in line], "--", color=colours.get("best-of-n", "grey"), lw=1)
@@ -311,7 +310,7 @@ def feedback_distribution(source: str) -> str:
 
 def load_rating_distribution(source: str) -> dict | None:
     """{kind: {model: {rating: count}}} from a feedback export directory (a store's URL is exported to one first:
-    :func:`stackrlhf.pipeline.write_report`)."""
+    :func:`stackrlhf.pipeline.report_stage`)."""
     path = Path(source) / "ratings.parquet"
     if not path.is_file():
         return None
@@ -337,7 +336,7 @@ def eval_table(ev: dict | None) -> str:
         kl = m.get("kl_to_reference")
         cells = [name, *[f"{m[f'reward_{j}']:.3f} ± {m[f'reward_{j}_std']:.2f}" for j in judges],
                  *[f"{m[f'win_rate_{j}_vs_{base}']:.2f}" for j in judges],
-                 *[_gain_cell(m, j, base) for j in judges], "" if kl is None else f"{kl:.2f}",
+                 *[gain_text(m, j, base, missing="") for j in judges], "" if kl is None else f"{kl:.2f}",
                  f"{m['human_answer_perplexity']:.1f}", f"{m['length_tokens']:.1f}", f"{m['ended']:.2f}",
                  f"{m['distinct_2']:.3f}"]
         rows.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
@@ -345,11 +344,6 @@ def eval_table(ev: dict | None) -> str:
             f"{ev['sampling']['max_new_tokens']} new tokens at most. Rewards are normalised by each judge's "
             f"training-answer mean and std.</p><table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head)
             + "</tr>" + "".join(rows) + "</table>")
-
-
-def _gain_cell(m: dict, judge: str, base: str) -> str:
-    adjusted = m.get(f"gain_{judge}_vs_{base}_length_adjusted")
-    return "" if adjusted is None else f"{m[f'gain_{judge}_vs_{base}']:+.3f} / {adjusted:+.3f}"
 
 
 def _link(url: str, text: str) -> str:
@@ -394,7 +388,7 @@ def write_report(cfg: ReportConfig) -> Path:
         return run / name if run and (run / name).exists() else None
 
     eval_dir, ppo_dir, ilql_dir = pick(cfg.eval, "eval"), pick(cfg.ppo, "ppo"), pick(cfg.ilql, "ilql")
-    rm_dir, gold_dir = pick(cfg.rm, "rm"), pick(cfg.gold_rm, "rm-gold")
+    rm_dir, gold_dir = pick(cfg.reward, "rm"), pick(cfg.gold_reward, "rm-gold")
     feedback = cfg.feedback or (str(run / "feedback") if run and (run / "feedback").exists() else "")
     ev = read_json(eval_dir / "eval.json") if eval_dir else None
     samples = _read_jsonl(eval_dir / "samples.jsonl") if eval_dir else []

@@ -385,7 +385,8 @@ def create_app(db: str, replication: int = 2, max_comment: int = MAX_COMMENT, ma
                     try:
                         value = int(str(raw))
                     except ValueError:
-                        raise BadInput(422, f"Answer {letter}: {key} must be a whole number 1-5, got {str(raw)[:20]!r}.")
+                        raise BadInput(422, f"Answer {letter}: {key} must be a whole number 1-5, "
+                                            f"got {str(raw)[:20]!r}.") from None
                     if not 1 <= value <= 5:
                         raise BadInput(422, f"Answer {letter}: {key} must be between 1 and 5, got {value}.")
                     row[key] = value

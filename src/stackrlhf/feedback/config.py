@@ -24,7 +24,7 @@ class SimulateConfig:
     skip_rate: float = field(default=0.0, metadata={"help": "Probability of skipping a task."})
     max_labels: int = field(default=0, metadata={"help": "Labels per annotator at most (0: until no task is left)."})
     replication: int = field(default=2, metadata={"help": "Annotators per task, as the app was started with."})
-    length_neutral: bool = field(default=False, metadata={
+    judge_length_neutral: bool = field(default=False, metadata={"aliases": ("length_neutral",),
         "help": "A judge that length alone cannot please: the reference judge takes its trend in log words off; an "
                 "rm: judge must have one (`stackrlhf rm --residualize-length`)."})
     seed: int = field(default=0, metadata={"help": "Seed of the annotators' noise (reproducible labels)."})

@@ -158,7 +158,8 @@ def export_feedback(store: FeedbackStore, out: str | Path) -> dict:
             pairs.append({
                 "qid": task.qid, "question": task.question, "date": label.created.isoformat(), "metadata": [
                     task.question_link], "response_j": best.text, "response_k": other.text, "prompt": task.prompt,
-                "chosen": best.text, "rejected": other.text, "score_j": rating_score(label, best), "score_k": rating_score(label, other),
+                "chosen": best.text, "rejected": other.text,
+                "score_j": rating_score(label, best), "score_k": rating_score(label, other),
                 "answer_id_j": best.id, "answer_id_k": other.id, "date_j": None, "date_k": None, "site": task.site,
                 "title": task.title, "question_link": task.question_link, "answer_link_j": best.answer_link,
                 "answer_link_k": other.answer_link, "question_author": task.question_author,

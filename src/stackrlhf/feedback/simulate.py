@@ -8,7 +8,8 @@ the task (``/api/task/ID``) and posts its ratings and preference to ``/task/ID``
 
 The judge (``models/judge.py``) gives each candidate answer a score s on a standard scale: ``rm:DIR``, a reward
 model or ensemble, or ``reference``, the answer's embedding similarity to the question's best human answer plus
-its relevance to the question; ``--length-neutral`` takes the judge's trend in length off. The annotator prefers answer i with probability softmax(s / noise)
+its relevance to the question; ``--judge-length-neutral`` takes the judge's trend in length off. The annotator prefers
+answer i with probability softmax(s / noise)
 (Bradley-Terry with temperature ``noise``; 0: always the judge's best), rates usefulness and accuracy as
 round(3 + s + N(0, rating_noise)) clipped to 1-5, and skips a task with probability ``skip_rate``.
 """
@@ -113,7 +114,7 @@ def sign_in_simulated(store: FeedbackStore, cfg: SimulateConfig) -> dict[str, st
 def simulate(cfg: SimulateConfig) -> dict:
     """Create (or reuse) the simulated annotators, run them concurrently against the app; returns labels made."""
     store = FeedbackStore(cfg.db)
-    judge = load_judge(cfg.judge, cfg.data, cfg.length_neutral)
+    judge = load_judge(cfg.judge, cfg.data, cfg.judge_length_neutral)
     tokens = sign_in_simulated(store, cfg)
     server = None
     url = cfg.url

@@ -84,7 +84,7 @@ class Task(Base):
     split: Mapped[str] = mapped_column(String(50), default="")
     batch: Mapped[str] = mapped_column(String(100), default="")
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
-    candidates: Mapped[list["Candidate"]] = relationship(back_populates="task", order_by="Candidate.position",
+    candidates: Mapped[list[Candidate]] = relationship(back_populates="task", order_by="Candidate.position",
                                                          cascade="all, delete-orphan")
 
 
@@ -136,7 +136,7 @@ class LoginSession(Base):
 
 def scoped_client_id(annotator_id: int, client_id: str) -> str:
     """The stored form of a client id: hashed with its annotator, so ids are unique per annotator (64 hex)."""
-    return hashlib.sha256(f"{annotator_id}:{client_id}".encode("utf-8")).hexdigest()
+    return hashlib.sha256(f"{annotator_id}:{client_id}".encode()).hexdigest()
 
 
 class Submission(Base):

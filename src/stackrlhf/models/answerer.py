@@ -80,7 +80,7 @@ class Answerer:
         self.lm.eval()
 
     @classmethod
-    def from_model(cls, lm, tok, name: str = "model") -> "Answerer":
+    def from_model(cls, lm, tok, name: str = "model") -> Answerer:
         """A plain LM already in memory (a model just trained, say)."""
         answerer = cls.__new__(cls)
         answerer.spec, answerer.ilql, answerer.lm, answerer.tok = ModelSpec(name, ""), None, lm, tok
@@ -91,10 +91,13 @@ class Answerer:
                  streamer=None) -> Generation:
         if self.spec.best_of > 1:
             return self.best_of_n(prompts, sampling, batch_size, seed)
+        progress = None if streamer is not None else f"{self.spec.name}: answering"
         if self.ilql is not None:
             sampling = replace(sampling, top_k=sampling.top_k or self.top_k)  # a --top-k given wins
-            return ilql_generate(self.ilql, self.tok, prompts, sampling, self.beta, batch_size, seed, streamer)
-        return generate(self.lm, self.tok, prompts, sampling, batch_size=batch_size, seed=seed, streamer=streamer)
+            return ilql_generate(self.ilql, self.tok, prompts, sampling, self.beta, batch_size, seed, streamer,
+                                 progress=progress)
+        return generate(self.lm, self.tok, prompts, sampling, batch_size=batch_size, seed=seed, streamer=streamer,
+                        progress=progress)
 
     @torch.no_grad()
     def response_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
@@ -127,7 +130,7 @@ class Answerer:
         if key not in Answerer._pools:
             Answerer._pools.clear()  # one pool at a time: an evaluation asks for one policy's pool in a row
             many = generate(self.lm, self.tok, [p for p in prompts for _ in range(size)], sampling,
-                            batch_size=batch_size, seed=seed)
+                            batch_size=batch_size, seed=seed, progress=f"{self.spec.name}: {size} samples a question")
             Answerer._pools[key] = (many, list(self.scorer([p for p in prompts for _ in range(size)], many.texts)))
         many, rewards = Answerer._pools[key]
         best = [i * size + max(range(n), key=lambda j: rewards[i * size + j]) for i in range(len(prompts))]

@@ -176,6 +176,17 @@ def length_explained_gain(early_words: Sequence[float], early_scores: Sequence[f
     return out
 
 
+def history_length_analysis(history: list[dict]) -> dict:
+    """The rollout reward's gain from the first to the last quarter of the steps, and the share of it that
+    longer answers explain (:func:`length_explained_gain`); PPO's metrics and the report both read it."""
+    quarter = max(len(history) // 4, 1)
+    early, late = history[:quarter], history[-quarter:]
+    pick = lambda rows, key: [v for h in rows for v in h.get(key, [])]  # noqa: E731
+    return {"steps_compared": quarter, **length_explained_gain(
+        pick(early, "response/words_each"), pick(early, "reward/score_each"),
+        pick(late, "response/words_each"), pick(late, "reward/score_each"))}
+
+
 def length_adjusted_gains(scores: dict[str, Sequence[float]], lengths: dict[str, Sequence[float]],
                           baseline: str) -> dict[str, dict]:
     """Each model's mean reward gain over ``baseline`` before and after regressing out length: one slope of
@@ -191,6 +202,12 @@ def length_adjusted_gains(scores: dict[str, Sequence[float]], lengths: dict[str,
         from_length = slope * float(np.log1p(np.asarray(lengths[m], dtype=float)).mean() - base_x)
         out[m] = {"gain": gain, "gain_length_adjusted": gain - from_length, "reward_per_log_word": slope}
     return out
+
+
+def gain_text(m: dict, judge: str, base: str, missing: str = "-") -> str:
+    """A judge's gain over the baseline and the same with length regressed out, "+0.120 / +0.080"."""
+    adjusted = m.get(f"gain_{judge}_vs_{base}_length_adjusted")
+    return missing if adjusted is None else f"{m[f'gain_{judge}_vs_{base}']:+.3f} / {adjusted:+.3f}"
 
 
 def _mean(v: np.ndarray) -> float | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from stackrlhf.models.padding import pad
@@ -29,17 +30,20 @@ def encode_prompts(tok: PreTrainedTokenizerBase, prompts: list[str], max_prompt_
 
 @torch.no_grad()
 def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[str],
-             sampling: SamplingConfig = SamplingConfig(), batch_size: int = 8, seed: int | None = None,
-             streamer=None, logits_processor=None) -> Generation:
+             sampling: SamplingConfig | None = None, batch_size: int = 8, seed: int | None = None,
+             streamer=None, logits_processor=None, progress: str | None = None) -> Generation:
     """Answer each prompt. With ``seed`` the output is reproducible for the same model and settings: the chunk of
-    prompts starting at row i samples with seed + i, so it does not depend on the chunks before it."""
+    prompts starting at row i samples with seed + i, so it does not depend on the chunks before it. ``progress``
+    names a progress bar over the batches (none when None)."""
+    sampling = sampling or SamplingConfig()
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     eos = tok.eos_token_id
     out = Generation(prompts=list(prompts), texts=[], prompt_ids=[], response_ids=[], finished=[])
     all_ids = encode_prompts(tok, prompts, sampling.max_prompt_tokens)
-    for start in range(0, len(all_ids), batch_size):
+    starts = range(0, len(all_ids), batch_size)
+    for start in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None or len(starts) < 2):
         chunk = all_ids[start:start + batch_size]
         if seed is not None:
             torch.manual_seed(seed + start)

@@ -73,7 +73,7 @@ class ILQLModel(nn.Module):
         self.heads = heads
 
     @classmethod
-    def create(cls, lm: nn.Module, two_qs: bool = True) -> "ILQLModel":
+    def create(cls, lm: nn.Module, two_qs: bool = True) -> ILQLModel:
         head = lm.get_output_embeddings()
         heads = ILQLHeads(head.weight.shape[1], head.weight.shape[0], two_qs)
         p = next(lm.parameters())
@@ -141,11 +141,11 @@ class ILQLLogitsProcessor(LogitsProcessor):
 
 
 def ilql_generate(model: ILQLModel, tok, prompts: Sequence[str], sampling, beta: float, batch_size: int = 8,
-                  seed: int | None = None, streamer=None):
+                  seed: int | None = None, streamer=None, progress: str | None = None):
     """:func:`stackrlhf.models.generation.generate` with the ILQL shift."""
     processor = ILQLLogitsProcessor(model, beta)
     try:
         return generate(model.lm, tok, list(prompts), sampling, batch_size=batch_size, seed=seed, streamer=streamer,
-                        logits_processor=[processor])
+                        logits_processor=[processor], progress=progress)
     finally:
         processor.close()

@@ -52,7 +52,7 @@ def load_judge(spec: str, data: str = "", length_neutral: bool = False, device: 
     return _REFERENCE_JUDGES[key]
 
 
-_REFERENCE_JUDGES: dict[tuple, "ReferenceJudge"] = {}
+_REFERENCE_JUDGES: dict[tuple, ReferenceJudge] = {}
 
 
 class RewardModelJudge:

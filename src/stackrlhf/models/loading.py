@@ -25,11 +25,17 @@ def resolve_dtype(name: str | None) -> torch.dtype:
 
 
 def _check_source(path_or_id: str) -> None:
+    """Fail at once on a path that is not a model directory, instead of after the hub's retries. A name is a local
+    path when it starts with . / ~, exists, has more than one slash, or its first part is a local folder
+    (``outputs/sft`` beside an ``outputs/`` folder)."""
     path = Path(path_or_id).expanduser()
-    looks_local = path_or_id.startswith((".", "/", "~")) or path.exists() or path_or_id.count("/") > 1
+    first = path_or_id.split("/", 1)[0]
+    looks_local = (path_or_id.startswith((".", "/", "~")) or path.exists() or path_or_id.count("/") > 1
+                   or ("/" in path_or_id and Path(first).is_dir()))
     if looks_local and not (path / "config.json").is_file():
-        raise StackRLHFError(f"{path_or_id}: not a model directory (no config.json); give a directory written by "
-                             f"save_pretrained or a hub id like gpt2")
+        what = "does not exist" if not path.exists() else "is not a model directory (no config.json)"
+        raise StackRLHFError(f"{path_or_id}: {what}; give a directory written by save_pretrained (or `stackrlhf "
+                             f"models fetch`) or a hub id like gpt2")
 
 
 def load_tokenizer(path_or_id: str, padding_side: str = "left") -> PreTrainedTokenizerBase:

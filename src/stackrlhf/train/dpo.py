@@ -35,7 +35,7 @@ from stackrlhf.prompts import encode_prompt
 from stackrlhf.train.common import (GuardCallback, final_model, forget_evaluation_prepare, last_checkpoint,
                                     logging_callbacks, save_stage, train_whole_run, training_settings)
 from stackrlhf.train.config import DPOConfig
-from stackrlhf.train.reward import load_pairs, load_test_pairs
+from stackrlhf.data.load import load_pairs, load_test_pairs
 
 console = Console(stderr=True)
 
@@ -107,7 +107,8 @@ def dpo_trainer(cfg: DPOConfig, model, tok, train_set, eval_set, out: Path, refe
     args = args or dpo_arguments(cfg, out, has_eval=bool(eval_set))
     peft = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       task_type="CAUSAL_LM") if cfg.lora else None
-    return _pretokenized_dpo_trainer()(model=model, ref_model=reference, args=args, train_dataset=train_set, eval_dataset=eval_set,
+    return _pretokenized_dpo_trainer()(model=model, ref_model=reference, args=args, train_dataset=train_set,
+                      eval_dataset=eval_set,
                       processing_class=tok, peft_config=peft,
                       callbacks=[GuardCallback(cfg.max_minutes), *logging_callbacks(cfg, out)])
 

@@ -120,7 +120,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         cfg.max_steps = steps_for_budget(model, cfg, len(train_set))
     args = training_arguments(cfg, out, has_eval=len(eval_set) > 0)
     trainer = Trainer(model=model, args=args, train_dataset=train_set,
-                      eval_dataset=eval_set if len(eval_set) else None, callbacks=[GuardCallback(cfg.max_minutes), *logging_callbacks(cfg, out)])
+                      eval_dataset=eval_set if len(eval_set) else None,
+                      callbacks=[GuardCallback(cfg.max_minutes), *logging_callbacks(cfg, out)])
     _, metrics = train_whole_run(trainer, resume_from)
     metrics.update({"parameters": total, "vocab_size": len(tok), "train_corpus_tokens": train_set.tokens})
     if len(eval_set):

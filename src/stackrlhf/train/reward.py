@@ -13,9 +13,7 @@ baselines votes are known to follow: the longer answer wins, the earlier answer 
 
 from __future__ import annotations
 
-import math
 import random
-from collections import defaultdict
 from pathlib import Path
 
 import datasets
@@ -23,17 +21,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.table import Table
 from torch.utils.data import Dataset
 from transformers import EvalPrediction, Trainer
 
-from stackrlhf.data.load import load_split
-from stackrlhf.data.splits import EVALUATION_PAIRS, pair_half
-from stackrlhf.models.confounders import (CONFOUNDERS, fit_bradley_terry, hours_after, pair_covariates,
-                                          pair_differences, pair_log_loss, spearman, words)
+from stackrlhf.data.load import load_pairs, load_test_pairs
+from stackrlhf.evaluate.reward_report import (confounder_report, evaluation_report, lookup_pair_scores, pair_scores,
+                                              print_report)
+from stackrlhf.models.confounders import (fit_bradley_terry, pair_covariates,
+                                          words)
 from stackrlhf.models.freezing import apply_lora, describe_trainable, freeze_bottom
 from stackrlhf.models.padding import pad
-from stackrlhf.models.reward import RewardEnsemble, RewardModel, default_backbone, encode_pair, load_backbone
+from stackrlhf.models.reward import RewardModel, default_backbone, encode_pair, load_backbone
 from stackrlhf.config import save_config
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.train.common import (GuardCallback, last_checkpoint, logging_callbacks, train_whole_run,
@@ -42,48 +40,6 @@ from stackrlhf.train.config import RMConfig
 
 console = Console(stderr=True)
 HEAD_NAMES = ("classifier", "score", "pooler")
-CALIBRATION_EDGES = (0.0, 0.25, 0.5, 1.0, 2.0, math.inf)
-PAIR_COLUMNS = ["site", "qid", "date", "prompt", "chosen", "rejected", "score_j", "score_k", "date_j", "date_k"]
-
-
-def load_pairs(dirs: list[str], split: str, limit: int = 0, seed: int = 0, half: str = "all",
-               dataset: str = "reward") -> datasets.Dataset:
-    """The ``<dataset>/<split>`` pairs of every directory, concatenated. Every directory must have training
-    pairs; one without held-out pairs (a small feedback export, say) adds none to ``eval`` or ``test``.
-    ``half`` (``proxy`` / ``gold``) keeps the vote pairs of one half of the questions only
-    (:func:`stackrlhf.data.splits.pair_half`); labelled pairs (a `feedback export`, source ``feedback...``) are
-    always kept: no gold RM learns from them."""
-    parts = []
-    for d in dirs:
-        if split != "train" and not list((Path(d) / dataset).glob(f"{split}-*.parquet")):
-            continue
-        part = load_split(d, dataset, split)
-        if half != "all":
-            sources = part["source"] if "source" in part.column_names else [""] * len(part)
-            keep = [i for i, (site, qid, source) in enumerate(zip(part["site"], part["qid"], sources))
-                    if (source or "").startswith("feedback") or pair_half(site, qid) == half]
-            part = part.select(keep)
-        parts.append(part.select_columns(PAIR_COLUMNS))
-    if not parts:
-        return datasets.Dataset.from_dict({c: [] for c in PAIR_COLUMNS})
-    pairs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    if limit and len(pairs) > limit:
-        pairs = pairs.shuffle(seed=seed).select(range(limit))
-    return pairs
-
-
-def load_test_pairs(dirs: list[str], limit: int = 0, seed: int = 0) -> datasets.Dataset:
-    """The pairs of the ``evaluation`` questions (``evaluation_pairs/test``): no reward model trains on them or
-    picks its epoch on them, so they measure it without the optimism of choosing the best epoch."""
-    return load_pairs(dirs, EVALUATION_PAIRS[1], limit, seed, dataset=EVALUATION_PAIRS[0])
-
-
-def pair_scores(rm, pairs: datasets.Dataset, batch_size: int, normalize: bool = False,
-                progress: str = "") -> np.ndarray:
-    """(pairs, 2): the reward of each pair's chosen and rejected answer."""
-    scores = rm.score(list(pairs["prompt"]) * 2, list(pairs["chosen"]) + list(pairs["rejected"]), batch_size,
-                      normalize=normalize, progress=progress)
-    return np.array(scores).reshape(2, -1).T
 
 
 def against_bias(row: dict) -> bool:
@@ -100,17 +56,31 @@ def time_only(row: dict) -> bool:
     return earlier and (row["score_j"] or 0) - (row["score_k"] or 0) <= 1
 
 
+def is_label(row: dict) -> bool:
+    """A human (or simulated) label's pair, from `feedback export`, not a vote pair."""
+    return str(row.get("source") or "").startswith("feedback")
+
+
+def label_loss_weight(pairs: datasets.Dataset, setting: float) -> float:
+    """Each label pair's loss weight: ``setting``, or with -1 the vote pairs per label pair (equal total weight;
+    1 when either kind is missing)."""
+    if setting != -1:
+        return setting
+    labels = sum(is_label(r) for r in pairs)
+    return max(1.0, (len(pairs) - labels) / labels) if labels else 1.0
+
+
 class PairDataset(Dataset):
     """Tokenised pairs with their vote margin, loss weight and (with ``--adjust``) both answers' covariates."""
 
-    def __init__(self, tok, pairs: datasets.Dataset, cfg: RMConfig):
+    def __init__(self, tok, pairs: datasets.Dataset, cfg: RMConfig, label_weight: float = 1.0):
         zj, zk = pair_covariates(pairs, cfg.adjust)
         sites: dict[str, int] = {}
         self.items = [
-            {"chosen": encode_pair(tok, r["prompt"], r["chosen"], cfg.max_length, cfg.max_question_tokens),
-             "rejected": encode_pair(tok, r["prompt"], r["rejected"], cfg.max_length, cfg.max_question_tokens),
+            {"chosen": encode_pair(tok, r["prompt"], r["chosen"], cfg.max_length, cfg.max_prompt_tokens),
+             "rejected": encode_pair(tok, r["prompt"], r["rejected"], cfg.max_length, cfg.max_prompt_tokens),
              "margin": float((r["score_j"] or 0) - (r["score_k"] or 0)),
-             "weight": 1.0 + (cfg.debias_weight if against_bias(r) else 0.0),
+             "weight": (1.0 + (cfg.debias_weight if against_bias(r) else 0.0)) * (label_weight if is_label(r) else 1.0),
              "z": np.concatenate([zj[i], zk[i]]).tolist(), "site": sites.setdefault(r.get("site") or "", len(sites))}
             for i, r in enumerate(pairs)]
 
@@ -229,59 +199,6 @@ def pair_accuracy(pred: EvalPrediction) -> dict:
     return {"accuracy": float(np.mean(rewards[:, 0] > rewards[:, 1]))}
 
 
-def _win_rate(flags: list[float]) -> float | None:
-    """Mean of the flags; None (JSON null) when there are none."""
-    return float(np.mean(flags)) if flags else None
-
-
-def question_bootstrap_ci(values: np.ndarray, groups: list, samples: int = 2000, seed: int = 0) -> list[float] | None:
-    """95% interval of the mean of per-pair ``values``, resampling whole questions: pairs of one question share
-    answers, so treating them as independent would make the interval too narrow."""
-    if len(values) == 0:
-        return None
-    _, gid = np.unique(np.array([str(g) for g in groups]), return_inverse=True)
-    sums, counts = np.bincount(gid, weights=values), np.bincount(gid)
-    draw = np.random.default_rng(seed).integers(0, len(sums), size=(samples, len(sums)))
-    means = sums[draw].sum(1) / counts[draw].sum(1)
-    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
-
-
-def evaluation_report(pairs: datasets.Dataset, rewards: np.ndarray) -> dict:
-    """Held-out accuracy beside the baselines, on the shorter-is-better pairs, per site, and calibration."""
-    chosen_len = np.array([len(c) for c in pairs["chosen"]])
-    rejected_len = np.array([len(r) for r in pairs["rejected"]])
-    correct = rewards[:, 0] > rewards[:, 1]
-    longer = np.where(chosen_len == rejected_len, 0.5, (chosen_len > rejected_len).astype(float))
-    dates_j, dates_k = pairs["date_j"], pairs["date_k"]
-    earlier = [0.5 if (dj or "") == (dk or "") else float((dj or "") < (dk or "")) for dj, dk in zip(dates_j, dates_k)]
-    shorter_better = chosen_len < rejected_len
-    rm_picks_longer = (rewards[:, 0] > rewards[:, 1]) == (chosen_len > rejected_len)
-    per_site: dict[str, list[bool]] = defaultdict(list)
-    for site, ok in zip(pairs["site"], correct):
-        per_site[site].append(bool(ok))
-    questions = list(zip(pairs["site"], pairs["qid"]))
-    margins = np.abs(rewards[:, 0] - rewards[:, 1])
-    calibration = []
-    for lo, hi in zip(CALIBRATION_EDGES, CALIBRATION_EDGES[1:]):
-        sel = (margins >= lo) & (margins < hi)
-        calibration.append({"margin_from": lo, "margin_to": hi if math.isfinite(hi) else None,
-                            "pairs": int(sel.sum()), "accuracy": _win_rate(correct[sel].tolist())})
-    return {
-        "eval_pairs": len(pairs), "accuracy": _win_rate(correct.tolist()),
-        "baseline_longer_wins": _win_rate(longer.tolist()), "baseline_earlier_wins": _win_rate(earlier),
-        "baseline_random": 0.5,
-        "eval_questions": len(set(questions)),
-        "accuracy_ci95": question_bootstrap_ci(correct.astype(float), questions),
-        "accuracy_minus_longer_wins_ci95": question_bootstrap_ci(correct - longer, questions),
-        "accuracy_minus_earlier_wins_ci95": question_bootstrap_ci(correct - np.array(earlier), questions),
-        "shorter_better_pairs": int(shorter_better.sum()),
-        "accuracy_shorter_better": _win_rate(correct[shorter_better].tolist()),
-        "agreement_with_longer_wins": _win_rate(rm_picks_longer[chosen_len != rejected_len].tolist()),
-        "per_site_accuracy": {s: {"pairs": len(v), "accuracy": _win_rate(v)} for s, v in sorted(per_site.items())},
-        "calibration": calibration,
-    }
-
-
 def _unfreeze_head(model) -> None:
     for name, p in model.named_parameters():
         if any(part in HEAD_NAMES for part in name.split(".")):
@@ -290,11 +207,11 @@ def _unfreeze_head(model) -> None:
 
 def train_reward_model(cfg: RMConfig) -> dict:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    backbone = cfg.backbone or default_backbone()
+    backbone = cfg.model or default_backbone()
     train_pairs = load_pairs(cfg.data, "train", cfg.max_train_pairs, cfg.seed, cfg.pairs_half)
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are there: a bad --data leaves nothing behind
     dropped = 0
     if cfg.drop_time_only_pairs:
         keep = [i for i, r in enumerate(train_pairs) if not time_only(r)]
@@ -305,7 +222,8 @@ def train_reward_model(cfg: RMConfig) -> dict:
     start_weights = covariates_start(train_pairs, cfg.adjust)
     model, tok = load_backbone(backbone)
     eval_pairs = load_pairs(cfg.data, "eval", cfg.max_eval_pairs, cfg.seed, cfg.pairs_half)
-    train_set, eval_set = PairDataset(tok, train_pairs, cfg), PairDataset(tok, eval_pairs, cfg)
+    label_w = label_loss_weight(train_pairs, cfg.label_weight)
+    train_set, eval_set = PairDataset(tok, train_pairs, cfg, label_w), PairDataset(tok, eval_pairs, cfg)
     if cfg.lora:
         heads = sorted({n.split(".")[0] for n, _ in model.named_parameters() if n.split(".")[0] in HEAD_NAMES})
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, task_type="SEQ_CLS",
@@ -337,11 +255,12 @@ def train_reward_model(cfg: RMConfig) -> dict:
         del owner._parameters[CONFOUNDER_PARAM]
     for p in final.parameters():
         p.requires_grad_(True)
-    rm = RewardModel(final, tok, cfg.max_length, cfg.max_question_tokens)
+    rm = RewardModel(final, tok, cfg.max_length, cfg.max_prompt_tokens)
     rm.adjusted_for = dict(zip(cfg.adjust, learnt))
     metrics = {**whole, "train_pairs": len(train_set),
                "train_pairs_against_bias": sum(against_bias(r) for r in train_pairs),
                "train_pairs_dropped_time_only": dropped, "adjust": list(cfg.adjust),
+               "train_label_pairs": sum(is_label(r) for r in train_pairs), "label_weight": label_w,
                "confounder_weights": rm.adjusted_for,
                "confounder_weights_start": dict(zip(cfg.adjust, start_weights))}
     train_scores = answer_scores(rm, train_pairs, cfg.per_device_eval_batch_size, "scoring the training answers")
@@ -405,151 +324,3 @@ def score_stats(scores: dict) -> dict:
     """Mean and std of the scores of every distinct training answer: what the RL stages normalise rewards by."""
     values = np.array(list(scores.values()))
     return {"mean": float(values.mean()), "std": float(values.std()), "answers": len(values)}
-
-
-def lookup_pair_scores(scores: dict, pairs: datasets.Dataset) -> np.ndarray:
-    """(pairs, 2) rewards of chosen and rejected, from :func:`answer_scores`."""
-    return np.array([[scores[(r["prompt"], r["chosen"])], scores[(r["prompt"], r["rejected"])]] for r in pairs])
-
-
-def confounder_report(fit_pairs: datasets.Dataset, fit_rewards: np.ndarray, pairs: datasets.Dataset,
-                      rewards: np.ndarray, fit_on: str = "held-out") -> dict:
-    """Does the RM know anything that length and time do not? On ``pairs`` (the test pairs):
-
-    - the covariates-only model (log words, log hours after the question): accuracy and log-loss;
-    - ``incremental_log_loss_gain``: its log-loss minus that of covariates + the RM's score difference, both
-      fitted on ``fit_pairs`` (the held-out pairs; the RM trained on its training pairs, so its scores there are
-      overconfident), in nats per pair, with the question-bootstrap 95 % interval; > 0: the RM adds knowledge;
-    - ``length_spearman``: rank correlation of the reward with answer words over the distinct answers, and
-      ``length_spearman_per_site`` the same within each site (a pooled figure can hide opposite site trends);
-    - accuracy on length-matched pairs (word counts within 20 %) and on pairs posted within 24 h of each other.
-    """
-    x_fit, x = pair_differences(fit_pairs), pair_differences(pairs)
-    w_cov = fit_bradley_terry(x_fit)
-    w_full = fit_bradley_terry(np.c_[x_fit, fit_rewards[:, 0] - fit_rewards[:, 1]])
-    cov_margin = x @ w_cov
-    full_margin = np.c_[x, rewards[:, 0] - rewards[:, 1]] @ w_full
-    gain = pair_log_loss(cov_margin) - pair_log_loss(full_margin)
-    questions = list(zip(pairs["site"], pairs["qid"]))
-    correct = (rewards[:, 0] > rewards[:, 1]).astype(float)
-    wj, wk = np.array([words(c) for c in pairs["chosen"]]), np.array([words(r) for r in pairs["rejected"]])
-    matched = np.minimum(wj, wk) >= 0.8 * np.maximum(wj, wk)
-    qdates = pairs["date"] if "date" in pairs.column_names else [None] * len(pairs)
-    hj = np.array([hours_after(q, d) for q, d in zip(qdates, pairs["date_j"])])
-    hk = np.array([hours_after(q, d) for q, d in zip(qdates, pairs["date_k"])])
-    with np.errstate(invalid="ignore"):
-        close = np.abs(hj - hk) <= 24.0
-    distinct, site_of = {}, {}
-    for site, prompt, chosen, rejected, (pj, pk) in zip(pairs["site"], pairs["prompt"], pairs["chosen"],
-                                                         pairs["rejected"], rewards):
-        distinct[(prompt, chosen)], distinct[(prompt, rejected)] = pj, pk
-        site_of[(prompt, chosen)] = site_of[(prompt, rejected)] = site
-    per_site = {}
-    for site in sorted(set(site_of.values())):
-        keys = [k for k in distinct if site_of[k] == site]
-        per_site[site] = {"spearman": spearman([words(a) for _, a in keys], [distinct[k] for k in keys]),
-                          "answers": len(keys)}
-    subsets = {}
-    for key, sel in (("length_matched", matched), ("close_in_time", close)):
-        subsets[f"{key}_pairs"] = int(sel.sum())
-        subsets[f"{key}_accuracy"] = _win_rate(correct[sel].tolist())
-        subsets[f"{key}_accuracy_ci95"] = question_bootstrap_ci(correct[sel], [q for q, s in zip(questions, sel) if s])
-    return {
-        "covariates": list(CONFOUNDERS), "covariates_fit_on": fit_on, "covariates_weights": w_cov.tolist(),
-        "covariates_accuracy": float(np.mean(np.where(cov_margin == 0, 0.5, cov_margin > 0))),
-        "covariates_log_loss": float(pair_log_loss(cov_margin).mean()),
-        "covariates_plus_rm_log_loss": float(pair_log_loss(full_margin).mean()),
-        "rm_weight_beside_covariates": float(w_full[-1]),
-        "incremental_log_loss_gain": float(gain.mean()),
-        "incremental_log_loss_gain_ci95": question_bootstrap_ci(gain, questions),
-        "length_spearman": spearman([words(a) for _, a in distinct], list(distinct.values())),
-        "length_spearman_answers": len(distinct),
-        "length_spearman_per_site": per_site,
-        **subsets,
-    }
-
-
-def build_reward_ensemble(members: list[str], out: str, data: list[str], combine: str = "mean",
-                          batch_size: int = 32) -> dict:
-    """``stackrlhf rm-ensemble``: several trained reward models as one directory. It measures the combined
-    score's mean/std on the training answers of ``data`` (for normalising, as ``stackrlhf rm`` does) and, when
-    ``data`` has held-out (and test) pairs, the same report as ``stackrlhf rm``, with each member's accuracy."""
-    if len(members) < 2:
-        raise StackRLHFError("an ensemble needs two or more reward models")
-    ensemble = RewardEnsemble(RewardEnsemble.load_members(members), combine, paths=members)
-    train_pairs, eval_pairs = load_pairs(data, "train"), load_pairs(data, "eval")
-    if not len(train_pairs):
-        raise StackRLHFError(f"{', '.join(data)}: no training pairs to measure the ensemble's scores on")
-    train_scores = answer_scores(ensemble, train_pairs, batch_size, "training answers, member")
-    ensemble.stats = score_stats(train_scores)
-    metrics = {"members": len(members), "combine": combine, "reward_mean": ensemble.stats["mean"],
-               "reward_std": ensemble.stats["std"]}
-    fit = (train_pairs, lookup_pair_scores(train_scores, train_pairs), "train")
-    for key, pairs in (("", eval_pairs), ("test", load_test_pairs(data))):
-        if not len(pairs):
-            continue
-        each = [pair_scores(m, pairs, batch_size, normalize=True, progress=f"{key or 'held-out'} pairs, member {i + 1}")
-                for i, m in enumerate(ensemble.members)]
-        combined = ensemble.combine_scores([e.T.reshape(-1).tolist() for e in each]).numpy().reshape(2, -1).T
-        report = {**evaluation_report(pairs, combined),
-                  "member_accuracy": {p: evaluation_report(pairs, e)["accuracy"] for p, e in zip(members, each)}}
-        if key:
-            metrics[key] = {**report, **confounder_report(fit[0], fit[1], pairs, combined, fit_on=fit[2])}
-        else:
-            metrics.update(report)
-            fit = (pairs, combined, "held-out")
-    ensemble.save_pretrained(out)
-    write_metrics(Path(out), metrics)
-    print_report(metrics)
-    console.print(f"[green]wrote {out}[/]")
-    return metrics
-
-
-def print_report(m: dict) -> None:
-    """The accuracies beside the baselines: on the held-out pairs (which chose the epoch) and on the test pairs."""
-    sets = [(f"held-out ({m['eval_pairs']} pairs)", m)] if "accuracy" in m else []
-    if "test" in m:
-        sets.append((f"test ({m['test']['eval_pairs']} pairs)", m["test"]))
-    if not sets:
-        return
-    table = Table(title="pairwise accuracy")
-    for col in ("", *(name for name, _ in sets)):
-        table.add_column(col)
-    for name, key in (("reward model", "accuracy"), ("longer answer wins", "baseline_longer_wins"),
-                      ("earlier answer wins", "baseline_earlier_wins"), ("random", "baseline_random"),
-                      ("reward model, shorter-is-better pairs", "accuracy_shorter_better")):
-        table.add_row(name, *("n/a" if r[key] is None else f"{r[key]:.3f}" for _, r in sets))
-    console.print(table)
-    for name, r in sets:
-        if r.get("accuracy_ci95"):
-            (lo, hi), (dl, dh) = r["accuracy_ci95"], r["accuracy_minus_longer_wins_ci95"]
-            console.print(f"{name}: 95% interval over {r['eval_questions']} questions: accuracy {lo:.3f}-{hi:.3f}, "
-                          f"minus longer-wins {dl:+.3f} to {dh:+.3f}")
-    if m.get("confounder_weights"):
-        console.print("learnt confounder weights: " + ", ".join(f"{k} {v:+.3f}" for k, v in m["confounder_weights"].items()))
-    t = m.get("test", {})
-    if "incremental_log_loss_gain" in t:
-        console.print(confounder_lines(t))
-
-
-def _fmt(value, spec: str = ".3f") -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def _fmt_ci(ci) -> str:
-    return "" if not ci else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]"
-
-
-def confounder_lines(t: dict) -> str:
-    """What the RM knows beyond length and time, on the test pairs, as a few lines of text."""
-    return "\n".join([
-        f"test, beyond length and time: covariates-only model (fit on the {t['covariates_fit_on']} pairs) accuracy "
-        f"{t['covariates_accuracy']:.3f}, log-loss {t['covariates_log_loss']:.4f}; adding the RM's score gains "
-        f"{t['incremental_log_loss_gain']:+.4f} nats/pair{_fmt_ci(t['incremental_log_loss_gain_ci95'])}",
-        f"test: reward vs answer length Spearman {_fmt(t['length_spearman'], '+.3f')} over "
-        f"{t['length_spearman_answers']} answers; accuracy on length-matched pairs {_fmt(t['length_matched_accuracy'])} "
-        f"({t['length_matched_pairs']}), on pairs posted within 24 h {_fmt(t['close_in_time_accuracy'])} "
-        f"({t['close_in_time_pairs']})",
-        *([("test: length Spearman per site: " + ", ".join(
-            f"{site} {_fmt(v['spearman'], '+.3f')} ({v['answers']})" for site, v in t["length_spearman_per_site"].items()))]
-          if len(t.get("length_spearman_per_site") or {}) > 1 else [])])

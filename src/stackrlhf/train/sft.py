@@ -75,7 +75,7 @@ class SFTDataset(Dataset):
     def __init__(self, tok, rows, cfg: SFTConfig, limit: int = 0):
         n = len(rows) if not limit else min(limit, len(rows))
         self.examples = [encode_example(tok, rows[i]["prompt"], rows[i]["completion"], cfg.max_length,
-                                        cfg.max_prompt_length) for i in range(n)]
+                                        cfg.max_prompt_tokens) for i in range(n)]
         if cfg.packing:
             self.examples = pack(self.examples, cfg.max_length)
 
@@ -118,13 +118,13 @@ class SFTCollator:
 
 def sft(cfg: SFTConfig) -> dict:
     data, out = Path(cfg.data), Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     # float32 weights whatever --dtype says: they are the optimizer's master copy; with bfloat16 the Trainer
     # runs the forward under autocast (TrainingArguments.bf16)
     model, tok = load_causal_lm(cfg.model, "float32")
     train_rows = load_split(data, "finetune", "train")
     eval_rows = load_split(data, "finetune", "eval")
+    out.mkdir(parents=True, exist_ok=True)  # only once the model and data are there: a bad input leaves nothing
     train_set = SFTDataset(tok, train_rows, cfg, cfg.max_train_samples)
     eval_set = SFTDataset(tok, eval_rows, SFTConfig(**{**vars(cfg), "packing": False}), cfg.max_eval_samples)
     if len(train_set) == 0:

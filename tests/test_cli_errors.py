@@ -1,0 +1,106 @@
+"""Command-line mistakes a newcomer makes: each is refused at once with a message that says what to fix, and
+leaves no output behind. None of these needs the shared dumps."""
+
+from __future__ import annotations
+
+import yaml
+from click.testing import CliRunner
+
+from helpers import REPO
+from stackrlhf.cli import cli
+
+DEMO = REPO / "configs" / "demo.yaml"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_a_stage_given_a_pipeline_file_without_its_section_is_refused(tmp_path):
+    pipeline = tmp_path / "pipe.yaml"
+    pipeline.write_text(yaml.safe_dump({"out": str(tmp_path / "run"), "sft": {"learning_rate": 1e-5}}))
+    result = invoke("dpo", "--config", str(pipeline), "--model", "m", "--data", "d")
+    assert result.exit_code != 0
+    assert "no `dpo:` section" in result.output and "stackrlhf run" in result.output, result.output
+    assert not (tmp_path / "run").exists()  # the file's top-level `out:` is never taken as the stage's output
+    result = invoke("dpo", "--config", str(DEMO), "--model", "m", "--data", "d")
+    assert result.exit_code != 0 and "no `dpo:` section" in result.output
+
+
+def test_run_refuses_until_and_force_for_stages_the_file_does_not_run(tmp_path):
+    out = tmp_path / "run"
+    for option, stage, needle in (("--until", "dpo", "does not run that stage"),
+                                  ("--force", "dpo", "does not run that stage"),
+                                  ("--until", "nonsense", "unknown stage")):
+        result = invoke("run", str(DEMO), "--out", str(out), option, stage)
+        assert result.exit_code != 0 and needle in result.output, result.output
+        assert f"{option} {stage}" in result.output
+        assert not out.exists()
+
+
+def test_rm_with_missing_data_leaves_no_output_directory(tmp_path):
+    out = tmp_path / "rm"
+    result = invoke("rm", "--data", str(tmp_path / "nonexistent"), "--out", str(out))
+    assert result.exit_code != 0 and "nonexistent" in result.output
+    assert not out.exists()
+
+
+def test_bad_settings_say_it_once(tmp_path):
+    result = invoke("data", "build", "--dump", "beer", "--out", str(tmp_path / "d"), "--max-pairs-per-question", "-5")
+    assert result.exit_code != 0
+    line = result.output.strip().splitlines()[-1]
+    assert "max_pairs_per_question must be -1" in line and line.count("DataConfig") == 0, line
+
+
+def test_generation_shows_a_progress_bar_over_its_batches(capsys):
+    from helpers import tiny_chat_llama
+    from stackrlhf.models.answerer import Answerer
+    from stackrlhf.models.sampling import SamplingConfig
+
+    model, tok = tiny_chat_llama(["how long does beer keep", "a cold stout", "hops and malt"] * 20)
+    answerer = Answerer.from_model(model, tok, name="tiny")
+    out = answerer.generate([f"question {i}" for i in range(6)], SamplingConfig(max_new_tokens=3), batch_size=2,
+                            seed=0)
+    assert len(out.texts) == 6
+    err = capsys.readouterr().err
+    assert "tiny: answering" in err and "/3 " in err, err  # a bar over the 3 batches of 2
+
+
+def every_command(command=cli, path=()):
+    yield list(path)
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from every_command(sub, (*path, name))
+
+
+def test_help_on_every_command_and_subcommand():
+    import re
+
+    paths = list(every_command())
+    assert len(paths) > 25 and ["feedback", "serve"] in paths and ["loop", "status"] in paths
+    listed = re.findall(r"^  (\S+)", invoke("--help").output.split("Commands:")[1], re.M)
+    assert listed.index("data") < listed.index("sft") < listed.index("rm") < listed.index("ppo") < listed.index("eval")
+    for path in paths:
+        result = CliRunner().invoke(cli, [*path, "--help"], terminal_width=200)
+        assert result.exit_code == 0 and "Usage:" in result.output, (path, result.output)
+        assert not re.search(r"\[default: (''|None|\(\)|\[\])\]", result.output), (path, result.output)
+        assert not re.search(r"\b(issue \d|this CPU|this session)\b", result.output, re.I), (path, result.output)
+
+
+def test_old_option_names_still_work_with_a_warning_and_are_hidden(tmp_path, capsys):
+    from stackrlhf.config import load_config
+    from stackrlhf.evaluate.config import ReportConfig
+    from stackrlhf.rl.config import PPOConfig
+    from stackrlhf.train.config import RMConfig
+
+    cfg = load_config(PPOConfig, policy="outputs/sft", data="outputs/data")  # what --policy gives
+    assert cfg.model == "outputs/sft"
+    assert "`policy` (--policy) is the old name of `model` (--model)" in capsys.readouterr().err
+    settings = tmp_path / "rm.yaml"
+    settings.write_text("backbone: outputs/sft\ndata: [outputs/data]\n")
+    assert load_config(RMConfig, settings).model == "outputs/sft"
+    assert "`backbone`" in capsys.readouterr().err
+    result = invoke("report", "--rm", "a", "--reward", "b", "--out", str(tmp_path / "r.html"))
+    assert result.exit_code != 0 and "given twice" in result.output
+    assert load_config(ReportConfig, gold_rm="g", reward="r").gold_reward == "g"
+    for command, old in (("ppo", "--policy"), ("rm", "--backbone"), ("report", "--gold-rm")):
+        assert old not in invoke(command, "--help").output  # hidden: one name per concept in --help
