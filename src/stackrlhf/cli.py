@@ -18,6 +18,7 @@ from stackrlhf.errors import StackRLHFError
 from stackrlhf.evaluate.config import EvalConfig, ReportConfig
 from stackrlhf.feedback import DEFAULT_DB
 from stackrlhf.feedback.config import SimulateConfig
+from stackrlhf.loop import LoopConfig
 from stackrlhf.models.sampling import SamplingConfig
 from stackrlhf.rl.config import ILQLConfig, PPOConfig
 
@@ -323,27 +324,21 @@ def run_cmd(config, out, force, until) -> None:
 
 @cli.group("loop", invoke_without_command=True)
 @click.option("--registry", default="outputs/registry", show_default=True, help="The registry directory.")
-@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
-              help="YAML with loop settings (data, db, gold_reward, judge, rm_votes, best_of, min_labels, "
-                   "questions, rm:, ppo:, eval:).")
 @click.option("--model", "policy", default="", help="First turn only: the starting policy (version 0), e.g. the SFT "
                                                     "model.")
 @click.option("--policy", "old_policy", default="", hidden=True, help="The old name of --model.")
 @click.option("--reward", default="", help="First turn only: the reward model that goes with version 0 (optional; "
                                           "each turn trains its own).")
-@click.option("--data", default=None, help="The votes dataset (`data build` output) [saved by the first turn].")
-@click.option("--db", default=None, help="The feedback store's URL [saved by the first turn].")
-@click.option("--gold-reward", default=None, help="A held-out judge for the evaluation [saved by the first turn].")
-@click.option("--judge", default=None,
-              help="A fixed judge every version is scored by: rm:DIR or reference [saved by the first turn].")
-@click.option("--min-labels", default=None, type=int, help="Labels needed before a turn trains [20].")
-@click.option("--questions", default=None, type=int, help="Questions queued per turn [20].")
+@config_options(LoopConfig)
 @click.pass_context
 @user_errors
-def loop_cmd(ctx, registry, config_file, policy, old_policy, reward, data, db, gold_reward, judge, min_labels,
-             questions) -> None:
+def loop_cmd(ctx, registry, policy, old_policy, reward, config_file, **settings) -> None:
     """One turn of the feedback loop: queue the policy's answers; once labelled, retrain the RM on votes + human
-    labels, run PPO, evaluate, and register a new version. `stackrlhf loop status` lists the versions."""
+    labels, run PPO, evaluate, and register a new version. `stackrlhf loop status` lists the versions.
+
+    The first turn saves its settings (these options, and --config's rm:, ppo:, eval: sections) in
+    REGISTRY/loop.yaml; later turns need only --registry, and a setting given again replaces the saved one.
+    """
     if ctx.invoked_subcommand is not None:
         return
     from stackrlhf.loop import loop_turn
@@ -351,8 +346,7 @@ def loop_cmd(ctx, registry, config_file, policy, old_policy, reward, data, db, g
     if old_policy:
         click.echo("warning: --policy is the old name of --model; use that", err=True)
         policy = policy or old_policy
-    result = loop_turn(registry, policy, reward, config_file, data=data, db=db, gold_reward=gold_reward,
-                       judge=judge, min_labels=min_labels, questions=questions)
+    result = loop_turn(registry, policy, reward, config_file, **settings)
     click.echo(json.dumps(result))
 
 

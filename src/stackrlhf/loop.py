@@ -56,11 +56,12 @@ class LoopConfig:
     max_new_tokens: int = field(default=96, metadata={"help": "Most tokens per queued answer."})
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of the queued answers."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass of the queued answers."})
-    rm: dict = field(default_factory=dict, metadata={"help": "RMConfig settings (data and out are filled in)."})
+    rm: dict = field(default_factory=dict, metadata={"cli": False,  # sections of the --config file
+                                                     "help": "RMConfig settings (data and out are filled in)."})
     ppo: dict = field(default_factory=dict, metadata={
-        "help": "PPOConfig settings (policy, reward, data and out are filled in)."})
+        "cli": False, "help": "PPOConfig settings (model, reward, data and out are filled in)."})
     eval: dict = field(default_factory=dict, metadata={
-        "help": "EvalConfig settings (models, judges and out are filled in)."})
+        "cli": False, "help": "EvalConfig settings (models, judges and out are filled in)."})
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -91,7 +92,8 @@ def _settings(registry: Path, overrides: dict, config_file: str | None) -> LoopC
         values.update(read_yaml_mapping(saved, "loop settings"))
     if config_file:
         values.update(read_yaml_mapping(Path(config_file), "loop config"))
-    values.update({k: v for k, v in overrides.items() if v not in (None, "")})
+    values.update({k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()
+                   if v is not None and v != "" and v != ()})  # an option not given keeps the saved setting
     cfg = config_from_dict(LoopConfig, values, f"loop settings ({saved})")
     save_config(cfg, saved)
     return cfg
