@@ -184,19 +184,23 @@ def test_concurrent_next_calls_give_one_annotator_one_task(db_url):
     store, tokens = setup(db_url, tasks=10)
     with Served(db_url, replication=1) as app:
         url = app.url
-        got, lock = [], threading.Lock()
+        got, errors, lock = [], [], threading.Lock()
 
         def ask() -> None:
-            r = httpx.get(f"{url}/api/next", headers=bearer(tokens["ann"]), timeout=60)
-            with lock:
-                got.append(r.json()["task"])
+            try:
+                r = httpx.get(f"{url}/api/next", headers=bearer(tokens["ann"]), timeout=60)
+                with lock:
+                    got.append(r.json()["task"] if r.status_code == 200 else f"{r.status_code} {r.text[:200]}")
+            except Exception as exc:  # a failed request is reported, not lost with its thread
+                with lock:
+                    errors.append(repr(exc))
 
         threads = [threading.Thread(target=ask) for _ in range(40)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(90)
-        assert len(got) == 40 and len(set(got)) == 1, sorted(set(got))
+        assert errors == [] and len(got) == 40 and len(set(got)) == 1, (errors, sorted(set(map(str, got))))
         held = [t for t in range(1, 11) if store.is_assigned(t, store.annotator_by_token(tokens["ann"]).id)]
         assert held == got[:1]
 
