@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -234,6 +235,42 @@ def test_many_lost_races_for_a_slot_still_give_a_task_never_none(db_url):
     store.session = real_session
     assert not rivals  # all 60 races were run, and lost, before ours won
     assert task is not None and store.is_assigned(task, ours)
+
+
+def test_first_concurrent_calls_on_a_fresh_store_all_find_a_task(tmp_path):
+    """CI's other "no task left": the first calls on a new store object raced to build its cached count
+    subqueries, and a query that joined one copy but filtered on the other found nothing (a cross join with an
+    empty table). Twenty annotators ask at once, on a fresh store object each round."""
+    url = sqlite_db(tmp_path)
+    seed = FeedbackStore(url)
+    for i in range(30):
+        seed.add_task(question(i), candidates(i))
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so the first calls interleave
+    try:
+        for round_ in range(10):
+            ids = [seed.annotator_by_token(seed.add_annotator(f"r{round_}-{i}")).id for i in range(20)]
+            got = first_calls(FeedbackStore(url), ids)
+            assert len(got) == 20 and None not in got, (round_, got)
+    finally:
+        sys.setswitchinterval(switch)
+
+
+def first_calls(store: FeedbackStore, ids: list[int]) -> list:
+    got, lock, start = [], threading.Lock(), threading.Barrier(len(ids))
+
+    def ask(aid: int) -> None:
+        start.wait()
+        task = store.next_task(aid, replication=40)
+        with lock:
+            got.append(task)
+
+    threads = [threading.Thread(target=ask, args=(a,)) for a in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return got
 
 
 # ---------------------------------------------------------------- 7-10: headers, fields, names, sign-ins

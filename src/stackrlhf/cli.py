@@ -17,7 +17,7 @@ from stackrlhf.train.config import DPOConfig, PretrainConfig, RMConfig, SFTConfi
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.evaluate.config import EvalConfig, ReportConfig
 from stackrlhf.feedback import DEFAULT_DB
-from stackrlhf.feedback.config import SimulateConfig
+from stackrlhf.feedback.config import DB_HELP, QueueConfig, ServeConfig, SimulateConfig
 from stackrlhf.loop import LoopConfig
 from stackrlhf.models.sampling import SamplingConfig
 from stackrlhf.rl.config import ILQLConfig, PPOConfig
@@ -365,8 +365,7 @@ def feedback() -> None:
     """Human feedback: queue model answers, annotate them in the web app, export pairs, measure agreement."""
 
 
-DB_OPTION = click.option("--db", default=DEFAULT_DB, show_default=True,
-                         help="SQLAlchemy URL of the feedback store (SQLite file, or postgresql+psycopg://...).")
+DB_OPTION = click.option("--db", default=DEFAULT_DB, show_default=True, help=DB_HELP)
 
 
 @feedback.command("add-annotator")
@@ -382,53 +381,33 @@ def feedback_add_annotator(name, db, admin) -> None:
 
 
 @feedback.command("queue")
-@DB_OPTION
-@click.option("--model", "models", multiple=True, required=True,
-              help="NAME=PATH of a model that answers (repeatable; ILQL outputs as NAME=PATH@BETA).")
-@click.option("--data", required=True, help="A `stackrlhf data build` output.")
-@click.option("--split", type=click.Choice(["rl", "evaluation"]), default="evaluation", show_default=True)
-@click.option("--questions", default=20, show_default=True, help="Questions to queue.")
-@click.option("--answers-per-question", default=2, show_default=True, help="Candidates per task (K).")
-@click.option("--control/--no-control", default=False, show_default=True,
-              help="Mix in the dump's best answer as one of the K (evaluation split).")
+@config_options(QueueConfig)
 @sampling_options(max_new_tokens=160)
-@click.option("--seed", default=0, show_default=True, help="Seed of the questions' choice and of the sampling.")
-@click.option("--batch", default="", help="A name for this batch of tasks (recorded with each).")
 @user_errors
-def feedback_queue(db, models, data, split, questions, answers_per_question, control, seed, batch, **options) -> None:
+def feedback_queue(config_file, **options) -> None:
     """Generate K candidate answers per question and store them as comparison tasks."""
     from stackrlhf.feedback.queue import queue_tasks
 
-    result = queue_tasks(db, list(models), split, questions, answers_per_question, control, pop_sampling(options),
-                         data, seed, batch)
-    click.echo(f"queued {result['tasks']} tasks of {answers_per_question} answers in {db}")
+    sampling = pop_sampling(options)
+    cfg = load_config(QueueConfig, config_file, section="queue", **options)
+    result = queue_tasks(cfg.db, cfg.model, cfg.split, cfg.questions, cfg.answers_per_question, cfg.control,
+                         sampling, cfg.data, cfg.seed, cfg.batch)
+    click.echo(f"queued {result['tasks']} tasks of {cfg.answers_per_question} answers in {cfg.db}")
 
 
 @feedback.command("serve")
-@DB_OPTION
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True)
-@click.option("--replication", default=2, show_default=True, help="Annotators per task (R).")
-@click.option("--cookie-secure/--no-cookie-secure", default=False, show_default=True,
-              help="Mark the sign-in cookie Secure (sent over HTTPS only): set it when TLS ends at a reverse proxy.")
-@click.option("--allowed-host", "allowed_hosts", multiple=True,
-              help="A Host name the app answers (repeatable; * for any). Default: the loopback names and --host.")
-@click.option("--allowed-origin", "allowed_origins", multiple=True,
-              help="A page origin that may post, e.g. https://labels.example (repeatable): the public address "
-                   "when a reverse proxy rewrites Host.")
-@click.option("--trusted-proxy", "trusted_proxies", multiple=True,
-              help="Address of a reverse proxy whose X-Forwarded-For names the client (repeatable). Default: none, "
-                   "the TCP peer is the client (anyone can send the header).")
-def feedback_serve(db, host, port, replication, cookie_secure, allowed_hosts, allowed_origins,
-                   trusted_proxies) -> None:
+@config_options(ServeConfig)
+@user_errors
+def feedback_serve(config_file, **options) -> None:
     """Run the annotation web app (plain HTTP: for annotators beyond this machine put it behind a TLS reverse
     proxy, e.g. Caddy or nginx, and pass --cookie-secure, --trusted-proxy and --allowed-host)."""
     import uvicorn
 
     from stackrlhf.feedback.app import serve_config
 
-    uvicorn.Server(serve_config(db, host, port, replication, cookie_secure, list(allowed_hosts),
-                                list(allowed_origins), list(trusted_proxies))).run()
+    cfg = load_config(ServeConfig, config_file, section="serve", **options)
+    uvicorn.Server(serve_config(cfg.db, cfg.host, cfg.port, cfg.replication, cfg.cookie_secure, cfg.allowed_host,
+                                cfg.allowed_origin, cfg.trusted_proxy)).run()
 
 
 @feedback.command("simulate")

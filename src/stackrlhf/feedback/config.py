@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from stackrlhf.feedback import DEFAULT_DB
+
+DB_HELP = "SQLAlchemy URL of the feedback store (SQLite file, or postgresql+psycopg://...)."
 
 MAX_SIMULATED_ANNOTATORS = 64
 
@@ -44,3 +47,47 @@ class SimulateConfig:
             raise ValueError("--name-prefix: give 1 to 80 characters")
         if self.annotators < 1 or self.noise < 0 or self.rating_noise < 0 or not 0 <= self.skip_rate < 1:
             raise ValueError("need --annotators >= 1, --noise >= 0, --rating-noise >= 0 and 0 <= --skip-rate < 1")
+
+
+@dataclass
+class QueueConfig:
+    """`feedback queue` (its sampling settings are :class:`stackrlhf.models.sampling.SamplingConfig`'s)."""
+    db: str = field(default=DEFAULT_DB, metadata={"help": DB_HELP})
+    model: list[str] = field(default_factory=list, metadata={
+        "help": "NAME=PATH of a model that answers (repeatable; ILQL outputs as NAME=PATH@BETA)."})
+    data: str = field(default="", metadata={"help": "A `stackrlhf data build` output."})
+    split: str = field(default="evaluation", metadata={"choices": ("rl", "evaluation"),
+                                                       "help": "The split the questions come from."})
+    questions: int = field(default=20, metadata={"help": "Questions to queue."})
+    answers_per_question: int = field(default=2, metadata={"help": "Candidates per task (K)."})
+    control: bool = field(default=False, metadata={
+        "help": "Mix in the dump's best answer as one of the K (evaluation split)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the questions' choice and of the sampling."})
+    batch: str = field(default="", metadata={"help": "A name for this batch of tasks (recorded with each)."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, str):
+            self.model = [self.model]
+        if not self.model:
+            raise ValueError("--model is required: NAME=PATH of a model that answers")
+        if not self.data:
+            raise ValueError("--data is required: a `stackrlhf data build` output")
+
+
+@dataclass
+class ServeConfig:
+    """`feedback serve`: the app's address and its limits."""
+    db: str = field(default=DEFAULT_DB, metadata={"help": DB_HELP})
+    host: str = field(default="127.0.0.1", metadata={"help": "The address to listen on."})
+    port: int = field(default=8000, metadata={"help": "The port to listen on."})
+    replication: int = field(default=2, metadata={"help": "Annotators per task (R)."})
+    cookie_secure: bool = field(default=False, metadata={
+        "help": "Mark the sign-in cookie Secure (sent over HTTPS only): set it when TLS ends at a reverse proxy."})
+    allowed_host: list[str] = field(default_factory=list, metadata={
+        "help": "A Host name the app answers (repeatable; * for any). Default: the loopback names and --host."})
+    allowed_origin: list[str] = field(default_factory=list, metadata={
+        "help": "A page origin that may post, e.g. https://labels.example (repeatable): the public address when a "
+                "reverse proxy rewrites Host."})
+    trusted_proxy: list[str] = field(default_factory=list, metadata={
+        "help": "Address of a reverse proxy whose X-Forwarded-For names the client (repeatable). Default: none, "
+                "the TCP peer is the client (anyone can send the header)."})

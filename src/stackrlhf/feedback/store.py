@@ -318,19 +318,13 @@ class FeedbackStore:
         raise StoreError(503, f"could not take a task after {MAX_TAKE_ATTEMPTS} attempts (every one collided); "
                          "try again")
 
-    @property
-    def _counts(self):
-        if not hasattr(self, "_counts_q"):
-            self._counts_q = (select(Assignment.task_id, func.count().label("n"), func.max(Assignment.slot).label("top"))
-                              .group_by(Assignment.task_id).subquery())
-        return self._counts_q
-
-    @property
-    def _skips(self):
-        if not hasattr(self, "_skips_q"):
-            self._skips_q = (select(Label.task_id, func.count().label("n")).where(Label.skipped.is_(True))
-                             .group_by(Label.task_id).subquery())
-        return self._skips_q
+    # The per-task counts the queries join, built once. They were built lazily per store, and two threads' first
+    # calls could each build one: a query then joined one object and filtered on the other's columns, which SQL
+    # reads as a cross join with an empty table before any assignment exists, so it found no task at all.
+    _counts = (select(Assignment.task_id, func.count().label("n"), func.max(Assignment.slot).label("top"))
+               .group_by(Assignment.task_id).subquery())
+    _skips = (select(Label.task_id, func.count().label("n")).where(Label.skipped.is_(True))
+              .group_by(Label.task_id).subquery())
 
     def _slot_counts(self):
         """(annotators offered the task, annotators holding a slot: offered minus those who skipped it)."""
