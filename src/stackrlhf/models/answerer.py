@@ -129,8 +129,9 @@ class Answerer:
         key = (self.spec.path, self.scorer, tuple(prompts), repr(sampling), seed, size)
         if key not in Answerer._pools:
             Answerer._pools.clear()  # one pool at a time: an evaluation asks for one policy's pool in a row
+            # a prompt's samples in one generation batch: its prompt is prefilled once for all of them
             many = generate(self.lm, self.tok, [p for p in prompts for _ in range(size)], sampling,
-                            batch_size=batch_size, seed=seed, progress=f"{self.spec.name}: {size} samples a question")
+                            batch_size=max(batch_size, size), seed=seed, progress=f"{self.spec.name}: {size} samples a question")
             Answerer._pools[key] = (many, list(self.scorer([p for p in prompts for _ in range(size)], many.texts)))
         many, rewards = Answerer._pools[key]
         best = [i * size + max(range(n), key=lambda j: rewards[i * size + j]) for i in range(len(prompts))]

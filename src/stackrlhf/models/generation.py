@@ -1,5 +1,6 @@
-"""One generation helper for every stage (ask, eval, feedback queue, PPO rollouts): batched, left-padded,
-KV cache, stops at EOS, at most ``max_new_tokens``."""
+"""One generation helper for every stage (ask, eval, best-of-n, feedback queue, PPO/RLOO rollouts, the loop):
+prompt strings in; prompt ids, answer ids, texts and finished flags out. Stops at EOS, at most
+``max_new_tokens``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from stackrlhf.models import engine
 from stackrlhf.models.padding import pad
 from stackrlhf.models.sampling import SamplingConfig
 from stackrlhf.prompts import encode_prompt
@@ -21,6 +23,7 @@ class Generation:
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]  # generated ids, up to and including EOS when the answer ended
     finished: list[bool]  # the answer ended with EOS before max_new_tokens
+    trunk: list | None = None  # with capture_layer: per row, that block's input at every position the model read
 
 
 def encode_prompts(tok: PreTrainedTokenizerBase, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
@@ -31,17 +34,63 @@ def encode_prompts(tok: PreTrainedTokenizerBase, prompts: list[str], max_prompt_
 @torch.no_grad()
 def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[str],
              sampling: SamplingConfig | None = None, batch_size: int = 8, seed: int | None = None,
-             streamer=None, logits_processor=None, progress: str | None = None) -> Generation:
-    """Answer each prompt. With ``seed`` the output is reproducible for the same model and settings: the chunk of
-    prompts starting at row i samples with seed + i, so it does not depend on the chunks before it. ``progress``
-    names a progress bar over the batches (none when None)."""
+             streamer=None, logits_processor=None, progress: str | None = None,
+             capture_layer: int | None = None, first_row: int = 0) -> Generation:
+    """Answer each prompt, ``batch_size`` rows at a time (longest prompts first, so a batch's prompts are of
+    similar length and identical prompts share one prefill). With ``seed`` the output is reproducible: row i's
+    random numbers are a function of (seed, first_row + i, step) alone, whatever the batch size or the other rows
+    (so process p of a distributed run passes ``first_row`` = the rows of the processes before it).
+    ``progress`` names a progress bar over the batches (none when None). ``capture_layer=j`` also returns each
+    row's input to block j at every position (``Generation.trunk``; the decode engine's models only).
+
+    The decode engine (:mod:`stackrlhf.models.engine`) runs Llama- and GPT-2-layout models; any other model
+    samples through ``model.generate`` with the same settings."""
     sampling = sampling or SamplingConfig()
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    all_ids = encode_prompts(tok, prompts, sampling.max_prompt_tokens)
+    if not engine.supports(model):
+        if capture_layer is not None:
+            raise ValueError(f"capture_layer needs the decode engine, which does not run {type(model).__name__}")
+        out = _transformers_generate(model, tok, prompts, all_ids, sampling, batch_size,
+                                     None if seed is None else seed + first_row, streamer,
+                                     logits_processor, progress)
+    else:
+        if seed is None:
+            seed = int(torch.randint(2 ** 62, ()))
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        order = sorted(range(len(all_ids)), key=lambda i: (-len(all_ids[i]), all_ids[i]))
+        results: list = [None] * len(all_ids)
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc=progress, unit="batch", leave=False,
+                          disable=progress is None or len(starts) < 2):
+            rows = order[start:start + batch_size]
+            decoded = engine.decode(model, [all_ids[i] for i in rows], sampling, tok.eos_token_id, pad_id, seed=seed,
+                                    row_ids=[first_row + i for i in rows], logits_processor=logits_processor, streamer=streamer,
+                                    capture_layer=capture_layer)
+            for j, i in enumerate(rows):
+                results[i] = (decoded.response_ids[j], decoded.finished[j],
+                              decoded.hidden[j] if decoded.hidden is not None else None)
+        out = Generation(prompts=list(prompts), texts=[], prompt_ids=all_ids, response_ids=[], finished=[],
+                         trunk=[] if capture_layer is not None else None)
+        for response, done, hidden in results:
+            out.response_ids.append(response)
+            out.finished.append(done)
+            out.texts.append(tok.decode(response[:-1] if done else response, skip_special_tokens=True))
+            if out.trunk is not None:
+                out.trunk.append(hidden)
+    if was_training:
+        model.train()
+    return out
+
+
+def _transformers_generate(model, tok, prompts, all_ids, sampling, batch_size, seed, streamer, logits_processor,
+                           progress) -> Generation:
+    """``model.generate`` in batches, for models the decode engine does not run: the chunk of prompts starting at
+    row i samples with torch seed + i."""
+    device = next(model.parameters()).device
     eos = tok.eos_token_id
     out = Generation(prompts=list(prompts), texts=[], prompt_ids=[], response_ids=[], finished=[])
-    all_ids = encode_prompts(tok, prompts, sampling.max_prompt_tokens)
     starts = range(0, len(all_ids), batch_size)
     for start in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None or len(starts) < 2):
         chunk = all_ids[start:start + batch_size]
@@ -64,8 +113,6 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
             out.response_ids.append(response)
             out.finished.append(done)
             out.texts.append(tok.decode(response[:-1] if done else response, skip_special_tokens=True))
-    if was_training:
-        model.train()
     return out
 
 

@@ -55,6 +55,45 @@ def replay(blocks, norm: nn.Module | None, captured: tuple) -> torch.Tensor:
     return norm(h) if norm is not None else h
 
 
+class _BlockInputs(Exception):
+    def __init__(self, args, kwargs):
+        self.captured = (args, kwargs)
+
+
+def block_arguments(lm: nn.Module, input_ids, attention_mask, position_ids) -> tuple:
+    """The (args, kwargs) the model hands its first block for this batch (mask, rotary cos/sin, position ids):
+    the model's forward runs only up to that block (the embeddings), so this costs almost nothing."""
+    def stop(module, args, kwargs):
+        raise _BlockInputs(args, kwargs)
+
+    handle = transformer_blocks(lm)[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    except _BlockInputs as found:
+        return found.captured
+    finally:
+        handle.remove()
+    raise RuntimeError("the model's forward never reached its first block")
+
+
+def trunk_from_rollout(lm: nn.Module, batch: dict, trunk_rows: list[torch.Tensor]) -> tuple:
+    """The frozen trunk's output for a packed rollout batch (``generation.pack_sequences``), from the hidden states
+    the decode engine captured while sampling it (``Generation.trunk``): the captured block input, laid out as the
+    batch is ([left-padded prompt | answer]), with the batch's own mask and position arguments. Positions the
+    sampler never read (padding, each answer's last token) are zeros: no kept output depends on them."""
+    args, kwargs = block_arguments(lm, batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    first = args[0] if args else kwargs["hidden_states"]
+    hidden = torch.zeros_like(first)
+    width = batch["input_ids"].shape[1] - batch["responses"].shape[1]
+    prompt_lengths = (batch["attention_mask"][:, :width]).sum(1).tolist()
+    for r, rows in enumerate(trunk_rows):
+        start = width - int(prompt_lengths[r])
+        hidden[r, start:start + len(rows)] = rows.to(hidden)
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
 class HydraReference(nn.Module):
     """Frozen copies of the top k blocks (+ final norm + head). A forward pre-hook on the first policy block
     of the branch captures its inputs (the trunk's hidden state and the block's mask / position arguments)
@@ -153,6 +192,18 @@ class PolicyWithValue(nn.Module):
         """The frozen trunk's output in the last forward: the input of the first trained block (hydra mode only;
         None otherwise). It does not change while only the top blocks train, so PPO computes it once a rollout."""
         return self.hydra.last_input if self.hydra is not None else None
+
+    def forward_from_trunk(self, trunk: tuple, keep: int, with_reference: bool = False):
+        """(logits, values, reference logits or None) from the frozen trunk's output alone (hydra mode): the top
+        blocks, norm and heads of the policy, and those of the reference."""
+        logits, values, _ = self._forward_top(trunk, keep)
+        ref = None
+        if with_reference:
+            if self.ref_copy is not None:
+                raise RuntimeError("a full reference copy needs the whole sequence, not the trunk")
+            self.hydra._captured = trunk
+            ref = self.hydra.logits(keep)
+        return logits, values, ref
 
     def _forward_top(self, trunk: tuple, keep: int):
         blocks = transformer_blocks(self.lm)

@@ -31,10 +31,11 @@ from tqdm.auto import tqdm
 from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.models.confounders import history_length_analysis, words
-from stackrlhf.models.freezing import apply_lora, describe_trainable
+from stackrlhf.models.engine import supports
+from stackrlhf.models.freezing import apply_lora, describe_trainable, transformer_blocks
 from stackrlhf.models.answerer import same_vocabulary
 from stackrlhf.models.generation import SamplingConfig, generate, pack_sequences
-from stackrlhf.models.policy import PolicyWithValue, select_rows
+from stackrlhf.models.policy import PolicyWithValue, select_rows, trunk_from_rollout
 from stackrlhf.models.loading import load_causal_lm, resolve_dtype
 from stackrlhf.models.precision import autocast, upcast_trainable
 from stackrlhf.rl.common import (MetricsWriter, make_accelerator, pass_batch, resume_latest, save_checkpoint,
@@ -215,11 +216,12 @@ class PPOTrainer:
             prompts = [p for p in prompts for _ in range(cfg.rloo_k)]
         # the same length limit and sampling seeds on every process: process p's rows continue process p-1's
         limit = random.Random(cfg.seed * 100_003 + self.step_index).randint(cfg.min_new_tokens, cfg.max_new_tokens)
-        seed = cfg.seed * 1_000_003 + self.step_index * 10_007 + self.accelerator.process_index * len(prompts)
+        seed = cfg.seed * 1_000_003 + self.step_index * 10_007
         sampling = SamplingConfig(max_new_tokens=limit, temperature=cfg.temperature, top_k=cfg.top_k,
                                   top_p=cfg.top_p, max_prompt_tokens=cfg.max_prompt_tokens)
         rollout = generate(policy.lm, self.tok, prompts, sampling, batch_size=cfg.generation_batch_size or len(prompts),
-                           seed=seed)
+                           seed=seed, capture_layer=self.trunk_layer(policy),
+                           first_row=self.accelerator.process_index * len(prompts))
         t_gen = time.perf_counter() - t0
 
         # 2. score the decoded text (the RM has its own tokenizer)
@@ -235,14 +237,19 @@ class PPOTrainer:
 
         # 3. one forward pass without grad: old log-probs, values, reference log-probs
         batch = pack_sequences(rollout.prompt_ids, rollout.response_ids, self.tok.pad_token_id, device)
+        # (the sampler already ran the frozen trunk over every position: only the top blocks run again)
         with torch.no_grad():
-            logits, values, ref_logits = policy(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                                                with_reference=True, keep=batch["keep"])
+            if rollout.trunk is not None:
+                trunk = trunk_from_rollout(policy.lm, batch, rollout.trunk)
+                logits, values, ref_logits = policy.forward_from_trunk(trunk, batch["keep"], with_reference=True)
+            else:
+                logits, values, ref_logits = policy(batch["input_ids"], batch["attention_mask"],
+                                                    batch["position_ids"], with_reference=True, keep=batch["keep"])
+                trunk = policy.frozen_trunk()
             old_logp = logprobs_of(self.response_part(logits, batch), batch["responses"], cfg.temperature)
             ref_logp = logprobs_of(self.response_part(ref_logits, batch), batch["responses"], cfg.temperature)
             old_values = self.response_part(values, batch)
-            # the frozen trunk's output: the update's epochs run only the trained top blocks on it
-            trunk = policy.frozen_trunk()
+        # the frozen trunk's output is reused by every epoch: they run only the trained top blocks on it
         mask = batch["response_mask"]
 
         # 4. per-token rewards: -beta * KL_t everywhere, + the score on the last response token
@@ -261,7 +268,8 @@ class PPOTrainer:
 
         # 7. KL controller, bookkeeping: means over every process, so beta stays the same on all of them
         answer_words = torch.tensor([float(words(t)) for t in rollout.texts], device=device)
-        gathered = self.accelerator.gather(torch.stack([scores, kl.sum(1), (rewards * mask).sum(1), answer_words], 1))
+        gathered = self.accelerator.gather(torch.stack([scores, kl.sum(1), (rewards * mask).sum(1), answer_words,
+                                                        mask.sum(1), finished.float()], 1))
         mean_kl = float(gathered[:, 1].mean())
         if mean_kl < 0 and not self.warned_negative_kl:
             warnings.warn("mean KL is negative: the sampling settings (top-k/top-p, temperature) bias the samples "
@@ -275,7 +283,7 @@ class PPOTrainer:
             "step": self.step_index + 1, "reward/score_mean": float(gathered[:, 0].mean()),
             "reward/score_std": float(gathered[:, 0].std()) if len(gathered) > 1 else 0.0,
             "reward/total_mean": float(gathered[:, 2].mean()), "kl/mean": mean_kl, "kl/beta": beta,
-            "response/length": float(mask.sum(1).mean()), "response/ended": float(finished.float().mean()),
+            "response/length": float(gathered[:, 4].mean()), "response/ended": float(gathered[:, 5].mean()),
             "response/words": float(gathered[:, 3].mean()),
             "reward/score_each": gathered[:, 0].tolist(), "response/words_each": gathered[:, 3].tolist(),
             "time/tokens_per_s": n_tokens / seconds,
@@ -284,6 +292,13 @@ class PPOTrainer:
         }
         self.step_index += 1
         return metrics | {"_samples": list(zip(prompts, rollout.texts, scores.tolist()))}
+
+    @staticmethod
+    def trunk_layer(policy) -> int | None:
+        """The first trained block, whose input the sampler keeps for the update (hydra mode with the engine)."""
+        if policy.hydra is None or policy.hydra.k == 0 or policy.ref_copy is not None or not supports(policy.lm):
+            return None
+        return len(transformer_blocks(policy.lm)) - policy.hydra.k
 
     def advantages(self, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
         """(advantages, returns). RLOO: the sequence reward (score - beta * KL) minus the mean of the prompt's other
@@ -332,12 +347,18 @@ class PPOTrainer:
                 # clipped value loss
                 vclipped = old_values[idx] + (vpred - old_values[idx]).clamp(-cfg.cliprange_value, cfg.cliprange_value)
                 vf_losses = torch.max((vpred - returns[idx]) ** 2, (vclipped - returns[idx]) ** 2)
-                vf_loss = 0.5 * masked_mean(vf_losses, m)
+                # token means over the minibatch of every process: DDP averages gradients per process, so each
+                # process divides by the mean token count, not its own (answers that end early differ in length)
+                tokens = m.sum()
+                if self.accelerator.num_processes > 1:
+                    tokens = self.accelerator.reduce(tokens.detach().clone(), reduction="mean")
+                tokens = tokens.clamp(min=1)
+                vf_loss = 0.5 * (vf_losses * m).sum() / tokens
                 # clipped policy loss
                 log_ratio = logp - old_logp[idx]
                 ratio = log_ratio.exp()
                 pg_losses, clipped = clipped_policy_loss(advantages[idx], ratio, cfg.cliprange)
-                pg_loss = masked_mean(pg_losses, m)
+                pg_loss = (pg_losses * m).sum() / tokens
                 warming = not self.rloo and self.step_index < cfg.value_warmup_steps  # the critic learns first
                 if self.rloo:
                     loss = pg_loss
