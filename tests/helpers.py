@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 
-from stackrlhf.data.schema import shard_file
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "stackexchange"
@@ -25,7 +24,9 @@ DUMPS_MISSING = (None if all((SHARED / site / "Posts.xml").is_file() for site in
 def read_parquet_rows(root: Path, dataset: str, split: str) -> list[dict]:
     import pyarrow.parquet as pq
 
-    return pq.read_table(root / dataset / shard_file(split)).to_pylist()
+    shards = sorted((root / dataset).glob(f"{split}-*.parquet"))
+    assert shards, f"no {dataset}/{split} shards in {root}"
+    return [row for shard in shards for row in pq.read_table(shard).to_pylist()]
 
 
 def save_tiny_lm(texts: list[str], out: Path) -> Path:

@@ -73,7 +73,7 @@ def confounded_pairs(root: Path, n_train: int, n_eval: int, n_test: int, seed: i
 
 
 FAST = {"report_to": "none", "logging_steps": 5, "max_length": 64, "max_prompt_tokens": 16,
-        "per_device_train_batch_size": 16, "learning_rate": 1e-4, "num_train_epochs": 2}
+        "per_device_train_batch_size": 16, "learning_rate": 1e-4, "num_train_epochs": 2, "num_layers_unfrozen": 2}
 
 
 @pytest.fixture(scope="module")

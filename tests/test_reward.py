@@ -68,7 +68,8 @@ def write_pairs(root: Path, n_train: int, n_eval: int, seed: int = 0, marker: st
 def planted_rm(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("rm")
     data = write_pairs(root / "pairs", 256, 96, n_test=40)
-    metrics = train_reward_model(RMConfig(data=[str(data)], out=str(root / "rm"), num_train_epochs=2, **FAST))
+    metrics = train_reward_model(RMConfig(data=[str(data)], out=str(root / "rm"), num_train_epochs=2,
+                                          num_layers_unfrozen=2, **FAST))
     return root / "rm", metrics
 
 

@@ -488,7 +488,8 @@ def main() -> None:
 
 def _cpu_processes_without_gpu() -> None:
     """Under `accelerate launch` / torchrun on a machine without GPUs, tell accelerate to use gloo on the CPUs
-    (it would otherwise run every process alone, each training on all the data)."""
+    (it would otherwise run every process alone, each training on all the data); and keep FSDP on when the
+    launch asked for it (see :func:`_fsdp_on_cpu`)."""
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "ACCELERATE_USE_CPU" not in os.environ:
@@ -496,6 +497,31 @@ def _cpu_processes_without_gpu() -> None:
 
         if not torch.cuda.is_available():
             os.environ["ACCELERATE_USE_CPU"] = "true"
+            if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+                _fsdp_on_cpu()
+
+
+def _fsdp_on_cpu() -> None:
+    """accelerate (1.15) makes CPU processes plain data-parallel (``MULTI_CPU``) even when the launch config
+    says FSDP: its FSDP switch is only on the GPU-like branch, so an FSDP config on a CPU machine silently
+    ran DDP. torch's FSDP2 (``fully_shard``) does run on gloo, so turn the state to FSDP after accelerate
+    set it up, with the plugin the launch config describes (read from the ``FSDP_*`` variables)."""
+    from accelerate import state
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    init = state.AcceleratorState.__init__
+    if getattr(init, "_stackrlhf_fsdp_on_cpu", False):
+        return
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin or FullyShardedDataParallelPlugin()
+            state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    __init__._stackrlhf_fsdp_on_cpu = True
+    state.AcceleratorState.__init__ = __init__
 
 
 if __name__ == "__main__":  # pragma: no cover

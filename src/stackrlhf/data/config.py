@@ -40,11 +40,17 @@ class DataConfig:
     cache: str | None = field(default=None, metadata={"aliases": ("cache_dir",),
         "help": "Where downloads and unpacked archives go [$STACKRLHF_CACHE or ~/.cache/stackrlhf]."})
     base_url: str = field(default=DEFAULT_BASE_URL, metadata={"help": "Base URL of the dump archives."})
-    join_bucket_mb: int = field(default=8, metadata={
+    workers: int = field(default=0, metadata={
+        "help": "Processes that parse the XML (in byte ranges) and join the buckets (0: one per core). "
+                "The output is the same for any number."})
+    join_bucket_mb: int = field(default=4, metadata={
         "help": "Answers are joined to questions in buckets of about this many MB of Posts.xml, so the join's "
-                "memory is bounded by the bucket, not by the dump (at most 256 buckets)."})
-    memory_limit: str = field(default="2GB", metadata={"help": "DuckDB memory limit for the join; it spills beyond."})
-    threads: int = field(default=0, metadata={"help": "DuckDB threads (0: all cores)."})
+                "memory is bounded by the bucket, not by the dump (at most 256 buckets); a bucket is one "
+                "worker's task. Changing it changes the row order of the output."})
+    memory_limit: str = field(default="2GB", metadata={
+        "help": "DuckDB memory limit for the join, per worker; it spills beyond."})
+    threads: int = field(default=0, metadata={"help": "DuckDB threads with --workers 1 (0: all cores); "
+                                                      "with more workers each uses one."})
     overwrite: bool = field(default=False, metadata={"help": "Replace --out even if it is not a stackrlhf dataset."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
@@ -56,6 +62,8 @@ class DataConfig:
         self._fractions = SplitFractions(  # validates; built once, read per question
             self.finetune_fraction, self.reward_fraction, self.rl_fraction, self.evaluation_fraction,
             self.finetune_eval_fraction, self.reward_eval_fraction)
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0: one per core), got {self.workers}")
         if self.max_pairs_per_question < -1:
             raise ValueError(f"max_pairs_per_question must be -1 (all pairs) or >= 0, got {self.max_pairs_per_question}")
         for name in ("date_from", "date_to"):

@@ -1,14 +1,15 @@
 """Pass 2: join answers to their questions out of core (DuckDB, ordered by question) and write each
 question to its split: finetune (question -> accepted or best answer), reward pairs, rl prompts,
-evaluation (question + all answers, and its pairs)."""
+evaluation (question + all answers, and its pairs). Each bucket is one task (see workers.py) writing its own
+part of every split; build.py joins the parts in bucket order."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
 import duckdb
-from tqdm.auto import tqdm
 
 from stackrlhf.data.attribution import answer_link, author_name, post_license, question_link
 from stackrlhf.data.config import DataConfig
@@ -18,6 +19,7 @@ from stackrlhf.data.scoring import answer_score
 from stackrlhf.data.splits import (EVALUATION, EVALUATION_PAIRS, FINETUNE_EVAL, FINETUNE_TRAIN, REWARD_EVAL,
                                    REWARD_TRAIN, RL_TRAIN, is_heldout, question_split)
 from stackrlhf.data.stage import StagedDump
+from stackrlhf.data.workers import Progress
 from stackrlhf.data.writers import ParquetRowWriter
 from stackrlhf.prompts import format_prompt
 
@@ -85,17 +87,19 @@ def pair_row(q: Question, better: Answer, worse: Answer, source: str = "votes") 
             "license": post_license(newest), "source": source}
 
 
+SPLIT_KEYS = (FINETUNE_TRAIN, FINETUNE_EVAL, REWARD_TRAIN, REWARD_EVAL, RL_TRAIN, EVALUATION, EVALUATION_PAIRS)
+
+
 class SplitWriters:
     """One Parquet writer per output split, and per-site row counts."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, shard: tuple[int, int] = (0, 1)):
         from stackrlhf.data.schema import SCHEMAS, shard_file
 
         # Small row groups: a pair or evaluation row holds several posts, and every writer buffers at once.
-        self.writers = {key: ParquetRowWriter(root / key[0] / shard_file(key[1]), SCHEMAS[key[0]],
+        self.writers = {key: ParquetRowWriter(root / key[0] / shard_file(key[1], *shard), SCHEMAS[key[0]],
                                               flush_rows=512)
-                        for key in (FINETUNE_TRAIN, FINETUNE_EVAL, REWARD_TRAIN, REWARD_EVAL, RL_TRAIN,
-                                    EVALUATION, EVALUATION_PAIRS)}
+                        for key in SPLIT_KEYS}
         self.counts: dict[str, Counter] = {}
 
     def add(self, site: str, key: tuple[str, str], row: dict) -> None:
@@ -185,32 +189,59 @@ def arrow_batches(result, batch_rows: int):
     return result.fetch_record_batch(batch_rows)
 
 
-def connect(cfg: DataConfig, temp_dir: Path) -> duckdb.DuckDBPyConnection:
+def connect(cfg: DataConfig, temp_dir: Path, threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with bounded memory that spills to ``temp_dir``."""
     con = duckdb.connect()
     con.execute(f"SET memory_limit = {_sql_str(cfg.memory_limit)}")
     con.execute(f"SET temp_directory = {_sql_str(temp_dir)}")
     con.execute("SET preserve_insertion_order = false")
-    if cfg.threads:
-        con.execute(f"SET threads = {int(cfg.threads)}")
+    threads = cfg.threads if threads is None else threads
+    if threads:
+        con.execute(f"SET threads = {int(threads)}")
     return con
 
 
-def emit_site(staged: StagedDump, cfg: DataConfig, out: SplitWriters, con: duckdb.DuckDBPyConnection,
-              batch_rows: int = 4096) -> dict:
-    """Join one staged site and write all its questions; returns its counts."""
-    # Upvotes (VoteTypeId 2 rows) are counted once per post, into a compact file every bucket reads.
+def count_upvotes(staged: StagedDump, con: duckdb.DuckDBPyConnection) -> None:
+    """Upvotes (VoteTypeId 2 rows) counted once per post, into a compact file that every bucket's join reads."""
     counted = staged.files["upvotes"].with_name("upvote_counts.parquet")
-    con.execute(f"COPY (SELECT post_id, count(*) AS upvotes FROM read_parquet({_sql_str(staged.files['upvotes'])}) "
+    files = "[" + ", ".join(_sql_str(f) for f in staged.bucket_files(0)["upvotes"]) + "]"
+    con.execute(f"COPY (SELECT post_id, count(*) AS upvotes FROM read_parquet({files}) "
                 f"GROUP BY post_id) TO {_sql_str(counted)} (FORMAT parquet)")
     staged.files["upvotes"] = counted
+
+
+_connection: tuple[int, duckdb.DuckDBPyConnection] | None = None
+
+
+def _worker_connection(cfg: DataConfig, temp_dir: Path, threads: int) -> duckdb.DuckDBPyConnection:
+    """This process's DuckDB connection, opened on its first bucket."""
+    global _connection
+    if _connection is None or _connection[0] != os.getpid():
+        _connection = (os.getpid(), connect(cfg, temp_dir / str(os.getpid()), threads))
+    return _connection[1]
+
+
+def close_worker_connection() -> None:
+    global _connection
+    if _connection is not None and _connection[0] == os.getpid():
+        _connection[1].close()
+    _connection = None
+
+
+def emit_bucket(staged: StagedDump, k: int, cfg: DataConfig, root: Path, shard: tuple[int, int], temp_dir: Path,
+                threads: int, batch_rows: int = 4096) -> dict:
+    """Join bucket ``k`` of one staged site and write its questions to shard ``shard`` (index, count) of every
+    split under ``root``; returns its counts and each split's row count. Questions come in id order, so a
+    bucket's output does not depend on how the XML was cut into ranges or on which worker ran it."""
+    con = _worker_connection(cfg, temp_dir, threads)
+    out = SplitWriters(root, shard)
     use_votes = cfg.upvotes_from == "votes"
     site = staged.site
     counts = {"questions": 0, "answers": 0, "pairs": 0, "filtered_questions": 0, "filtered_answers": 0}
-    bar = tqdm(total=staged.questions, unit="q", desc=f"{site} splits", disable=not cfg.progress, leave=False)
+    progress = Progress()
 
     def finish(q: Question, answers: list[Answer]) -> None:
-        bar.update(1)
+        progress.add(rows=1)
         if cfg.max_question_chars and len(q.body) > cfg.max_question_chars:
             counts["filtered_questions"] += 1
             return
@@ -226,8 +257,7 @@ def emit_site(staged: StagedDump, cfg: DataConfig, out: SplitWriters, con: duckd
     current: Question | None = None
     accepted_id = None
     answers: list[Answer] = []
-    rows = (r for k in range(staged.buckets)
-            for batch in arrow_batches(con.sql(_JOIN_SQL, params=staged.bucket_files(k)), batch_rows)
+    rows = (r for batch in arrow_batches(con.sql(_JOIN_SQL, params=staged.bucket_files(k)), batch_rows)
             for r in batch.to_pylist())
     for r in rows:
         if current is None or r["qid"] != current.qid:
@@ -246,5 +276,7 @@ def emit_site(staged: StagedDump, cfg: DataConfig, out: SplitWriters, con: duckd
                               link=answer_link(site, r["aid"]), html=r["abody"]))
     if current is not None:
         finish(current, answers)
-    bar.close()
-    return counts
+    out.close()
+    progress.flush()
+    return {"counts": counts, "splits": dict(out.counts.get(site, {}))}
+

@@ -125,7 +125,7 @@ def build_from_hub(cfg: DataConfig) -> dict:
         con.close()
         writers.close()
         shutil.rmtree(tmp / "_duckdb", ignore_errors=True)
-        stats = build_stats(cfg, key, per_site, writers, 0, time.perf_counter() - start, 1.0)
+        stats = build_stats(cfg, key, per_site, writers.counts, 0, time.perf_counter() - start, 1.0)
         stats["source"] = cfg.from_hub
         finish_build(tmp, out, cfg, stats)
     console.print(f"[green]wrote {out}[/] from {cfg.from_hub}")

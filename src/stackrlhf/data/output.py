@@ -18,14 +18,13 @@ from rich.console import Console
 
 from stackrlhf.config import save_config, write_text_atomic
 from stackrlhf.data.config import DataConfig
-from stackrlhf.data.emit import SplitWriters
 from stackrlhf.data.splits import ALL_SPLITS
 from stackrlhf.errors import StackRLHFError
 
 console = Console(stderr=True)
 
 MARKER = "stackrlhf-data"
-_NOT_INPUTS = {"out", "progress", "overwrite", "cache_dir"}
+_NOT_INPUTS = {"out", "progress", "overwrite", "cache_dir", "workers", "threads"}  # no effect on the output
 
 
 def file_fingerprint(path: Path) -> dict:
@@ -84,11 +83,12 @@ def swap_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def build_stats(cfg: DataConfig, key: str, per_site: dict, writers: SplitWriters, posts_bytes: int,
-           seconds: float, stage_seconds: float) -> dict:
+def build_stats(cfg: DataConfig, key: str, per_site: dict, split_counts: dict, posts_bytes: int,
+                seconds: float, stage_seconds: float) -> dict:
+    """stats.json: per-site counts, ``split_counts`` (site -> {"dataset/split": rows}), totals and speeds."""
     split_names = [f"{d}/{s}" for d, s in ALL_SPLITS]
     for site, stats in per_site.items():
-        counts = writers.counts.get(site, {})
+        counts = split_counts.get(site, {})
         stats["splits"] = {name: counts.get(name, 0) for name in split_names}
     totals = {k: sum(s[k] for s in per_site.values()) for k in ("questions", "answers", "pairs")}
     splits = {name: sum(s["splits"][name] for s in per_site.values()) for name in split_names}

@@ -10,9 +10,10 @@ from __future__ import annotations
 import pyarrow as pa
 
 
-def shard_file(split: str) -> str:
-    """The Parquet file a split is written to (one shard, in the hub's naming, so ``load_dataset`` finds it)."""
-    return f"{split}-00000-of-00001.parquet"
+def shard_file(split: str, index: int = 0, count: int = 1) -> str:
+    """The Parquet file of shard ``index`` of a split, in the hub's naming (``train-00000-of-00001.parquet``), so
+    ``load_dataset`` finds the shards and reads them in order."""
+    return f"{split}-{index:05d}-of-{count:05d}.parquet"
 
 
 _QUESTION_FIELDS = [

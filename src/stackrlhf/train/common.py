@@ -78,12 +78,15 @@ WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model
 
 def checkpoint_complete(folder: Path) -> bool:
     """A Trainer checkpoint that a kill -9 did not interrupt: weights, optimizer, scheduler and the trainer
-    state (written last) are all there and non-empty."""
+    state (written last) are all there and non-empty (under FSDP, weights and optimizer are sharded folders)."""
     def ok(name: str) -> bool:
         return (folder / name).is_file() and (folder / name).stat().st_size > 0
 
-    return (ok("trainer_state.json") and any(ok(w) for w in WEIGHT_FILES) and ok("optimizer.pt")
-            and ok("scheduler.pt"))
+    def sharded(name: str) -> bool:  # FSDP's sharded checkpoint (torch.distributed.checkpoint: .metadata last)
+        return ok(f"{name}/.metadata")
+
+    return (ok("trainer_state.json") and (any(ok(w) for w in WEIGHT_FILES) or sharded("pytorch_model_fsdp_0"))
+            and (ok("optimizer.pt") or sharded("optimizer_0")) and ok("scheduler.pt"))
 
 
 def last_checkpoint(out: Path, resume: bool) -> str | None:
@@ -158,18 +161,42 @@ def write_metrics(out: Path, metrics: dict) -> None:
     write_text_atomic(out / "metrics.json", json.dumps(clean, indent=2) + "\n")
 
 
-def save_stage(out: Path, model, tokenizer, cfg, metrics: dict) -> None:
+def save_stage(out: Path, model, tokenizer, cfg, metrics: dict, accelerator=None) -> None:
     """The artifact: ``save_pretrained`` model + tokenizer, the exact config, and metrics.json last
-    (its presence marks a finished stage). Written by the main process alone under ``accelerate launch``."""
+    (its presence marks a finished stage). Written by the main process alone under ``accelerate launch``; under
+    FSDP every process first hands its shards to it (``accelerator``: the trainer's)."""
     from accelerate import PartialState
 
     state = PartialState()
+    state_dict = full_state_dict(accelerator, model)
     if state.is_main_process:
-        model.save_pretrained(str(out), safe_serialization=True)
+        model.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(str(out))
         save_config(cfg, out / "config.yaml")
         write_metrics(out, metrics)
     state.wait_for_everyone()
+
+
+def full_state_dict(accelerator, model) -> dict | None:
+    """The whole model's weights on the main process when FSDP shards them (a collective: every process calls
+    it); None otherwise, and ``save_pretrained`` reads the model itself."""
+    from accelerate.utils import DistributedType
+
+    if accelerator is None or accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    return accelerator.get_state_dict(model)
+
+
+def unsharded_on_main(trainer, build_model):
+    """Under FSDP: the trained weights gathered into ``build_model()`` (a fresh, unsharded copy) on the main
+    process, for the work after training (scoring, saving) that would otherwise need every process in step;
+    None on the other processes."""
+    state = full_state_dict(trainer.accelerator, trainer.model)  # a collective
+    if not trainer.is_world_process_zero():
+        return None
+    model = build_model()
+    model.load_state_dict(state)
+    return model
 
 
 def final_model(model, out: Path, lora: bool):
@@ -183,13 +210,55 @@ def final_model(model, out: Path, lora: bool):
     return model
 
 
-def evaluate_before_training(trainer) -> dict:
-    """``trainer.evaluate()`` before ``trainer.train()``, without breaking multi-process training: accelerate's
+def evaluate_before_training(trainer, on_result) -> None:
+    """``on_result(trainer.evaluate())`` before training, without breaking multi-process training: accelerate's
     evaluation-mode prepare marks the bare model as prepared, so ``train()`` would then skip the DDP wrap and each
-    process would silently train on its own gradients (found by the 2-process test; accelerate 1.15)."""
+    process would silently train on its own gradients (found by the 2-process test; accelerate 1.15). Under FSDP
+    the model can only be prepared with its optimizer, so the evaluation runs at the start of ``train()``, on
+    the sharded model, before the first step."""
+    if is_fsdp(trainer):
+        trainer.add_callback(_EvaluateAtTrainBegin(trainer, on_result))
+        return
     metrics = trainer.evaluate()
     forget_evaluation_prepare(trainer)
-    return metrics
+    on_result(metrics)
+
+
+def fsdp_requested() -> bool:
+    """Whether ``accelerate launch`` was asked for FSDP (before any trainer exists)."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def is_fsdp(trainer) -> bool:
+    from accelerate.utils import DistributedType
+
+    return trainer.accelerator.distributed_type == DistributedType.FSDP
+
+
+def fsdp_units_around_embeddings(trainer) -> None:
+    """Under FSDP, keep the input embedding out of the per-block units. accelerate (1.15) makes an FSDP unit of
+    every ``_no_split_modules`` block and then one of the input embedding; when a block holds the embedding
+    (BERT's ``BertEmbeddings``: the RM backbone) the embedding's weight is sharded twice and ``fully_shard``
+    fails ("Invariant encountered: value was None"). Such blocks are dropped from the wrap list."""
+    if not is_fsdp(trainer):
+        return
+    model = trainer.model
+    embedding = model.get_input_embeddings()
+    holders = {type(m).__name__ for m in model.modules() if m is not embedding and
+               any(sub is embedding for sub in m.modules()) and m is not model}
+    names = getattr(model, "_no_split_modules", None) or []
+    model._no_split_modules = type(names)(n for n in names if n not in holders)
+
+
+class _EvaluateAtTrainBegin(TrainerCallback):
+    def __init__(self, trainer, on_result):
+        self.trainer, self.on_result = trainer, on_result
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            self.on_result(self.trainer.evaluate())
 
 
 def forget_evaluation_prepare(trainer) -> None:

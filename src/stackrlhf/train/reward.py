@@ -34,7 +34,8 @@ from stackrlhf.models.padding import pad
 from stackrlhf.models.reward import RewardModel, default_backbone, encode_pair, load_backbone
 from stackrlhf.config import save_config
 from stackrlhf.errors import StackRLHFError
-from stackrlhf.train.common import (GuardCallback, last_checkpoint, logging_callbacks, train_whole_run,
+from stackrlhf.train.common import (GuardCallback, fsdp_requested, fsdp_units_around_embeddings, is_fsdp, last_checkpoint,
+                                    unsharded_on_main, logging_callbacks, train_whole_run,
                                     training_arguments, write_metrics)
 from stackrlhf.train.config import RMConfig
 
@@ -210,6 +211,11 @@ def train_reward_model(cfg: RMConfig) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     backbone = cfg.model or default_backbone()
+    if fsdp_requested() and not torch.cuda.is_available():
+        # measured: 2 of 5 four-step runs on 2 CPU processes hung after training, the others ended 8e-4 away
+        # from one process's weights; see docs/distributed.md
+        raise StackRLHFError("the reward model under FSDP is not supported on CPU processes (runs hung); "
+                             "use configs/accelerate/cpu-2proc.yaml (DDP)")
     train_pairs = load_pairs(cfg.data, "train", cfg.max_train_pairs, cfg.seed, cfg.pairs_half)
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs are there: a bad --data leaves nothing behind
     dropped = 0
@@ -246,8 +252,16 @@ def train_reward_model(cfg: RMConfig) -> dict:
                             callbacks=[GuardCallback(cfg.max_minutes), *logging_callbacks(cfg, out)],
                             margin_scale=cfg.margin, decorrelation=cfg.decorrelation,
                             confounder_lr=cfg.confounder_learning_rate)
+    fsdp_units_around_embeddings(trainer)
+    if cfg.lora and is_fsdp(trainer):
+        raise StackRLHFError("--lora is not supported under FSDP; train the RM with DDP (ddp.yaml) or without --lora")
     _, whole = train_whole_run(trainer, last_checkpoint(out, cfg.resume))
     final = trainer.model.merge_and_unload() if cfg.lora else trainer.model
+    if is_fsdp(trainer):  # the report and the artifact come from the whole model, on the main process
+        final = unsharded_on_main(trainer, lambda: _fresh_backbone(backbone, start_weights))
+        if final is None:
+            trainer.accelerator.wait_for_everyone()
+            return {}
     w = confounder_param(final)
     learnt = w.detach().float().tolist() if w is not None else []
     if w is not None:  # the reward is r alone
@@ -288,6 +302,14 @@ def train_reward_model(cfg: RMConfig) -> dict:
         console.print(f"[green]wrote {out}[/]")
     trainer.accelerator.wait_for_everyone()
     return metrics
+
+
+def _fresh_backbone(backbone: str, start_weights: list[float]):
+    """An untrained copy of the RM's model (with its covariate weights, if any), for trained weights to load into."""
+    model, _ = load_backbone(backbone)
+    if start_weights:
+        model.register_parameter(CONFOUNDER_PARAM, torch.nn.Parameter(torch.tensor(start_weights, dtype=torch.float)))
+    return model
 
 
 def covariates_start(train_pairs: datasets.Dataset, names: list[str]) -> list[float]:

@@ -148,8 +148,12 @@ def sft(cfg: SFTConfig) -> dict:
     resume_from = last_checkpoint(out, cfg.resume)
     start_file = out / "checkpoints" / "run_start.json"  # the first run's starting figures, kept for a resumed one
     if len(eval_set) and resume_from is None:
-        metrics["eval_loss_start"] = evaluate_before_training(trainer)["eval_loss"]
-        write_text_atomic(start_file, json.dumps(metrics))
+        def record_start(result: dict) -> None:
+            metrics["eval_loss_start"] = result["eval_loss"]
+            if trainer.is_world_process_zero():
+                write_text_atomic(start_file, json.dumps(metrics))
+
+        evaluate_before_training(trainer, record_start)
     elif resume_from is not None:
         metrics.update(read_json(start_file) or {})
     _, whole = train_whole_run(trainer, resume_from)
@@ -158,7 +162,7 @@ def sft(cfg: SFTConfig) -> dict:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50))
     final = final_model(trainer.model, out, cfg.lora)
-    save_stage(out, final, tok, cfg, metrics)
+    save_stage(out, final, tok, cfg, metrics, trainer.accelerator)
     console.print(f"[green]wrote {out}[/]: held-out answer loss {metrics.get('eval_loss_start', float('nan')):.3f}"
                   f" -> {metrics.get('eval_loss', float('nan')):.3f}, "
                   f"{metrics['train_tokens_per_second']:.0f} tokens/s")
