@@ -57,7 +57,9 @@ class Workers:
 
     def __init__(self, n: int, progress: bool = True):
         global _counters
-        self.n = max(1, n)
+        # fork is what makes workers cheap (no second import of the data stack); where it is missing
+        # (Windows) the build runs in this process
+        self.n = max(1, n) if "fork" in mp.get_all_start_methods() else 1
         self.progress = progress
         _counters = mp.Array("q", 2)
         self._pool = None
