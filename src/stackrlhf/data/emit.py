@@ -1,7 +1,7 @@
 """Pass 2: join answers to their questions out of core (DuckDB, ordered by question) and write each
 question to its split: finetune (question -> accepted or best answer), reward pairs, rl prompts,
 evaluation (question + all answers, and its pairs). Each bucket is one task (see workers.py) writing its own
-part of every split; build.py joins the parts in bucket order."""
+shard of every split; the shards are numbered in (site, bucket) order."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from stackrlhf.data.config import DataConfig
 from stackrlhf.data.markdown import html_to_md
 from stackrlhf.data.pairs import make_pairs
 from stackrlhf.data.scoring import answer_score
-from stackrlhf.data.splits import (EVALUATION, EVALUATION_PAIRS, FINETUNE_EVAL, FINETUNE_TRAIN, REWARD_EVAL,
-                                   REWARD_TRAIN, RL_TRAIN, is_heldout, question_split)
+from stackrlhf.data.splits import (ALL_SPLITS, EVALUATION, EVALUATION_PAIRS, FINETUNE_EVAL, FINETUNE_TRAIN,
+                                   REWARD_EVAL, REWARD_TRAIN, RL_TRAIN, is_heldout, question_split)
 from stackrlhf.data.stage import StagedDump
 from stackrlhf.data.workers import Progress
 from stackrlhf.data.writers import ParquetRowWriter
@@ -87,9 +87,6 @@ def pair_row(q: Question, better: Answer, worse: Answer, source: str = "votes") 
             "license": post_license(newest), "source": source}
 
 
-SPLIT_KEYS = (FINETUNE_TRAIN, FINETUNE_EVAL, REWARD_TRAIN, REWARD_EVAL, RL_TRAIN, EVALUATION, EVALUATION_PAIRS)
-
-
 class SplitWriters:
     """One Parquet writer per output split, and per-site row counts."""
 
@@ -99,7 +96,7 @@ class SplitWriters:
         # Small row groups: a pair or evaluation row holds several posts, and every writer buffers at once.
         self.writers = {key: ParquetRowWriter(root / key[0] / shard_file(key[1], *shard), SCHEMAS[key[0]],
                                               flush_rows=512)
-                        for key in SPLIT_KEYS}
+                        for key in ALL_SPLITS}
         self.counts: dict[str, Counter] = {}
 
     def add(self, site: str, key: tuple[str, str], row: dict) -> None:

@@ -37,7 +37,7 @@ class Progress:
     def add(self, nbytes: int = 0, rows: int = 0) -> None:
         self.bytes += nbytes
         self.rows += rows
-        if self.bytes >= self.every or rows and self.rows >= 4096:
+        if self.bytes >= self.every or rows and self.rows >= 512:
             self.flush()
 
     def flush(self) -> None:

@@ -97,10 +97,9 @@ class RewardModel:
         rm.length_slope, rm.length_center = settings.get("length_slope", 0.0), settings.get("length_center", 0.0)
         return rm
 
-    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
-        """``state_dict``: the weights when the model itself holds only a shard of them (FSDP)."""
+    def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
-        self.model.save_pretrained(str(path), safe_serialization=True, state_dict=state_dict)
+        self.model.save_pretrained(str(path), safe_serialization=True)
         self.tokenizer.save_pretrained(str(path))
         write_text_atomic(path / SETTINGS_FILE, json.dumps({"max_length": self.max_length,
                                                             "max_question_tokens": self.max_question_tokens,
