@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ def test_small_metrics():
     assert best_of_n_kl(1) == 0.0 and best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
 
 
-def test_best_of_n_keeps_the_scorers_best(tiny_lm):
+def test_best_of_n_keeps_the_scorers_best(tiny_lm, monkeypatch):
     from stackrlhf.models.answerer import Answerer, ModelSpec
     from stackrlhf.models.sampling import SamplingConfig
 
@@ -68,6 +69,27 @@ def test_best_of_n_keeps_the_scorers_best(tiny_lm):
     two = bon2.generate(prompts, sampling, batch_size=8, seed=5)  # not the pool `bon` drew: another scorer
     four = bon4.generate(prompts, sampling, batch_size=8, seed=5)
     assert calls == [8]  # the pool was sampled and scored once, for both
+    # another scorer (the next loop turn's RM) rescores the same samples: nothing is sampled again
+    sampled = []
+    import stackrlhf.models.answerer as answerer_module
+
+    real_generate = answerer_module.generate
+    monkeypatch.setattr(answerer_module, "generate", lambda *a, **k: sampled.append(1) or real_generate(*a, **k))
+
+    def fewer_e(questions, answers):
+        calls.append(len(answers))
+        return [-a.count("e") for a in answers]
+
+    rescored = Answerer(ModelSpec("b4", str(tiny_lm), best_of=4, pool=4), "cpu", scorer=fewer_e)
+    least = rescored.generate(prompts, sampling, batch_size=8, seed=5)
+    assert sampled == [] and calls == [8, 8]
+    for i, text in enumerate(least.texts):
+        assert text.count("e") == min(t.count("e") for t in many.texts[4 * i:4 * i + 4])
+    # rewritten weights are a new policy: sampled again
+    weights = next(Path(tiny_lm).glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+    rescored.generate(prompts, sampling, batch_size=8, seed=5)
+    assert sampled == [1]
     assert four.texts == got.texts
     for i, text in enumerate(two.texts):
         assert text.count("e") == max(t.count("e") for t in many.texts[4 * i:4 * i + 2])

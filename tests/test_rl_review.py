@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
 from stackrlhf.data.splits import pair_half
 from stackrlhf.models.loading import load_causal_lm
-from stackrlhf.rl.ppo import AdaptiveKLController, PPOTrainer
+from stackrlhf.rl.ppo import AdaptiveKLController, PPOTrainer, kl_penalty
 
 from test_ppo import config, target_fraction, tiny_policy  # noqa: F401 - the fixture
 
@@ -81,6 +82,32 @@ def test_the_default_kl_horizon_holds_kl_near_the_target(tiny_policy, beer_data,
 
     assert abs(run(trainer.kl_ctl) / 6.0 - 1) < 0.1  # held at the target within the run
     assert run(AdaptiveKLController(0.05, 6.0, 10_000)) > 30  # the old 10,000-episode horizon: beta barely moved
+
+
+# ---------------------------------------------------------------- the length premium of a summed KL penalty
+
+def test_the_default_kl_penalty_pays_no_answer_for_stopping_early(tiny_policy, beer_data, tmp_path):  # noqa: F811
+    lengths, per_token_kl, beta = [4, 12, 8], 0.5, 0.2
+    mask = torch.zeros(3, 12)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    kl = torch.full((3, 12), per_token_kl)
+    summed = kl_penalty(kl, mask, beta, "sum").sum(1)
+    assert torch.allclose(summed, -beta * per_token_kl * torch.tensor(lengths, dtype=torch.float))  # 3x for 3x longer
+    # mean: every answer pays beta x the mean length (8) x its mean KL per token, whatever its own length
+    assert torch.allclose(kl_penalty(kl, mask, beta, "mean").sum(1), torch.full((3,), -beta * per_token_kl * 8))
+    assert kl_penalty(kl, mask, beta, "mean")[0, 4:].abs().sum() == 0  # nothing after an answer's end
+    # the default, through the trainer: with GAE at lambda = gamma = 1 and V = 0 the first token's advantage is the
+    # answer's whole return, so a short and a long answer with the same score and per-token KL start equal
+    cfg = config(tiny_policy, beer_data, tmp_path / "m", whiten_advantages=False, lam=1.0)
+    assert cfg.kl_penalty == "mean"
+    trainer = PPOTrainer(cfg, scorer=target_fraction())
+    rewards = kl_penalty(kl, mask, beta, cfg.kl_penalty)
+    rewards[torch.arange(3), torch.tensor(lengths) - 1] += 1.0
+    advantages, _ = trainer.advantages(rewards, torch.zeros(3, 12), mask)
+    assert torch.allclose(advantages[:, 0], advantages[0, 0].expand(3))
+    metrics = trainer.step()  # step 0: the policy is its reference, so both KL figures are zero
+    assert metrics["kl/per_token"] == pytest.approx(0.0, abs=1e-6) and metrics["kl/mean"] == pytest.approx(0.0, abs=1e-5)
 
 
 # ---------------------------------------------------------------- the loop's turns

@@ -116,24 +116,31 @@ class Answerer:
             logp = F.log_softmax(self.ilql.shifted_logprobs(logits, h, self.beta or 0.0) / t, -1)
         return logp.gather(-1, batch["responses"].unsqueeze(-1)).squeeze(-1) * batch["response_mask"]
 
-    _pools: dict = {}  # (policy, scorer, prompts, sampling, seed, pool size) -> (samples, rewards)
+    _samples: dict = {}  # (policy dir and its weights' stamp, prompts, sampling, seed, pool size) -> Generation
+    _scores: dict = {}  # (that key, scorer) -> the pool's rewards
 
     def best_of_n(self, prompts: list[str], sampling: SamplingConfig, batch_size: int, seed: int | None) -> Generation:
         """n samples per prompt from the policy; each prompt keeps the one the scorer rates highest. With
-        ``spec.pool`` >= n the n are the first n of a pool of samples drawn once and scored once for every best-of-n
-        of this policy under the same scorer object (the first n of i.i.d. samples are n i.i.d. samples: each n is
-        still best-of-n)."""
+        ``spec.pool`` >= n the n are the first n of a pool of samples drawn once for every best-of-n of this policy
+        (the first n of i.i.d. samples are n i.i.d. samples: each n is still best-of-n), and scored once per scorer:
+        the loop's turns rescore v0's one pool with each turn's RM instead of sampling it again."""
         n = self.spec.best_of
         size = max(self.spec.pool, n)
-        # the scorer object itself, not its id: an id can be reused once its object is gone
-        key = (self.spec.path, self.scorer, tuple(prompts), repr(sampling), seed, size)
-        if key not in Answerer._pools:
-            Answerer._pools.clear()  # one pool at a time: an evaluation asks for one policy's pool in a row
+        key = (self.spec.path, weights_stamp(self.spec.path), tuple(prompts), repr(sampling), seed, size)
+        if key not in Answerer._samples:
+            Answerer._samples.clear()  # one pool at a time: an evaluation asks for one policy's pool in a row
+            Answerer._scores.clear()
             # a prompt's samples in one generation batch: its prompt is prefilled once for all of them
-            many = generate(self.lm, self.tok, [p for p in prompts for _ in range(size)], sampling,
-                            batch_size=max(batch_size, size), seed=seed, progress=f"{self.spec.name}: {size} samples a question")
-            Answerer._pools[key] = (many, list(self.scorer([p for p in prompts for _ in range(size)], many.texts)))
-        many, rewards = Answerer._pools[key]
+            Answerer._samples[key] = generate(self.lm, self.tok, [p for p in prompts for _ in range(size)], sampling,
+                                              batch_size=max(batch_size, size), seed=seed,
+                                              progress=f"{self.spec.name}: {size} samples a question")
+        many = Answerer._samples[key]
+        # the scorer object itself, not its id: an id can be reused once its object is gone
+        if (key, self.scorer) not in Answerer._scores:
+            Answerer._scores.clear()  # one scorer at a time: an old turn's reward model is not kept alive
+            Answerer._scores[(key, self.scorer)] = list(self.scorer([p for p in prompts for _ in range(size)],
+                                                                    many.texts))
+        rewards = Answerer._scores[(key, self.scorer)]
         best = [i * size + max(range(n), key=lambda j: rewards[i * size + j]) for i in range(len(prompts))]
         return Generation(prompts=list(prompts), texts=[many.texts[b] for b in best],
                           prompt_ids=[many.prompt_ids[b] for b in best],
@@ -150,6 +157,16 @@ class Answerer:
             logp = self.response_logprobs(pack_sequences(p, r, self.tok.pad_token_id, device), temperature).cpu()
             out.extend(logp[i, :len(ri)] for i, ri in enumerate(r))
         return out
+
+
+def weights_stamp(path: str) -> tuple:
+    """What changes when a model directory's weights are rewritten (name, size, mtime of each weights file); a
+    hub id or missing path stamps as itself. Keys the best-of-n sample pool, so a retrained model is resampled."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return (path,)
+    files = sorted(f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf") and f.is_file())
+    return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
 
 
 def same_vocabulary(a, b) -> bool:

@@ -45,6 +45,11 @@ class PPOConfig:
     kl_estimator: str = field(default="k1", metadata={"choices": ("k1", "k3"), "help":
         "KL estimator of the adaptive controller and the logs (k3: >= 0, lower variance). The reward's per-token "
         "penalty is always k1, whose expected gradient is the KL's; k3's is biased."})
+    kl_penalty: str = field(default="mean", metadata={"choices": ("mean", "sum"), "help":
+        "How an answer's KL enters its reward. sum: -beta * KL_t on every token (Ziegler et al.), so a longer "
+        "answer pays more and the policy learns to stop early; mean: each token's penalty scaled by (mean answer "
+        "length of the step / this answer's length), so an answer pays beta * mean length * its mean KL per token "
+        "whatever its own length."})
     init_kl_coef: float = field(default=0.05, metadata={"help": "Initial beta."})
     adaptive_kl: bool = field(default=True, metadata={"help": "Adapt beta toward target_kl (Ziegler et al.)."})
     target_kl: float = field(default=6.0, metadata={"help": "Target KL per response for the adaptive controller."})

@@ -5,7 +5,8 @@ One iteration, top to bottom (:meth:`PPOTrainer.step`):
   1. rollout: sample answers to a batch of prompts (KV cache, a length limit drawn per rollout, stop at EOS)
   2. score: the reward model reads the decoded text with its own tokenizer; normalised with its saved stats
   3. forward once, no grad: log-probs and values of the policy, log-probs of the frozen reference
-  4. rewards: -beta * KL_t on every response token, + the score on the last one
+  4. rewards: -beta * KL_t on every response token (``--kl-penalty mean``, the default: scaled by the step's mean
+     answer length over this answer's, so a short answer saves no penalty), + the score on the last one
   5. advantages: GAE(gamma, lambda), whitened; returns = advantages + values
      (``--algorithm rloo``: k answers per prompt, the leave-one-out advantage of :mod:`stackrlhf.rl.rloo`)
   6. ppo_epochs x minibatches: clipped policy loss + vf_coef * clipped value loss, gradient clipping,
@@ -77,6 +78,20 @@ def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> 
         log_ratio = ref_logp - logp
         return log_ratio.exp() - 1 - log_ratio
     return logp - ref_logp
+
+
+def kl_penalty(kl_k1: torch.Tensor, mask: torch.Tensor, beta: float, mode: str,
+               mean_length: float | None = None) -> torch.Tensor:
+    """Per-token reward penalty. ``sum``: -beta * KL_t, so an answer's total penalty grows with its length and
+    stopping early pays. ``mean``: -beta * KL_t * (L_mean / L_i), so answer i's total is -beta * L_mean * (its mean
+    KL per token): the same leash per token, no premium on short answers. ``mean_length`` is the step's mean answer
+    length (over every process; default: over these rows)."""
+    penalty = -beta * kl_k1 * mask
+    if mode == "sum":
+        return penalty
+    lengths = mask.sum(1, keepdim=True).clamp(min=1)
+    mean = float(lengths.mean()) if mean_length is None else mean_length
+    return penalty * (mean / lengths)
 
 
 def clipped_policy_loss(advantages: torch.Tensor, ratio: torch.Tensor, cliprange: float):
@@ -252,11 +267,14 @@ class PPOTrainer:
         # the frozen trunk's output is reused by every epoch: they run only the trained top blocks on it
         mask = batch["response_mask"]
 
-        # 4. per-token rewards: -beta * KL_t everywhere, + the score on the last response token
+        # 4. per-token rewards: -beta * KL_t everywhere (--kl-penalty mean: scaled so no answer pays for its
+        # length), + the score on the last response token
         # the reward's penalty is always k1: its expected gradient is that of the KL, while k3's is not
         # (E_p[grad k3] != 0, a biased policy gradient); --kl-estimator picks what the controller and logs see
         kl = kl_per_token(old_logp, ref_logp, cfg.kl_estimator) * mask
-        rewards = -self.kl_ctl.value * kl_per_token(old_logp, ref_logp, "k1") * mask
+        mean_length = float(self.accelerator.gather(mask.sum(1)).float().mean())
+        rewards = kl_penalty(kl_per_token(old_logp, ref_logp, "k1"), mask, self.kl_ctl.value, cfg.kl_penalty,
+                             mean_length)
         last = mask.sum(1).long() - 1
         rewards[torch.arange(len(last)), last] += scores
 
@@ -283,6 +301,7 @@ class PPOTrainer:
             "step": self.step_index + 1, "reward/score_mean": float(gathered[:, 0].mean()),
             "reward/score_std": float(gathered[:, 0].std()) if len(gathered) > 1 else 0.0,
             "reward/total_mean": float(gathered[:, 2].mean()), "kl/mean": mean_kl, "kl/beta": beta,
+            "kl/per_token": float((gathered[:, 1] / gathered[:, 4].clamp(min=1)).mean()),
             "response/length": float(gathered[:, 4].mean()), "response/ended": float(gathered[:, 5].mean()),
             "response/words": float(gathered[:, 3].mean()),
             "reward/score_each": gathered[:, 0].tolist(), "response/words_each": gathered[:, 3].tolist(),

@@ -2,7 +2,8 @@
 critic-free online method. It runs in :class:`stackrlhf.rl.ppo.PPOTrainer` (``--algorithm rloo``), sharing its
 rollout, reward, KL, clipped update and checkpoints; what differs is this one step, in place of GAE:
 
-  for each prompt, k answers y_1..y_k; the sequence reward R_i = score_i - beta * sum_t KL_t (k1)
+  for each prompt, k answers y_1..y_k; the sequence reward R_i = score_i - beta * sum_t KL_t (k1; with
+  --kl-penalty mean, the default, - beta * mean length * mean_t KL_t)
   baseline_i = (sum_j R_j - R_i) / (k - 1)       (the mean reward of the other k - 1 answers)
   A_i = R_i - baseline_i, the same for every token of y_i; no value head
   normalised (optional) by the std of the A_i over sequences, never shifted: each prompt's A_i still sum to zero,
