@@ -196,6 +196,24 @@ def test_queue_generates_candidates_with_a_control(tiny_lm, beer_data, tmp_path)
         assert t.question_link.startswith("https://beer.stackexchange.com/")
 
 
+
+def test_queue_answers_do_not_depend_on_the_generation_batch(tiny_lm, beer_data, tmp_path):
+    """The queue answers many prompts together (--batch-size); row i's random numbers are its own, so the stored
+    answers are those of one-at-a-time generation."""
+    texts = {}
+    for size in (1, 32):
+        db = f"sqlite:///{tmp_path / f'b{size}.db'}"
+        result = CliRunner().invoke(cli, ["feedback", "queue", "--db", db, "--model", f"tiny={tiny_lm}", "--data",
+                                          str(beer_data), "--questions", "5", "--answers-per-question", "2",
+                                          "--max-new-tokens", "8", "--batch-size", str(size)])
+        assert result.exit_code == 0, result.output
+        texts[size] = sorted((t.question_link, c.text) for t in FeedbackStore(db).all_tasks() for c in t.candidates)
+    assert len(texts[1]) == 10 and len({text for _, text in texts[1]}) > 1
+    assert texts[1] == texts[32]
+    bad = CliRunner().invoke(cli, ["feedback", "queue", "--db", f"sqlite:///{tmp_path / 'z.db'}", "--model",
+                                   f"tiny={tiny_lm}", "--data", str(beer_data), "--batch-size", "0"])
+    assert bad.exit_code != 0 and "--batch-size" in bad.output
+
 # ---------------------------------------------------------------- load test against a real server
 
 def test_load_20_annotators_50_labels_each_with_retries_and_a_restart(db_url):

@@ -391,7 +391,7 @@ def feedback_queue(config_file, **options) -> None:
     sampling = pop_sampling(options)
     cfg = load_config(QueueConfig, config_file, section="queue", **options)
     result = queue_tasks(cfg.db, cfg.model, cfg.split, cfg.questions, cfg.answers_per_question, cfg.control,
-                         sampling, cfg.data, cfg.seed, cfg.batch)
+                         sampling, cfg.data, cfg.seed, cfg.batch, batch_size=cfg.batch_size)
     click.echo(f"queued {result['tasks']} tasks of {cfg.answers_per_question} answers in {cfg.db}")
 
 

@@ -64,6 +64,8 @@ class QueueConfig:
         "help": "Mix in the dump's best answer as one of the K (evaluation split)."})
     seed: int = field(default=0, metadata={"help": "Seed of the questions' choice and of the sampling."})
     batch: str = field(default="", metadata={"help": "A name for this batch of tasks (recorded with each)."})
+    batch_size: int = field(default=32, metadata={
+        "help": "Answers generated together (more is faster up to memory; the answers do not depend on it)."})
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):

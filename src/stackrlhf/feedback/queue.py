@@ -19,13 +19,15 @@ from stackrlhf.models.sampling import SamplingConfig
 
 def queue_tasks(db: str, models: list[str], split: str = "evaluation", questions: int = 20,
                 answers_per_question: int = 2, control: bool = False, sampling: SamplingConfig | None = None,
-                data: str = "", seed: int = 0, batch: str = "", progress: bool = True) -> dict:
+                data: str = "", seed: int = 0, batch: str = "", progress: bool = True, batch_size: int = 32) -> dict:
     if split not in ("rl", "evaluation"):
         raise StackRLHFError(f"--split {split}: use rl or evaluation")
     if control and split != "evaluation":
         raise StackRLHFError("--control needs --split evaluation (the rl split carries no answers)")
     if not models:
         raise StackRLHFError("--model is required (repeatable)")
+    if batch_size < 1:
+        raise StackRLHFError(f"--batch-size {batch_size}: answers are generated at least one at a time (use >= 1)")
     n_generated = answers_per_question - (1 if control else 0)
     if n_generated < 1:
         raise StackRLHFError("--answers-per-question must leave room for at least one model answer")
@@ -44,7 +46,7 @@ def queue_tasks(db: str, models: list[str], split: str = "evaluation", questions
             continue
         model = Answerer(spec, device)
         for k in mine:
-            gen = model.generate([q["prompt"] for q in picked], sampling, 8, seed + 1000 * k)
+            gen = model.generate([q["prompt"] for q in picked], sampling, batch_size, seed + 1000 * k)
             for i, text in enumerate(gen.texts):
                 answers[i].append({"text": text, "source": "model", "model": spec.name,
                                    "sampling": asdict(sampling) | {"seed": seed + 1000 * k, "path": spec.path,
