@@ -142,17 +142,22 @@ def run_turns(args, data: str, sft: str, out: Path) -> dict:
             print(f"registered v{result['version']} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
+def pair_agreement(groups: list[list[tuple[float, float]]]) -> tuple[float, int]:
+    """Share of same-group pairs of (judge, score) that the score orders as the judge does (ties left out), and
+    how many pairs were counted."""
+    agree = total = 0
+    for group in groups:
+        for (ja, sa), (jb, sb) in itertools.combinations(group, 2):
+            if ja != jb and sa != sb:
+                total += 1
+                agree += (ja > jb) == (sa > sb)
+    return (agree / total if total else math.nan), total
+
+
 def agreement(samples: Path) -> float:
     """Share of same-question answer pairs (all evaluated models) the proxy RM orders as the judge does."""
-    agree = total = 0
-    for line in samples.read_text().splitlines():
-        answers = list(json.loads(line)["answers"].values())
-        for a, b in itertools.combinations(answers, 2):
-            dj, dp = a["judge"] - b["judge"], a["proxy"] - b["proxy"]
-            if dj != 0 and dp != 0:
-                total += 1
-                agree += (dj > 0) == (dp > 0)
-    return agree / total if total else math.nan
+    rows = [json.loads(line)["answers"].values() for line in samples.read_text().splitlines()]
+    return pair_agreement([[(a["judge"], a["proxy"]) for a in answers] for answers in rows])[0]
 
 
 def table(out: Path, agreements: dict[int, float]) -> list[dict]:

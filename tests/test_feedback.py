@@ -196,7 +196,6 @@ def test_queue_generates_candidates_with_a_control(tiny_lm, beer_data, tmp_path)
         assert t.question_link.startswith("https://beer.stackexchange.com/")
 
 
-
 def test_queue_answers_do_not_depend_on_the_generation_batch(tiny_lm, beer_data, tmp_path):
     """The queue answers many prompts together (--batch-size); row i's random numbers are its own, so the stored
     answers are those of one-at-a-time generation."""
@@ -213,6 +212,7 @@ def test_queue_answers_do_not_depend_on_the_generation_batch(tiny_lm, beer_data,
     bad = CliRunner().invoke(cli, ["feedback", "queue", "--db", f"sqlite:///{tmp_path / 'z.db'}", "--model",
                                    f"tiny={tiny_lm}", "--data", str(beer_data), "--batch-size", "0"])
     assert bad.exit_code != 0 and "--batch-size" in bad.output
+
 
 # ---------------------------------------------------------------- load test against a real server
 
