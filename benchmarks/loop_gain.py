@@ -7,7 +7,7 @@ From a data build and an SFT model it makes itself (`stackrlhf run` stages data,
 SmolLM2-135M-Instruct, or of the offline pretrain with --base pretrain), it runs the real
 loop: queue the current version's answers to rl questions, let `feedback simulate` label them through the app
 (the `reference` judge by default: MiniLM similarity to the question's best human answer + relevance, its
-length trend taken off), retrain the RM on the labels, PPO, evaluate, register. Every turn's evaluation scores
+length trend taken off), retrain the RM on the labels, RLOO (``--algorithm``: ppo, raft), evaluate, register. Every turn's evaluation scores
 v0, the new version and best-of-n from v0 under that turn's RM (KL log n - (n-1)/n) on the same held-out
 questions with the same sampling seeds. Printed: a row per version and per best-of-n (judge score, its gain over
 v0 with a paired standard error, judge win rate vs v0, KL to v0, mean words, the proxy RM's agreement with the
@@ -55,8 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rm-votes", action="store_true", help="Train each turn's RM on the vote pairs too.")
     p.add_argument("--eval-questions", type=int, default=128, help="Held-out questions each version answers.")
     p.add_argument("--best-of", default="4,16", help="Best-of-n from v0 under each turn's RM (comma-separated).")
-    p.add_argument("--algorithm", default="ppo", choices=("ppo", "rloo"), help="The RL step of each turn.")
-    p.add_argument("--rloo-k", type=int, default=4, help="Answers per prompt with --algorithm rloo.")
+    p.add_argument("--algorithm", default="rloo", choices=("ppo", "rloo", "raft"), help="The RL step of each turn.")
+    p.add_argument("--rloo-k", type=int, default=4, help="Answers per prompt with --algorithm rloo or raft.")
     p.add_argument("--ppo-steps", type=int, default=12, help="PPO steps per turn.")
     p.add_argument("--ppo-learning-rate", type=float, default=5e-5, help="PPO learning rate.")
     # a turn's RM learns from about 100 labels: 2 epochs at 5e-5 (12 steps) left it a coin (train loss 0.692, agreement
@@ -95,6 +95,7 @@ def setup(args, out: Path) -> tuple[str, str]:
 
 def loop_settings(args, data: str, out: Path) -> Path:
     best_of = [int(n) for n in args.best_of.split(",") if n.strip()]
+    grouped = args.algorithm in ("rloo", "raft")  # k answers per prompt
     settings = {
         "data": data, "db": f"sqlite:///{out / 'feedback.db'}", "judge": args.judge,
         "judge_length_neutral": not args.no_length_neutral, "rm_votes": args.rm_votes, "best_of": best_of,
@@ -103,10 +104,10 @@ def loop_settings(args, data: str, out: Path) -> Path:
         "temperature": args.temperature, "top_p": 1.0,
         "rm": {"num_train_epochs": args.rm_epochs, "max_length": 128, "max_prompt_tokens": 32,
                "learning_rate": args.rm_learning_rate, "report_to": "none", "seed": args.seed},
-        # PPO and RLOO compute-matched: 16 answers and 2 optimiser steps an epoch per step either way (RLOO: 16 / k
-        # prompts, k answers each)
-        "ppo": {"algorithm": args.algorithm, **({"rloo_k": args.rloo_k} if args.algorithm == "rloo" else {}),
-                "steps": args.ppo_steps, "batch_size": 16 // args.rloo_k if args.algorithm == "rloo" else 16,
+        # PPO, RLOO and RAFT compute-matched: 16 answers and 2 optimiser steps an epoch per step either way (RLOO
+        # and RAFT: 16 / k prompts, k answers each)
+        "ppo": {"algorithm": args.algorithm, **({"rloo_k": args.rloo_k} if grouped else {}),
+                "steps": args.ppo_steps, "batch_size": 16 // args.rloo_k if grouped else 16,
                 "mini_batch_size": 8, "min_new_tokens": 24, "max_new_tokens": 48, "max_prompt_tokens": 128,
                 "temperature": args.temperature, "learning_rate": args.ppo_learning_rate, "save_every": 4,
                 "report_to": "none", "seed": args.seed},

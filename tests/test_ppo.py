@@ -198,3 +198,31 @@ def test_rloo_raises_a_synthetic_reward_without_a_value_head(tiny_policy, beer_d
     assert "loss/value" not in history[-1] and not (tmp_path / "rloo" / "value_head.safetensors").exists()
     with pytest.raises(ValueError, match="rloo-k"):
         config(tiny_policy, beer_data, tmp_path / "x", algorithm="rloo", rloo_k=1)
+
+
+def test_raft_advantage_is_one_on_each_prompts_best_answer_only(tiny_policy, beer_data, tmp_path):
+    trainer = PPOTrainer(config(tiny_policy, beer_data, tmp_path / "r", algorithm="raft", rloo_k=3, batch_size=8),
+                         scorer=target_fraction())
+    # two prompts, three answers each; prompt 1's best is short, and its KL penalty decides between equal scores
+    lengths, scores = [4, 2, 5, 3, 6, 6], [0.2, 0.9, 0.1, 0.0, 0.5, 0.5]
+    mask, rewards = torch.zeros(6, 6), torch.zeros(6, 6)
+    for i, (n, s) in enumerate(zip(lengths, scores)):
+        mask[i, :n] = 1
+        rewards[i, n - 1] = s
+    rewards[5, 0] -= 0.1  # answer 5 paid more KL than answer 4
+    advantages, _ = trainer.advantages(rewards, torch.zeros(6, 6), mask)
+    assert torch.equal(advantages, torch.stack([mask[i] * float(i in (1, 4)) for i in range(6)]))
+    with pytest.raises(ValueError, match="rloo-k"):
+        config(tiny_policy, beer_data, tmp_path / "x", algorithm="raft", rloo_k=1)
+
+
+def test_raft_raises_a_synthetic_reward_without_a_value_head(tiny_policy, beer_data, tmp_path):
+    _, tok = load_causal_lm(str(tiny_policy))
+    metrics = train_ppo(config(tiny_policy, beer_data, tmp_path / "raft", steps=30, learning_rate=1e-3,
+                               algorithm="raft", rloo_k=4, batch_size=4), scorer=target_fraction(tok))
+    history = [json.loads(line) for line in (tmp_path / "raft" / "history.jsonl").read_text().splitlines()]
+    start = sum(h["reward/score_mean"] for h in history[:3]) / 3
+    end = sum(h["reward/score_mean"] for h in history[-3:]) / 3
+    assert end > 2 * start and end > start + 0.1, (start, end)
+    assert metrics["algorithm"] == "raft" and len(history[0]["reward/score_each"]) == 16  # 4 prompts x k = 4
+    assert "loss/value" not in history[-1] and not (tmp_path / "raft" / "value_head.safetensors").exists()

@@ -17,13 +17,14 @@ class PPOConfig:
     out: str = field(default="outputs/ppo", metadata={"help": "Output directory."})
     reference: str = field(default="", metadata={"help": "The model KL is measured against (default: --model "
                                                 "itself). The loop passes v0, so KL to v0 is what beta holds."})
-    algorithm: str = field(default="ppo", metadata={"choices": ("ppo", "rloo"), "help":
+    algorithm: str = field(default="ppo", metadata={"choices": ("ppo", "rloo", "raft"), "help":
         "ppo: GAE advantages from a value head; rloo: k answers per prompt, each one's advantage its sequence "
-        "reward minus the mean of the other k - 1 (no value head)."})
-    rloo_k: int = field(default=2, metadata={"help": "RLOO: answers sampled per prompt (>= 2)."})
+        "reward minus the mean of the other k - 1 (no value head); raft: k answers per prompt, the clipped "
+        "update raises the likelihood of the best one (reward-ranked fine-tuning, no value head)."})
+    rloo_k: int = field(default=2, metadata={"help": "RLOO and RAFT: answers sampled per prompt (>= 2)."})
     steps: int = field(default=100, metadata={"help": "PPO iterations (rollout + update)."})
-    batch_size: int = field(default=32, metadata={"help": "Prompts per rollout (per process); RLOO answers each "
-                                                          "rloo_k times."})
+    batch_size: int = field(default=32, metadata={"help": "Prompts per rollout (per process); RLOO and RAFT "
+                                                          "answer each rloo_k times."})
     mini_batch_size: int = field(default=8, metadata={"help": "Sequences per gradient step."})
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout."})
     learning_rate: float = field(default=1e-5, metadata={"help": "Adam learning rate (constant)."})
@@ -95,12 +96,13 @@ class PPOConfig:
         for name in ("model", "data"):
             if not getattr(self, name):
                 raise ValueError(f"--{name} is required")
-        rollouts = self.batch_size * (self.rloo_k if self.algorithm == "rloo" else 1)
+        grouped = self.algorithm in ("rloo", "raft")
+        rollouts = self.batch_size * (self.rloo_k if grouped else 1)
         if rollouts % self.mini_batch_size:
-            raise ValueError(f"the {rollouts} answers of a rollout (batch_size, x rloo_k with RLOO) must be a multiple "
-                             "of mini_batch_size")
-        if self.algorithm == "rloo" and self.rloo_k < 2:
-            raise ValueError("--rloo-k must be at least 2: the leave-one-out baseline needs another answer")
+            raise ValueError(f"the {rollouts} answers of a rollout (batch_size, x rloo_k with RLOO/RAFT) must be a "
+                             "multiple of mini_batch_size")
+        if grouped and self.rloo_k < 2:
+            raise ValueError(f"--rloo-k must be at least 2 with {self.algorithm}: it compares each prompt's answers")
         if not 0 < self.min_new_tokens <= self.max_new_tokens:
             raise ValueError("need 0 < min_new_tokens <= max_new_tokens")
         if self.lora and self.num_layers_unfrozen >= 0:

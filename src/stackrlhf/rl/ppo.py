@@ -8,7 +8,8 @@ One iteration, top to bottom (:meth:`PPOTrainer.step`):
   4. rewards: -beta * KL_t on every response token (``--kl-penalty mean``, the default: scaled by the step's mean
      answer length over this answer's, so a short answer saves no penalty), + the score on the last one
   5. advantages: GAE(gamma, lambda), whitened; returns = advantages + values
-     (``--algorithm rloo``: k answers per prompt, the leave-one-out advantage of :mod:`stackrlhf.rl.rloo`)
+     (``--algorithm rloo``: k answers per prompt, the leave-one-out advantage of :mod:`stackrlhf.rl.rloo`;
+     ``--algorithm raft``: k answers per prompt, advantage 1 for the best, 0 for the rest, :mod:`stackrlhf.rl.raft`)
   6. ppo_epochs x minibatches: clipped policy loss + vf_coef * clipped value loss, gradient clipping,
      early stop when the approximate KL to the rollout policy exceeds max_approx_kl
   7. adapt beta (Ziegler's proportional controller), log, checkpoint
@@ -42,6 +43,7 @@ from stackrlhf.models.precision import autocast, upcast_trainable
 from stackrlhf.rl.common import (MetricsWriter, make_accelerator, pass_batch, resume_latest, save_checkpoint,
                                  seed_everything, write_run_artifacts)
 from stackrlhf.rl.config import PPOConfig
+from stackrlhf.rl.raft import best_of_group
 from stackrlhf.rl.rloo import normalise_sequence_advantages, rloo_advantages
 
 console = Console(stderr=True)
@@ -176,13 +178,13 @@ class PPOTrainer:
             how = self.policy.set_reference(ref_lm)
             shared = 'its top blocks on the shared trunk' if how == 'hydra' else 'a full copy'
             self.reference_from = f"{cfg.reference} ({shared})"
-        self.rloo = cfg.algorithm == "rloo"
+        self.rloo = cfg.algorithm in ("rloo", "raft")  # critic-free, k answers per prompt
         if self.rloo:  # no critic: the value head is not trained (nor, under DDP, expected to get gradients)
             self.policy.value_head.requires_grad_(False)
         self.rollouts_per_step = cfg.batch_size * (cfg.rloo_k if self.rloo else 1)
         console.print(f"PPO policy ({self.policy.mode} reference{': ' + self.reference_from if self.reference_from else ''}): "
                       f"{describe_trainable(self.policy)}; value head: "
-                      f"{self.value_head_from or 'zero (no parent critic)' if not self.rloo else 'unused (RLOO)'}")
+                      f"{self.value_head_from or 'zero (no parent critic)' if not self.rloo else f'unused ({cfg.algorithm.upper()})'}")
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.learning_rate, eps=1e-5)
         self.model, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
         self.value_optimizer = torch.optim.AdamW(self.policy.value_head.parameters(), lr=cfg.learning_rate, eps=1e-5)
@@ -321,9 +323,12 @@ class PPOTrainer:
 
     def advantages(self, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
         """(advantages, returns). RLOO: the sequence reward (score - beta * KL) minus the mean of the prompt's other
-        answers', the same for each of its tokens, scaled per sequence (never shifted). PPO: GAE, whitened per
-        token over the rollout."""
+        answers', the same for each of its tokens, scaled per sequence (never shifted). RAFT: 1 on each token of the
+        prompt's best answer by that sequence reward, 0 elsewhere (not normalised). PPO: GAE, whitened per token
+        over the rollout."""
         cfg = self.cfg
+        if cfg.algorithm == "raft":
+            return best_of_group(rewards.sum(1), cfg.rloo_k)[:, None] * mask, values
         if self.rloo:
             per_sequence = rloo_advantages(rewards.sum(1), cfg.rloo_k)
             if cfg.whiten_advantages:
