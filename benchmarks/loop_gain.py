@@ -5,13 +5,13 @@ known judge, each version scored by that judge on held-out questions (Gao et al.
 
 From a data build and an SFT model it makes itself (`stackrlhf run` stages data, sft of the demo's base,
 SmolLM2-135M-Instruct, or of the offline pretrain with --base pretrain), it runs the real
-loop: queue the current version's answers to rl questions, let `feedback simulate` label them through the app
-(the `reference` judge by default: MiniLM similarity to the question's best human answer + relevance, its
-length trend taken off), retrain the RM on the labels, RLOO (``--algorithm``: ppo, raft), evaluate, register. Every turn's evaluation scores
-v0, the new version and best-of-n from v0 under that turn's RM (KL log n - (n-1)/n) on the same held-out
-questions with the same sampling seeds. Printed: a row per version and per best-of-n (judge score, its gain over
-v0 with a paired standard error, judge win rate vs v0, KL to v0, mean words, the proxy RM's agreement with the
-judge on the evaluation answers) and, last line,
+loop: queue the current version's answers to rl questions, let `feedback simulate` label them through the app (the
+`reference` judge by default: MiniLM similarity to the question's best human answer + relevance, its length trend
+taken off), retrain the RM on the labels, RLOO (``--algorithm``: ppo, raft), evaluate, register. Every turn's
+evaluation scores v0, the new version and best-of-n from v0 under that turn's RM (KL log n - (n-1)/n) on the same
+held-out questions with the same sampling seeds. Printed: a row per version and per best-of-n (judge score, its
+gain over v0 with a paired standard error, judge win rate vs v0, KL to v0, mean words, the proxy RM's agreement
+with the judge on the evaluation answers) and, last line,
 ``judge_gain=<v_T - v0> judge_gain_se=<se> kl=<KL of v_T to v0> length_ratio=<mean words v_T / v0>``.
 Rerunning with the same --out resumes: finished stages and turns are kept.
 """

@@ -218,7 +218,7 @@ def test_raft_advantage_is_one_on_each_prompts_best_answer_only(tiny_policy, bee
 
 def test_raft_raises_a_synthetic_reward_without_a_value_head(tiny_policy, beer_data, tmp_path):
     _, tok = load_causal_lm(str(tiny_policy))
-    metrics = train_ppo(config(tiny_policy, beer_data, tmp_path / "raft", steps=30, learning_rate=1e-3,
+    metrics = train_ppo(config(tiny_policy, beer_data, tmp_path / "raft", steps=16, learning_rate=1e-3,
                                algorithm="raft", rloo_k=4, batch_size=4), scorer=target_fraction(tok))
     history = [json.loads(line) for line in (tmp_path / "raft" / "history.jsonl").read_text().splitlines()]
     start = sum(h["reward/score_mean"] for h in history[:3]) / 3

@@ -184,7 +184,7 @@ class PPOTrainer:
         self.rollouts_per_step = cfg.batch_size * (cfg.rloo_k if self.rloo else 1)
         console.print(f"PPO policy ({self.policy.mode} reference{': ' + self.reference_from if self.reference_from else ''}): "
                       f"{describe_trainable(self.policy)}; value head: "
-                      f"{self.value_head_from or 'zero (no parent critic)' if not self.rloo else f'unused ({cfg.algorithm.upper()})'}")
+                      + (f"unused ({cfg.algorithm.upper()})" if self.rloo else self.value_head_from or "zero (no parent critic)"))
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.learning_rate, eps=1e-5)
         self.model, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
         self.value_optimizer = torch.optim.AdamW(self.policy.value_head.parameters(), lr=cfg.learning_rate, eps=1e-5)
