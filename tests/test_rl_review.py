@@ -131,6 +131,22 @@ def test_each_loop_turn_draws_its_own_prompts_and_its_rm_keeps_the_gold_half_out
     assert halves == ["all"] * 3 + ["proxy"] * 3
 
 
+def test_the_loops_rl_step_is_rloo_unless_its_settings_name_an_algorithm(beer_data, tmp_path):
+    """RLOO (k = 4) by default: measured ahead of PPO on the same answers; a named algorithm keeps its own
+    settings (no RLOO batch forced on PPO)."""
+    from stackrlhf.loop import LoopConfig, turn_stages
+
+    reg = {"versions": [{"model": str(tmp_path / "v0")}]}
+    current = {"model": str(tmp_path / "v0"), "version": 0}
+    chosen = []
+    for ppo in ({}, {"batch_size": 2}, {"algorithm": "ppo"}, {"algorithm": "raft", "rloo_k": 3}):
+        stages, _ = turn_stages(reg, LoopConfig(data=str(beer_data), ppo=ppo), current, 1, tmp_path / "v1",
+                                tmp_path / "v1" / "feedback")
+        rl = {s.name: s.cfg for s in stages}["ppo"]
+        chosen.append((rl.algorithm, rl.rloo_k, rl.batch_size))
+    assert chosen == [("rloo", 4, 8), ("rloo", 4, 2), ("ppo", 2, 32), ("raft", 3, 32)]
+
+
 def test_the_proxy_half_keeps_every_label_and_drops_the_gold_votes(beer_data, tmp_path):
     from test_feedback import candidates, question
 
