@@ -155,6 +155,40 @@ def test_eval_judges_plain_and_ilql_models(tiny_lm, beer_data, judges, tmp_path)
     assert set(rows[0]["answers"]) == {"sft", "ilql0", "ilql", "bon4"} and "proxy" in rows[0]["answers"]["ilql"]
 
 
+def test_eval_skips_the_passes_whose_answer_it_knows(tiny_lm, beer_data, judges, tmp_path, monkeypatch):
+    """The reference and best-of-n from it have a log-ratio of 0 (no forward pass), and best-of-n shares its
+    policy's perplexity of the human answers: 1 pass for sft and 0 for its best-of-n, against 3 for a copy of
+    the same weights in another directory, whose full passes give the same figures."""
+    import shutil
+
+    from stackrlhf.models.answerer import Answerer
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_lm, copy)
+    passes = []
+    original = Answerer.logprobs_of
+
+    def counted(self, *args, **kwargs):
+        passes.append(self.spec.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Answerer, "logprobs_of", counted)
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(cli, [
+        "eval", "--model", f"sft={tiny_lm}", "--model", f"bon4=bon:4@{tiny_lm}", "--model", f"bon2=bon:2@{tiny_lm}",
+        "--model", f"copy={copy}", "--reward", str(judges[0]), "--data", str(beer_data), "--out", str(out),
+        "--questions", "5", "--max-new-tokens", "8", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert sorted(passes) == ["copy", "copy", "reference", "sft"]
+    models = json.loads((out / "eval.json").read_text())["models"]
+    assert models["sft"]["kl_to_reference"] == 0.0
+    assert models["bon2"]["kl_to_reference"] == pytest.approx(math.log(2) - 0.5)
+    assert models["copy"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)  # measured, not assumed
+    for name in ("bon4", "bon2", "copy"):
+        assert models[name]["human_answer_perplexity"] == pytest.approx(models["sft"]["human_answer_perplexity"],
+                                                                        rel=1e-5)
+
+
 def test_eval_rejects_an_unknown_baseline(tiny_lm, beer_data, judges, tmp_path):
     result = CliRunner().invoke(cli, ["eval", "--model", f"sft={tiny_lm}", "--baseline", "ppo", "--reward",
                                       str(judges[0]), "--data", str(beer_data), "--out", str(tmp_path / "e")])

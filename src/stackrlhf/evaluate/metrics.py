@@ -71,9 +71,10 @@ def evaluate_models(cfg: EvalConfig) -> dict:
     answers: dict[str, list[str]] = {}
     per_answer: dict[str, dict[str, list[float]]] = {}
     results: dict[str, dict] = {}
+    human_nll: dict[tuple, float] = {}  # per distribution: best-of-n of v0 shares v0's perplexity of the human answers
     for spec in tqdm(specs, desc="models", disable=not cfg.progress):
         answers[spec.name], per_answer[spec.name], results[spec.name] = answer_and_score(
-            Answerer(spec, device, scorer=pick_best), questions, sampling, judges, reference, cfg)
+            Answerer(spec, device, scorer=pick_best), questions, sampling, judges, reference, cfg, human_nll)
     compare_with_baseline(results, per_answer, list(judges), baseline)
     report = {"questions": len(questions), "baseline": baseline, "reference": reference_path,
               "judges": {k: v for k, v in (("proxy", cfg.reward), ("gold", cfg.gold_reward), ("judge", cfg.judge)) if v},
@@ -105,26 +106,43 @@ def select_questions(cfg: EvalConfig) -> list[dict]:
     return rows.select(sorted(order[: cfg.questions] if cfg.questions else order)).to_list()
 
 
+def same_distribution(model: Answerer, reference: Answerer) -> bool:
+    """Whether ``model`` samples (before best-of-n picks) from the reference's own distribution: the same
+    weights and the same ILQL shift. Its per-token log-ratio to the reference is then exactly 0."""
+    return (Path(model.spec.path).resolve() == Path(reference.spec.path).resolve()
+            and (model.ilql is None) == (reference.ilql is None) and model.beta == reference.beta)
+
+
 def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingConfig, judges: dict,
-                     reference: Answerer, cfg: EvalConfig) -> tuple[list[str], dict, dict]:
+                     reference: Answerer, cfg: EvalConfig, human_nll: dict | None = None
+                     ) -> tuple[list[str], dict, dict]:
     """One model's answers, each scored by every judge, with its KL to the reference and the perplexity of the
-    human answers: (answers, per-answer values, the model's summary)."""
+    human answers: (answers, per-answer values, the model's summary). ``human_nll`` keeps that perplexity per
+    distribution across the models of one evaluation."""
     prompts = [q["prompt"] for q in questions]
     t0 = time.perf_counter()
     gen = model.generate(prompts, sampling, cfg.batch_size, cfg.seed)
     t_gen = time.perf_counter() - t0
-    # KL between the tempered distributions the models sample from (the temperature is part of the policy)
-    logp = model.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature)
+    # KL between the tempered distributions the models sample from (the temperature is part of the policy). The
+    # reference itself and best-of-n from it need no forward pass: their policy's log-ratio is 0 on every token.
     kl = None
     if same_vocabulary(model.tok, reference.tok):
-        ref = reference.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature)
-        kl = [float((a - b).sum()) for a, b in zip(logp, ref)]
+        if same_distribution(model, reference):
+            kl = [0.0] * len(gen.response_ids)
+        else:
+            logp = model.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature)
+            ref = reference.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature)
+            kl = [float((a - b).sum()) for a, b in zip(logp, ref)]
         if model.spec.best_of > 1:  # KL(bon || ref) = KL(bon || policy) (analytic) + E_bon[log policy - log ref]
             kl = [best_of_n_kl(model.spec.best_of) + v for v in kl]
-    # perplexity of the held-out human answers (the best one per question)
-    human = [model.tok(q["best_answer"], add_special_tokens=False)["input_ids"][: cfg.max_new_tokens]
-             + [model.tok.eos_token_id] for q in questions]
-    nll = -float(torch.cat(model.logprobs_of(gen.prompt_ids, human, cfg.batch_size)).mean())
+    # perplexity of the held-out human answers (the best one per question), once per distribution
+    key = (str(Path(model.spec.path).resolve()), model.ilql is None, model.beta)
+    human_nll = {} if human_nll is None else human_nll
+    if key not in human_nll:
+        human = [model.tok(q["best_answer"], add_special_tokens=False)["input_ids"][: cfg.max_new_tokens]
+                 + [model.tok.eos_token_id] for q in questions]
+        human_nll[key] = -float(torch.cat(model.logprobs_of(gen.prompt_ids, human, cfg.batch_size)).mean())
+    nll = human_nll[key]
     scores = {name: (judge.score(questions, gen.texts) if name == "judge"
                      else judge.score(prompts, gen.texts, normalize=True)) for name, judge in judges.items()}
     per_answer = {**scores, "length": [float(len(r)) for r in gen.response_ids],
