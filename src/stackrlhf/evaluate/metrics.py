@@ -106,11 +106,10 @@ def select_questions(cfg: EvalConfig) -> list[dict]:
     return rows.select(sorted(order[: cfg.questions] if cfg.questions else order)).to_list()
 
 
-def same_distribution(model: Answerer, reference: Answerer) -> bool:
-    """Whether ``model`` samples (before best-of-n picks) from the reference's own distribution: the same
-    weights and the same ILQL shift. Its per-token log-ratio to the reference is then exactly 0."""
-    return (Path(model.spec.path).resolve() == Path(reference.spec.path).resolve()
-            and (model.ilql is None) == (reference.ilql is None) and model.beta == reference.beta)
+def distribution_key(model: Answerer) -> tuple:
+    """What fixes the distribution a model samples from before best-of-n picks: its weights and its ILQL shift.
+    Two answerers with one key have a per-token log-ratio of exactly 0."""
+    return str(Path(model.spec.path).resolve()), model.ilql is None, model.beta
 
 
 def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingConfig, judges: dict,
@@ -127,7 +126,7 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
     # reference itself and best-of-n from it need no forward pass: their policy's log-ratio is 0 on every token.
     kl = None
     if same_vocabulary(model.tok, reference.tok):
-        if same_distribution(model, reference):
+        if distribution_key(model) == distribution_key(reference):
             kl = [0.0] * len(gen.response_ids)
         else:
             logp = model.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature)
@@ -136,7 +135,7 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
         if model.spec.best_of > 1:  # KL(bon || ref) = KL(bon || policy) (analytic) + E_bon[log policy - log ref]
             kl = [best_of_n_kl(model.spec.best_of) + v for v in kl]
     # perplexity of the held-out human answers (the best one per question), once per distribution
-    key = (str(Path(model.spec.path).resolve()), model.ilql is None, model.beta)
+    key = distribution_key(model)
     human_nll = {} if human_nll is None else human_nll
     if key not in human_nll:
         human = [model.tok(q["best_answer"], add_special_tokens=False)["input_ids"][: cfg.max_new_tokens]
