@@ -119,6 +119,38 @@ def test_run_skips_unchanged_stages_reruns_changed_ones_and_resumes_after_a_kill
     assert list(partial["stages"]) == ["data", "sft"]
 
 
+def test_dumps_copied_again_rebuild_the_data_but_keep_the_models_trained_on_it(tiny_lm, tmp_path):
+    """A dump copied afresh (same bytes, new mtimes: a re-synced share, a re-extracted .7z) is built again, but the
+    build's files are the same, so the SFT model trained on them is kept, not thrown away and retrained."""
+    import os
+    import shutil
+
+    dump = tmp_path / "beer.stackexchange.com"
+    shutil.copytree(SHARED / "beer.stackexchange.com", dump)
+    run = tmp_path / "run"
+    spec = {"out": str(run), "base": str(tiny_lm), "data": {"dump": [str(dump)], "progress": False},
+            "sft": TINY["sft"], "rm": TINY["rm"]}
+    config = write_config(tmp_path / "pipeline.yaml", spec)
+    assert statuses(pipeline.run_pipeline(config, until="sft")) == {"data": "ran", "sft": "ran"}
+    first = json.loads((run / "data" / "stats.json").read_text())
+    weights = (run / "sft" / "model.safetensors").stat().st_mtime_ns
+    for f in dump.iterdir():
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+
+    assert statuses(pipeline.run_pipeline(config, until="sft")) == {"data": "ran", "sft": "skipped"}
+    second = json.loads((run / "data" / "stats.json").read_text())
+    assert second["build_key"] != first["build_key"]  # the inputs look new: the data was built again...
+    assert second["content_key"] == first["content_key"]  # ...into the same bytes
+    assert (run / "sft" / "model.safetensors").stat().st_mtime_ns == weights
+
+    # a dump whose content changed is a new dataset: the model is trained again
+    posts = dump / "Posts.xml"
+    text = posts.read_text(encoding="utf-8")
+    assert "offered a beer" in text
+    posts.write_text(text.replace("offered a beer", "offered an ale", 1), encoding="utf-8")
+    assert statuses(pipeline.run_pipeline(config, until="sft")) == {"data": "ran", "sft": "ran"}
+
+
 def test_report_escapes_dump_and_model_text(tmp_path):
     from stackrlhf.evaluate.config import ReportConfig
     from stackrlhf.evaluate.report import write_report

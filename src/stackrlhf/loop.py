@@ -26,7 +26,7 @@ from stackrlhf.data.schema import shard_file
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.evaluate.config import EvalConfig
 from stackrlhf.feedback import DEFAULT_DB
-from stackrlhf.pipeline import Stage, run_stage, stage_key
+from stackrlhf.pipeline import Stage, data_result_key, run_stage, stage_key
 from stackrlhf.rl.config import PPOConfig
 from stackrlhf.train.config import RMConfig
 
@@ -201,7 +201,7 @@ def _train_turn(registry: Path, reg: dict, cfg: LoopConfig, current: dict, label
     feedback = vdir / "feedback"
     summary = export_feedback(FeedbackStore(cfg.db), feedback)
     pairs_blob = (feedback / "reward" / shard_file("train")).read_bytes()
-    keys = {"data": json.loads((Path(cfg.data) / "stats.json").read_text()).get("build_key", cfg.data),
+    keys = {"data": data_result_key(json.loads((Path(cfg.data) / "stats.json").read_text()), cfg.data),
             "feedback": hashlib.sha256(pairs_blob).hexdigest()[:16]}
     stamps = vdir / ".pipeline"
     stages, rm_data = turn_stages(reg, cfg, current, n, vdir, feedback)

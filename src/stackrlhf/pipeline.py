@@ -221,6 +221,11 @@ def runner(name: str) -> Callable[[Any], Any]:
     return getattr(importlib.import_module(module), function)
 
 
+def data_result_key(stats: dict, default: str) -> str:
+    """What the stages after a data build key on: the hash of its files (older builds: the key of their inputs)."""
+    return stats.get("content_key") or stats.get("build_key") or default
+
+
 def run_stage(stage: Stage, key: str, stamps: Path, force: bool = False) -> dict:
     """Run one stage unless its finished record has ``key``; returns {status, key, result_key, seconds}."""
     stamp_path = stamps / f"{stage.name}.json"
@@ -241,8 +246,8 @@ def run_stage(stage: Stage, key: str, stamps: Path, force: bool = False) -> dict
     t0 = time.perf_counter()
     result = runner(stage.name)(stage.cfg)
     seconds = round(time.perf_counter() - t0, 1)
-    # the data stage keys its output by the dump files too: downstream keys follow that
-    result_key = result.get("build_key", key) if stage.name == "data" and isinstance(result, dict) else key
+    # the data stage's result is known by its bytes: a rebuild of copied or touched dumps keeps the models after it
+    result_key = data_result_key(result, key) if stage.name == "data" and isinstance(result, dict) else key
     write_text_atomic(stamp_path, json.dumps({"key": key, "result_key": result_key, "status": "done",
                                               "seconds": seconds, "finished": time.time()}))
     return {"status": "ran", "key": key, "result_key": result_key, "seconds": seconds}

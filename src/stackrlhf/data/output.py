@@ -33,7 +33,8 @@ def file_fingerprint(path: Path) -> dict:
 
 
 def build_key(cfg: DataConfig, inputs: dict[str, list[Path]]) -> str:
-    """Content key of a build: its settings and the identity (size, mtime) of every input file."""
+    """Key of a build's inputs: its settings and the identity (size, mtime) of every input file. It decides
+    whether to build again (cheaply: no file is read); :func:`content_key` is what the result is known by."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_INPUTS and k != "dump"}
     files = {name: [file_fingerprint(p) for p in sorted(paths)] for name, paths in inputs.items()}
     blob = json.dumps({"settings": settings, "inputs": files, "version": 2}, sort_keys=True)
@@ -150,7 +151,21 @@ def temp_build_dir(out: Path) -> Iterator[Path]:
         raise
 
 
+def content_key(root: Path) -> str:
+    """Hash of a build's data files (every Parquet shard, by path and bytes). What later stages key on: a rebuild
+    of dump files that were only copied or touched gives the same bytes, so the models trained on it are kept."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.parquet")):
+        digest.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_size}\0".encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def finish_build(tmp: Path, out: Path, cfg: DataConfig, stats: dict) -> None:
-    """Write the metadata (stats.json, metrics.json, config.yaml, dataset card) and move the build into place."""
+    """Write the metadata (stats.json with the data's ``content_key``, metrics.json, config.yaml, dataset card) and
+    move the build into place."""
+    stats["content_key"] = content_key(tmp)
     write_metadata(tmp, cfg, stats)
     swap_into_place(tmp, out)
