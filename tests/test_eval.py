@@ -189,6 +189,61 @@ def test_eval_skips_the_passes_whose_answer_it_knows(tiny_lm, beer_data, judges,
                                                                         rel=1e-5)
 
 
+def test_eval_with_a_cache_samples_and_scores_each_model_once(tiny_lm, beer_data, judges, tmp_path, monkeypatch):
+    """The loop evaluates v0, the parent and v0's best-of-n pool again in every turn, each turn in a new process.
+    With --cache a second evaluation reads their answers, KL and perplexity: no sampling, no log-prob pass, the
+    same figures; best-of-n picks from its kept pool with the new reward model; a model whose weights were
+    rewritten is sampled again."""
+    import shutil
+
+    from stackrlhf.models import answerer
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_lm, copy)
+    sampled, passes = [], []
+    real_generate, real_logprobs = answerer.generate, answerer.Answerer.logprobs_of
+
+    def counted_generate(lm, tok, prompts, *args, **kwargs):
+        sampled.append(len(prompts))
+        return real_generate(lm, tok, prompts, *args, **kwargs)
+
+    def counted_logprobs(self, *args, **kwargs):
+        passes.append(self.spec.name)
+        return real_logprobs(self, *args, **kwargs)
+
+    monkeypatch.setattr(answerer, "generate", counted_generate)
+    monkeypatch.setattr(answerer.Answerer, "logprobs_of", counted_logprobs)
+
+    def evaluate(out: str, reward: Path) -> dict:
+        answerer.Answerer._samples.clear()  # a new process: nothing kept in memory
+        answerer.Answerer._scores.clear()
+        sampled.clear()
+        passes.clear()
+        result = CliRunner().invoke(cli, [
+            "eval", "--model", f"sft={tiny_lm}", "--model", f"copy={copy}", "--model", f"bon4=bon:4@{tiny_lm}",
+            "--reward", str(reward), "--data", str(beer_data), "--out", str(tmp_path / out), "--questions", "5",
+            "--max-new-tokens", "8", "--cache", str(tmp_path / "cache"), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        models = json.loads((tmp_path / out / "eval.json").read_text())["models"]
+        return {name: {k: v for k, v in m.items() if k != "generate_s"} for name, m in models.items()}
+
+    first = evaluate("e1", judges[0])
+    assert sorted(sampled) == [5, 5, 20] and sorted(passes) == ["copy", "copy", "reference", "sft"]
+    again = evaluate("e2", judges[0])
+    assert sampled == [] and passes == []
+    assert again == first
+
+    other_rm = evaluate("e3", judges[1])  # the next turn's reward model: the same pool, picked from again
+    assert sampled == [] and passes == []
+    assert other_rm["copy"]["kl_to_reference"] == first["copy"]["kl_to_reference"]
+    assert other_rm["bon4"]["reward_proxy"] != first["bon4"]["reward_proxy"]
+
+    weights = copy / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    evaluate("e4", judges[0])
+    assert sampled == [5] and sorted(passes) == ["copy", "copy", "reference"]
+
+
 def test_eval_rejects_an_unknown_baseline(tiny_lm, beer_data, judges, tmp_path):
     result = CliRunner().invoke(cli, ["eval", "--model", f"sft={tiny_lm}", "--baseline", "ppo", "--reward",
                                       str(judges[0]), "--data", str(beer_data), "--out", str(tmp_path / "e")])

@@ -99,6 +99,11 @@ def test_a_loop_turn_queues_waits_then_retrains_and_registers(tiny_lm, beer_data
     assert v2["data"] == [str(registry / "v2" / "feedback")]
     assert yaml.safe_load((registry / "v2" / "ppo" / "config.yaml").read_text())["model"] == v1["model"]
     assert_judged(registry, v2, 2)
+    # turn 2 read v0's and v1's answers, their KL and v0's best-of-n pool from the registry's evaluation cache
+    turns = [json.loads((registry / f"v{n}" / "eval" / "eval.json").read_text())["models"] for n in (1, 2)]
+    assert len(list((registry / "eval-cache").glob("*.json"))) >= 4
+    assert turns[1]["v1"]["kl_to_reference"] == turns[0]["v1"]["kl_to_reference"]
+    assert turns[1]["v1"]["length_tokens"] == turns[0]["v1"]["length_tokens"]
 
     # the report shows the versions: judge score against labels used and against KL, best-of-n beside them
     from stackrlhf.evaluate.config import ReportConfig

@@ -165,7 +165,8 @@ def turn_stages(reg: dict, cfg: LoopConfig, current: dict, n: int, vdir: Path, f
     data. Each turn draws its own prompts and samples (PPO's seed is offset by the version: the same seed would
     replay turn 1's prompt order and random numbers), and with a gold judge the RM learns only from the proxy
     half of the vote pairs (the gold RM's half stays held out; labels are always kept). KL is measured to v0 in
-    every turn (PPO's reference), so the controller holds the drift from v0, not from the parent."""
+    every turn (PPO's reference), so the controller holds the drift from v0, not from the parent. The registry's
+    ``eval-cache`` keeps v0's and the parent's answers and v0's best-of-n pool: a turn samples only its new version."""
     v0 = reg["versions"][0]["model"]
     models = [f"v0={v0}"] + ([f"v{n - 1}={current['model']}"] if n > 1 else []) + [f"v{n}={vdir / 'ppo'}"]
     models += [f"bon{k}=bon:{k}@{v0}" for k in cfg.best_of]
@@ -182,7 +183,8 @@ def turn_stages(reg: dict, cfg: LoopConfig, current: dict, n: int, vdir: Path, f
                                                   "data": cfg.data, "out": str(vdir / "ppo")}, "loop ppo settings"),
               ["data", "rm"], vdir / "ppo", [current["model"]]),
         # every version is compared with v0 (win rates, KL), beside best-of-n from v0 under this turn's RM
-        Stage("eval", config_from_dict(EvalConfig, {**cfg.eval, "model": models, "baseline": "v0", "reference": v0,
+        Stage("eval", config_from_dict(EvalConfig, {"cache": str(vdir.parent / "eval-cache"), **cfg.eval,
+                                                    "model": models, "baseline": "v0", "reference": v0,
                                                     "data": cfg.data, "reward": str(vdir / "rm"),
                                                     "gold_reward": cfg.gold_reward, "judge": cfg.judge,
                                                     "judge_length_neutral": cfg.judge_length_neutral,

@@ -51,7 +51,7 @@ STAGES: dict[str, tuple[str, type]] = {
 REQUIRED = ("data", "sft", "rm")
 TOP_LEVEL = {"out", "base", "temperature"}
 # settings that do not change a stage's result
-NOT_IN_KEY = {"out", "progress", "report_to", "resume", "overwrite", "cache_dir"}
+NOT_IN_KEY = {"out", "progress", "report_to", "resume", "overwrite", "cache_dir", "cache"}
 DEMO_CONFIG = "configs/demo.yaml"
 # the data stage checks its own inputs (the dump files) and returns at once when they are unchanged;
 # the report takes seconds and should show the run as it is now

@@ -34,6 +34,11 @@ class EvalConfig:
     batch_size: int = field(default=16, metadata={"help": "Answers generated / scored per batch."})
     seed: int = field(default=0, metadata={"help": "Random seed (same questions and sampling noise for every model)."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    cache: str = field(default="", metadata={
+        "help": "A folder that keeps each model's answers, their KL and its perplexity of the human answers (and "
+                "best-of-n's sample pool), keyed by the model's weight files, the questions, the sampling settings "
+                "and the seed: evaluating the same model again reads them instead of sampling again (the loop keeps "
+                "one per registry). Empty: off."})
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):

@@ -25,7 +25,8 @@ from stackrlhf.config import write_text_atomic
 from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.evaluate.config import EvalConfig
-from stackrlhf.models.answerer import Answerer, ModelSpec, best_of_n_kl, parse_model_spec, same_vocabulary
+from stackrlhf.models.answerer import (Answerer, ModelSpec, best_of_n_kl, cached, parse_model_spec, same_vocabulary,
+                                      weights_stamp)
 from stackrlhf.models.confounders import gain_text, length_adjusted_gains, question_overlap, words
 from stackrlhf.models.generation import SamplingConfig
 from stackrlhf.models.ilql import is_ilql_model
@@ -74,7 +75,8 @@ def evaluate_models(cfg: EvalConfig) -> dict:
     human_nll: dict[tuple, float] = {}  # per distribution: best-of-n of v0 shares v0's perplexity of the human answers
     for spec in tqdm(specs, desc="models", disable=not cfg.progress):
         answers[spec.name], per_answer[spec.name], results[spec.name] = answer_and_score(
-            Answerer(spec, device, scorer=pick_best), questions, sampling, judges, reference, cfg, human_nll)
+            Answerer(spec, device, scorer=pick_best, cache=cfg.cache or None), questions, sampling, judges, reference,
+            cfg, human_nll)
     compare_with_baseline(results, per_answer, list(judges), baseline)
     report = {"questions": len(questions), "baseline": baseline, "reference": reference_path,
               "judges": {k: v for k, v in (("proxy", cfg.reward), ("gold", cfg.gold_reward), ("judge", cfg.judge)) if v},
@@ -120,7 +122,12 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
     distribution across the models of one evaluation."""
     prompts = [q["prompt"] for q in questions]
     t0 = time.perf_counter()
-    gen = model.generate(prompts, sampling, cfg.batch_size, cfg.seed)
+    cache = Path(cfg.cache) if cfg.cache else None
+    identity = (distribution_key(model), weights_stamp(model.spec.path), tuple(prompts), repr(sampling), cfg.seed)
+    if model.spec.best_of > 1:  # its picks follow this evaluation's reward model: only its sample pool is kept
+        gen = model.generate(prompts, sampling, cfg.batch_size, cfg.seed)
+    else:
+        gen = cached(cache, ("answers", *identity), lambda: model.generate(prompts, sampling, cfg.batch_size, cfg.seed))
     t_gen = time.perf_counter() - t0
     # KL between the tempered distributions the models sample from (the temperature is part of the policy). The
     # reference itself and best-of-n from it need no forward pass: their policy's log-ratio is 0 on every token.
@@ -129,18 +136,26 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
         if distribution_key(model) == distribution_key(reference):
             kl = [0.0] * len(gen.response_ids)
         else:
-            logp = model.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature)
-            ref = reference.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature)
-            kl = [float((a - b).sum()) for a, b in zip(logp, ref)]
+            def log_ratios() -> list[float]:
+                logp = model.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature)
+                ref = reference.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature)
+                return [float((a - b).sum()) for a, b in zip(logp, ref)]
+
+            reference_identity = (distribution_key(reference), weights_stamp(reference.spec.path), cfg.temperature)
+            kl = (log_ratios() if model.spec.best_of > 1
+                  else cached(cache, ("kl", *identity, *reference_identity), log_ratios))
         if model.spec.best_of > 1:  # KL(bon || ref) = KL(bon || policy) (analytic) + E_bon[log policy - log ref]
             kl = [best_of_n_kl(model.spec.best_of) + v for v in kl]
     # perplexity of the held-out human answers (the best one per question), once per distribution
     key = distribution_key(model)
     human_nll = {} if human_nll is None else human_nll
     if key not in human_nll:
-        human = [model.tok(q["best_answer"], add_special_tokens=False)["input_ids"][: cfg.max_new_tokens]
-                 + [model.tok.eos_token_id] for q in questions]
-        human_nll[key] = -float(torch.cat(model.logprobs_of(gen.prompt_ids, human, cfg.batch_size)).mean())
+        def nll_of_human_answers() -> float:
+            human = [model.tok(q["best_answer"], add_special_tokens=False)["input_ids"][: cfg.max_new_tokens]
+                     + [model.tok.eos_token_id] for q in questions]
+            return -float(torch.cat(model.logprobs_of(gen.prompt_ids, human, cfg.batch_size)).mean())
+
+        human_nll[key] = cached(cache, ("human_nll", *identity[:-1], cfg.max_new_tokens), nll_of_human_answers)
     nll = human_nll[key]
     scores = {name: (judge.score(questions, gen.texts) if name == "judge"
                      else judge.score(prompts, gen.texts, normalize=True)) for name, judge in judges.items()}

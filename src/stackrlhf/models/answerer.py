@@ -5,13 +5,17 @@ bare ``PATH``."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from stackrlhf.config import write_text_atomic
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.models.generation import Generation, SamplingConfig, generate, pack_sequences
 from stackrlhf.models.ilql import ILQLModel, ilql_generate, is_ilql_model
@@ -61,10 +65,11 @@ class Answerer:
     """A model as it answers: a plain causal LM, an ILQL model decoding with logits + beta * (Q - V), or best-of-n
     from a policy (``scorer(questions, answers) -> rewards`` picks; log-probs are the policy's)."""
 
-    def __init__(self, spec: ModelSpec, device, scorer=None):
+    def __init__(self, spec: ModelSpec, device, scorer=None, cache: str | Path | None = None):
         self.spec = spec
         self.ilql = None
         self.scorer = scorer
+        self.cache = Path(cache) if cache else None  # a folder keeping best-of-n pools across processes
         if spec.best_of and scorer is None:
             raise StackRLHFError(f"{spec.name}: best-of-{spec.best_of} needs a reward model to pick with")
         if is_ilql_model(spec.path):
@@ -84,7 +89,7 @@ class Answerer:
         """A plain LM already in memory (a model just trained, say)."""
         answerer = cls.__new__(cls)
         answerer.spec, answerer.ilql, answerer.lm, answerer.tok = ModelSpec(name, ""), None, lm, tok
-        answerer.beta, answerer.top_k = None, 0
+        answerer.beta, answerer.top_k, answerer.cache = None, 0, None
         return answerer
 
     def generate(self, prompts: list[str], sampling: SamplingConfig, batch_size: int = 8, seed: int | None = None,
@@ -131,9 +136,9 @@ class Answerer:
             Answerer._samples.clear()  # one pool at a time: an evaluation asks for one policy's pool in a row
             Answerer._scores.clear()
             # a prompt's samples in one generation batch: its prompt is prefilled once for all of them
-            Answerer._samples[key] = generate(self.lm, self.tok, [p for p in prompts for _ in range(size)], sampling,
-                                              batch_size=max(batch_size, size), seed=seed,
-                                              progress=f"{self.spec.name}: {size} samples a question")
+            Answerer._samples[key] = cached(self.cache, ("pool", *key), lambda: generate(
+                self.lm, self.tok, [p for p in prompts for _ in range(size)], sampling,
+                batch_size=max(batch_size, size), seed=seed, progress=f"{self.spec.name}: {size} samples a question"))
         many = Answerer._samples[key]
         # the scorer object itself, not its id: an id can be reused once its object is gone
         if (key, self.scorer) not in Answerer._scores:
@@ -157,6 +162,29 @@ class Answerer:
             logp = self.response_logprobs(pack_sequences(p, r, self.tok.pad_token_id, device), temperature).cpu()
             out.extend(logp[i, :len(ri)] for i, ri in enumerate(r))
         return out
+
+
+def cached(cache: Path | None, key: tuple, make: Callable[[], Generation | dict]) -> Generation | dict:
+    """``make()``, kept in ``cache`` (a folder; None: off) under a hash of ``key`` (which must name everything the
+    result depends on: a model's :func:`weights_stamp`, the prompts, the sampling settings, the seed), and read
+    back instead of made again. The loop evaluates v0, its best-of-n pool and the parent in every turn, each turn
+    in a new process: they are sampled once."""
+    if cache is None:
+        return make()
+    path = cache / f"{hashlib.sha256(repr(key).encode()).hexdigest()[:32]}.json"
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: made again and rewritten
+        stored = {}
+    if "generation" in stored:
+        return Generation(**stored["generation"])
+    if "value" in stored:
+        return stored["value"]
+    value = make()
+    body = ({"generation": {k: v for k, v in asdict(value).items() if k != "trunk"}} if isinstance(value, Generation)
+            else {"value": value})
+    write_text_atomic(path, json.dumps(body))
+    return value
 
 
 def weights_stamp(path: str) -> tuple:
