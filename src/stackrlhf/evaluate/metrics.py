@@ -123,11 +123,11 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
     prompts = [q["prompt"] for q in questions]
     t0 = time.perf_counter()
     cache = Path(cfg.cache) if cfg.cache else None
+    # best-of-n's picks (and so its answers and their KL) follow this evaluation's reward model: only its pool is kept
+    answers_cache = None if model.spec.best_of > 1 else cache
     identity = (distribution_key(model), weights_stamp(model.spec.path), tuple(prompts), repr(sampling), cfg.seed)
-    if model.spec.best_of > 1:  # its picks follow this evaluation's reward model: only its sample pool is kept
-        gen = model.generate(prompts, sampling, cfg.batch_size, cfg.seed)
-    else:
-        gen = cached(cache, ("answers", *identity), lambda: model.generate(prompts, sampling, cfg.batch_size, cfg.seed))
+    gen = cached(answers_cache, ("answers", *identity),
+                 lambda: model.generate(prompts, sampling, cfg.batch_size, cfg.seed))
     t_gen = time.perf_counter() - t0
     # KL between the tempered distributions the models sample from (the temperature is part of the policy). The
     # reference itself and best-of-n from it need no forward pass: their policy's log-ratio is 0 on every token.
@@ -142,8 +142,7 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
                 return [float((a - b).sum()) for a, b in zip(logp, ref)]
 
             reference_identity = (distribution_key(reference), weights_stamp(reference.spec.path), cfg.temperature)
-            kl = (log_ratios() if model.spec.best_of > 1
-                  else cached(cache, ("kl", *identity, *reference_identity), log_ratios))
+            kl = cached(answers_cache, ("kl", *identity, *reference_identity), log_ratios)
         if model.spec.best_of > 1:  # KL(bon || ref) = KL(bon || policy) (analytic) + E_bon[log policy - log ref]
             kl = [best_of_n_kl(model.spec.best_of) + v for v in kl]
     # perplexity of the held-out human answers (the best one per question), once per distribution
