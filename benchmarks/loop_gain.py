@@ -9,9 +9,12 @@ loop: queue the current version's answers to rl questions, let `feedback simulat
 `reference` judge by default: MiniLM similarity to the question's best human answer + relevance, its length trend
 taken off), retrain the RM on the labels, RLOO (``--algorithm``: ppo, raft), evaluate, register. Every turn's
 evaluation scores v0, the new version and best-of-n from v0 under that turn's RM (KL log n - (n-1)/n) on the same
-held-out questions with the same sampling seeds. Printed: a row per version and per best-of-n (judge score, its
-gain over v0 with a paired standard error, judge win rate vs v0, KL to v0, mean words, the proxy RM's agreement
-with the judge on the evaluation answers) and, last line,
+held-out questions with the same sampling seeds. After the last turn, v0, v_T and best-of-n from v0 under v_T's RM
+are evaluated once more on those questions with ``--final-samples`` answers per question (best-of-n: one pick), into
+OUT/final: a turn's evaluation draws one answer per question, and the sampling noise of one answer is most of its
+paired SE. Printed: a row per version and per best-of-n of every turn (judge score, its gain over v0 with a paired
+standard error, judge win rate vs v0, KL to v0, mean words, the proxy RM's agreement with the judge on the
+evaluation answers), the final evaluation's rows and, last line, from the final evaluation,
 ``judge_gain=<v_T - v0> judge_gain_se=<se> kl=<KL of v_T to v0> length_ratio=<mean words v_T / v0>``.
 Rerunning with the same --out resumes: finished stages and turns are kept.
 """
@@ -19,6 +22,7 @@ Rerunning with the same --out resumes: finished stages and turns are kept.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -31,6 +35,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from stackrlhf.evaluate.config import EvalConfig  # noqa: E402
 from stackrlhf.evaluate.report import loop_versions  # noqa: E402
 from stackrlhf.feedback.config import SimulateConfig  # noqa: E402
 from stackrlhf.feedback.simulate import simulate  # noqa: E402
@@ -55,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rm-votes", action="store_true", help="Train each turn's RM on the vote pairs too.")
     p.add_argument("--eval-questions", type=int, default=128, help="Held-out questions each version answers.")
     p.add_argument("--best-of", default="4,16", help="Best-of-n from v0 under each turn's RM (comma-separated).")
+    p.add_argument("--final-samples", type=int, default=4, help="Answers per question of v0 and v_T in the final "
+                                                                "evaluation (0: none; the last line from turn T's).")
     p.add_argument("--algorithm", default="rloo", choices=("ppo", "rloo", "raft"), help="The RL step of each turn.")
     p.add_argument("--rloo-k", type=int, default=4, help="Answers per prompt with --algorithm rloo or raft.")
     p.add_argument("--ppo-steps", type=int, default=12, help="PPO steps per turn.")
@@ -207,6 +214,41 @@ def print_table(rows: list[dict]) -> None:
                           "" if math.isnan(r["agreement"]) else f"{r['agreement']:.2f}"]))
 
 
+def final_evaluation(args, out: Path, reg: dict) -> dict | None:
+    """v0, v_T and best-of-n from v0 (under v_T's RM) on the turns' held-out questions, v0 and v_T answering each
+    ``--final-samples`` times. With one answer per question the paired SE of a gain is mostly sampling noise (the
+    judge's spread within a question is about 1 SD, so about 0.11 on 128 questions): N answers cut that part by
+    sqrt(N), with the same questions. The registry's eval cache keeps the answers; a rerun reads OUT/final."""
+    if args.final_samples < 1:
+        return None
+    from stackrlhf.evaluate.metrics import evaluate_models
+
+    settings = yaml.safe_load((out / "loop.yaml").read_text())
+    v0, last = reg["versions"][0]["model"], reg["versions"][args.turns]
+    cfg = EvalConfig(**{
+        **settings["eval"], "model": [f"v0={v0}", f"v{args.turns}={last['model']}",
+                                      *[f"bon{k}=bon:{k}@{v0}" for k in settings["best_of"]]],
+        "baseline": "v0", "reference": v0, "data": settings["data"], "reward": last["rm"], "judge": args.judge,
+        "judge_length_neutral": not args.no_length_neutral, "samples_per_question": args.final_samples,
+        "cache": str(out / "registry" / "eval-cache"), "out": str(out / "final")})
+    done = out / "final" / "eval.json"
+    if done.is_file() and json.loads(done.read_text())["config"] == json.loads(json.dumps(dataclasses.asdict(cfg))):
+        return json.loads(done.read_text())
+    return evaluate_models(cfg)
+
+
+def final_rows(ev: dict) -> list[dict]:
+    """The final evaluation's models as rows of the loop's table (the judge, else the gold or proxy RM)."""
+    judge = next(j for j in ("judge", "gold", "proxy") if j in ev["judges"])
+    q = ev["questions"]
+    return [{"name": name, "labels": "", "score": m[f"reward_{judge}"], "se": m[f"reward_{judge}_std"] / q ** 0.5,
+             "gain": m[f"gain_{judge}_vs_v0"], "gain_se": m[f"gain_{judge}_vs_v0_se"],
+             "gain_length_adjusted": m[f"gain_{judge}_vs_v0_length_adjusted"], "win": m[f"win_rate_{judge}_vs_v0"],
+             "kl": m["kl_to_reference"], "kl_se": m["kl_to_reference_se"], "words": m["length_words"],
+             "agreement": math.nan, "answers": m.get("samples_per_question", 1)}
+            for name, m in ev["models"].items()]
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.out).resolve()
@@ -220,7 +262,12 @@ def main(argv=None) -> None:
     rows, diag = table(out, agreements), diagnostics(reg, agreements)
     v0 = next(r for r in rows if r["name"] == "v0")
     last = next(r for r in rows if r["name"] == f"v{args.turns}")
-    (out / "loop_gain.json").write_text(json.dumps({"args": vars(args), "rows": rows, "diagnostics": diag, "setup_s": t_setup,
+    final = final_evaluation(args, out, reg)
+    finals = final_rows(final) if final else []
+    if finals:
+        v0, last = finals[0], finals[1]
+    (out / "loop_gain.json").write_text(json.dumps({"args": vars(args), "rows": rows, "final": finals,
+                                                    "diagnostics": diag, "setup_s": t_setup,
                                                     "seconds": time.perf_counter() - t0}, indent=2) + "\n")
     print(f"\nloop_gain: {args.turns} turns, {args.questions} tasks x {args.answers_per_question} answers per turn, "
           f"judge {args.judge}{'' if args.no_length_neutral else ' (length-neutral)'}, "
@@ -228,6 +275,10 @@ def main(argv=None) -> None:
     print_diagnostics(diag)
     print()
     print_table(rows)
+    if finals:
+        print(f"\nfinal evaluation ({final['questions']} questions; v0 and v{args.turns}: {args.final_samples} answers "
+              "each, best-of-n: one pick)\n")
+        print_table(finals)
     print(f"judge_gain={last['gain']:.4f} judge_gain_se={last['gain_se']:.4f} kl={last['kl']:.4f} "
           f"length_ratio={last['words'] / max(v0['words'], 1e-9):.4f}")
 

@@ -244,6 +244,57 @@ def test_eval_with_a_cache_samples_and_scores_each_model_once(tiny_lm, beer_data
     assert sampled == [5] and sorted(passes) == ["copy", "copy", "reference"]
 
 
+def test_eval_with_several_samples_per_question_averages_each_question_before_comparing(
+        tiny_lm, beer_data, judges, tmp_path):
+    """--samples-per-question 3: a model answers each question 3 times (its first answers are the ones of 1
+    sample), best-of-n still picks once; gains, win rates and their SE compare the per-question means."""
+    import shutil
+
+    from stackrlhf.models.judge import paired_se
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_lm, copy)
+
+    def evaluate(out: str, samples: int) -> tuple[dict, list[dict]]:
+        result = CliRunner().invoke(cli, [
+            "eval", "--model", f"sft={tiny_lm}", "--model", f"copy={copy}", "--model", f"bon4=bon:4@{tiny_lm}",
+            "--reward", str(judges[0]), "--gold-reward", str(judges[1]), "--data", str(beer_data),
+            "--out", str(tmp_path / out), "--questions", "5", "--max-new-tokens", "8", "--temperature", "1.5",
+            "--samples-per-question", str(samples), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        rows = [json.loads(line) for line in (tmp_path / out / "samples.jsonl").read_text().splitlines()]
+        return json.loads((tmp_path / out / "eval.json").read_text()), rows
+
+    one, one_rows = evaluate("e1", 1)
+    three, rows = evaluate("e3", 3)
+    assert three["samples_per_question"] == 3 and three["models"]["sft"]["samples_per_question"] == 3
+    assert three["models"]["bon4"]["samples_per_question"] == 1 and all("more" not in r["answers"]["bon4"] for r in rows)
+    assert all(len(r["answers"]["copy"]["more"]) == 2 for r in rows) and "more" not in one_rows[0]["answers"]["sft"]
+    # the first answer of each question is the one a single sample gives (the same random numbers)
+    assert [r["answers"]["copy"]["text"] for r in rows] == [r["answers"]["copy"]["text"] for r in one_rows]
+    assert len({a["text"] for r in rows for a in [r["answers"]["copy"], *r["answers"]["copy"]["more"]]}) > 5
+
+    def means(name: str, judge: str) -> list[float]:
+        return [sum(a[judge] for a in [r["answers"][name], *r["answers"][name].get("more", [])])
+                / (1 + len(r["answers"][name].get("more", []))) for r in rows]
+
+    copy_m = three["models"]["copy"]
+    for judge in ("proxy", "gold"):
+        mine, base = means("copy", judge), means("sft", judge)
+        assert copy_m[f"reward_{judge}"] == pytest.approx(sum(mine) / 5, abs=1e-5)
+        assert copy_m[f"gain_{judge}_vs_sft"] == pytest.approx((sum(mine) - sum(base)) / 5, abs=1e-5)
+        assert copy_m[f"gain_{judge}_vs_sft_se"] == pytest.approx(paired_se(mine, base), abs=1e-6)
+        assert copy_m[f"win_rate_{judge}_vs_sft"] == pytest.approx(
+            sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(mine, base)) / 5)
+        assert len([a for r in rows for a in [r["answers"]["copy"], *r["answers"]["copy"]["more"]]]) == 15
+    bon = three["models"]["bon4"]
+    assert bon["gain_proxy_vs_sft"] == pytest.approx(
+        sum(r["answers"]["bon4"]["proxy"] for r in rows) / 5 - sum(means("sft", "proxy")) / 5, abs=1e-5)
+    bad = CliRunner().invoke(cli, ["eval", "--model", f"sft={tiny_lm}", "--reward", str(judges[0]), "--data",
+                                   str(beer_data), "--samples-per-question", "0"])
+    assert bad.exit_code != 0 and "--samples-per-question must be at least 1" in bad.output
+
+
 def test_eval_rejects_an_unknown_baseline(tiny_lm, beer_data, judges, tmp_path):
     result = CliRunner().invoke(cli, ["eval", "--model", f"sft={tiny_lm}", "--baseline", "ppo", "--reward",
                                       str(judges[0]), "--data", str(beer_data), "--out", str(tmp_path / "e")])

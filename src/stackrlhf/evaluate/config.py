@@ -33,6 +33,11 @@ class EvalConfig:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1: off)."})
     batch_size: int = field(default=16, metadata={"help": "Answers generated / scored per batch."})
     seed: int = field(default=0, metadata={"help": "Random seed (same questions and sampling noise for every model)."})
+    samples_per_question: int = field(default=1, metadata={
+        "help": "Answers each model samples per question (best-of-n: still one pick). A model's scores, KL and "
+                "length are averaged per question before its gains, win rates and their standard errors: the "
+                "sampling noise that dominates a one-answer comparison shrinks as 1/N, for N times the answers. The "
+                "first answer of each question is the one N = 1 samples."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
     cache: str = field(default="", metadata={
         "help": "A folder that keeps each model's answers, their KL and its perplexity of the human answers (and "
@@ -49,6 +54,8 @@ class EvalConfig:
             raise ValueError("--data is required: a `stackrlhf data build` output")
         if not self.reward:
             raise ValueError("--reward is required: the proxy reward-model directory")
+        if self.samples_per_question < 1:
+            raise ValueError(f"--samples-per-question must be at least 1, not {self.samples_per_question}")
 
 
 @dataclass

@@ -77,8 +77,11 @@ def evaluate_models(cfg: EvalConfig) -> dict:
         answers[spec.name], per_answer[spec.name], results[spec.name] = answer_and_score(
             Answerer(spec, device, scorer=pick_best, cache=cfg.cache or None), questions, sampling, judges, reference,
             cfg, human_nll)
-    compare_with_baseline(results, per_answer, list(judges), baseline)
-    report = {"questions": len(questions), "baseline": baseline, "reference": reference_path,
+    per_question = {name: {k: question_means(v, len(questions)) for k, v in values.items()}
+                    for name, values in per_answer.items()}
+    compare_with_baseline(results, per_question, list(judges), baseline)
+    report = {"questions": len(questions), "samples_per_question": cfg.samples_per_question, "baseline": baseline,
+              "reference": reference_path,
               "judges": {k: v for k, v in (("proxy", cfg.reward), ("gold", cfg.gold_reward), ("judge", cfg.judge)) if v},
               "sampling": asdict(sampling), "models": results, "config": asdict(cfg)}
     write_evaluation(Path(cfg.out), report, questions, answers, per_answer)
@@ -108,6 +111,11 @@ def select_questions(cfg: EvalConfig) -> list[dict]:
     return rows.select(sorted(order[: cfg.questions] if cfg.questions else order)).to_list()
 
 
+def question_means(values: list[float], n_questions: int) -> list[float]:
+    """Per question, the mean of its answers' values (answer j of question i sits at j * n_questions + i)."""
+    return np.asarray(values, dtype=float).reshape(-1, n_questions).mean(0).tolist()
+
+
 def distribution_key(model: Answerer) -> tuple:
     """What fixes the distribution a model samples from before best-of-n picks: its weights and its ILQL shift.
     Two answerers with one key have a per-token log-ratio of exactly 0."""
@@ -118,16 +126,21 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
                      reference: Answerer, cfg: EvalConfig, human_nll: dict | None = None
                      ) -> tuple[list[str], dict, dict]:
     """One model's answers, each scored by every judge, with its KL to the reference and the perplexity of the
-    human answers: (answers, per-answer values, the model's summary). ``human_nll`` keeps that perplexity per
-    distribution across the models of one evaluation."""
+    human answers: (answers, per-answer values, the model's summary). With ``cfg.samples_per_question`` = m > 1 a
+    model (not best-of-n) answers every question m times: answer j of question i is item j * len(questions) + i,
+    so the first len(questions) are the answers of m = 1. ``human_nll`` keeps the perplexity per distribution
+    across the models of one evaluation."""
     prompts = [q["prompt"] for q in questions]
+    m = 1 if model.spec.best_of > 1 else cfg.samples_per_question
+    asked, asked_questions = prompts * m, questions * m
     t0 = time.perf_counter()
     cache = Path(cfg.cache) if cfg.cache else None
     # best-of-n's picks (and so its answers and their KL) follow this evaluation's reward model: only its pool is kept
     answers_cache = None if model.spec.best_of > 1 else cache
     identity = (distribution_key(model), weights_stamp(model.spec.path), tuple(prompts), repr(sampling), cfg.seed)
-    gen = cached(answers_cache, ("answers", *identity),
-                 lambda: model.generate(prompts, sampling, cfg.batch_size, cfg.seed))
+    more = (m,) if m > 1 else ()  # m = 1 keeps the key it had before samples_per_question existed
+    gen = cached(answers_cache, ("answers", *identity, *more),
+                 lambda: model.generate(asked, sampling, cfg.batch_size, cfg.seed))
     t_gen = time.perf_counter() - t0
     # KL between the tempered distributions the models sample from (the temperature is part of the policy). The
     # reference itself and best-of-n from it need no forward pass: their policy's log-ratio is 0 on every token.
@@ -142,7 +155,7 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
                 return [float((a - b).sum()) for a, b in zip(logp, ref)]
 
             reference_identity = (distribution_key(reference), weights_stamp(reference.spec.path), cfg.temperature)
-            kl = cached(answers_cache, ("kl", *identity, *reference_identity), log_ratios)
+            kl = cached(answers_cache, ("kl", *identity, *reference_identity, *more), log_ratios)
         if model.spec.best_of > 1:  # KL(bon || ref) = KL(bon || policy) (analytic) + E_bon[log policy - log ref]
             kl = [best_of_n_kl(model.spec.best_of) + v for v in kl]
     # perplexity of the held-out human answers (the best one per question), once per distribution
@@ -152,26 +165,28 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
         def nll_of_human_answers() -> float:
             human = [model.tok(q["best_answer"], add_special_tokens=False)["input_ids"][: cfg.max_new_tokens]
                      + [model.tok.eos_token_id] for q in questions]
-            return -float(torch.cat(model.logprobs_of(gen.prompt_ids, human, cfg.batch_size)).mean())
+            prompt_ids = gen.prompt_ids[:len(questions)]
+            return -float(torch.cat(model.logprobs_of(prompt_ids, human, cfg.batch_size)).mean())
 
         human_nll[key] = cached(cache, ("human_nll", *identity[:-1], cfg.max_new_tokens), nll_of_human_answers)
     nll = human_nll[key]
-    scores = {name: (judge.score(questions, gen.texts) if name == "judge"
-                     else judge.score(prompts, gen.texts, normalize=True)) for name, judge in judges.items()}
+    scores = {name: (judge.score(asked_questions, gen.texts) if name == "judge"
+                     else judge.score(asked, gen.texts, normalize=True)) for name, judge in judges.items()}
     per_answer = {**scores, "length": [float(len(r)) for r in gen.response_ids],
                   "words": [float(words(t)) for t in gen.texts], **({"kl": kl} if kl is not None else {})}
     summary = {
-        "path": model.spec.path, "beta": model.beta, "best_of": model.spec.best_of or None,
+        "path": model.spec.path, "beta": model.beta, "best_of": model.spec.best_of or None, "samples_per_question": m,
         "top_k": cfg.top_k or model.top_k,
         **{f"reward_{name}": float(np.mean(s)) for name, s in scores.items()},
         **{f"reward_{name}_std": float(np.std(s)) for name, s in scores.items()},
         "kl_to_reference": float(np.mean(kl)) if kl is not None else None,
-        "kl_to_reference_se": float(np.std(kl) / math.sqrt(len(kl))) if kl else None,
+        "kl_to_reference_se": (float(np.std(question_means(kl, len(questions))) / math.sqrt(len(questions)))
+                               if kl else None),
         "human_answer_perplexity": float(math.exp(min(nll, 50.0))),
         "length_tokens": float(np.mean([len(r) for r in gen.response_ids])),
         "length_words": float(np.mean([words(t) for t in gen.texts])),
         "question_overlap": float(np.mean([question_overlap(t, q.get("question") or q["prompt"])
-                                           for t, q in zip(gen.texts, questions)])),
+                                           for t, q in zip(gen.texts, asked_questions)])),
         "ended": float(np.mean(gen.finished)), "distinct_2": distinct_n(gen.texts, 2),
         "generate_s": t_gen,
     }
@@ -196,13 +211,19 @@ def compare_with_baseline(results: dict, per_answer: dict, judge_names: list[str
 
 def write_evaluation(out: Path, report: dict, questions: list[dict], answers: dict, per_answer: dict) -> None:
     """``eval.json`` and ``samples.jsonl`` (every answer with its scores and the question's link, author and
-    licence), each written whole."""
+    licence; a model's first answer to the question, its others under ``more``), each written whole."""
     out.mkdir(parents=True, exist_ok=True)
+    n_q = len(questions)
+
+    def answer(name: str, i: int) -> dict:
+        return {"text": answers[name][i], **{k: v[i] for k, v in per_answer[name].items()}}
+
     lines = [json.dumps({
         "site": q["site"], "qid": q["qid"], "title": q["title"], "question_link": q["question_link"],
         "question_author": q["question_author"], "license": q["license"], "prompt": q["prompt"],
         "best_answer": q["best_answer"],
-        "answers": {n: {"text": answers[n][i], **{k: v[i] for k, v in per_answer[n].items()}} for n in answers}})
+        "answers": {n: {**answer(n, i), **({"more": [answer(n, j) for j in range(i + n_q, len(answers[n]), n_q)]}
+                                           if len(answers[n]) > n_q else {})} for n in answers}})
         for i, q in enumerate(questions)]
     write_text_atomic(out / "samples.jsonl", "\n".join(lines) + "\n")
     write_text_atomic(out / "eval.json", json.dumps(report, indent=2) + "\n")
@@ -211,7 +232,9 @@ def write_evaluation(out: Path, report: dict, questions: list[dict], answers: di
 def print_table(report: dict) -> None:
     base = report["baseline"]
     judges = list(report["judges"])
-    table = Table(title=f"held-out evaluation: {report['questions']} questions, win rates vs {base}")
+    m = report.get("samples_per_question", 1)
+    table = Table(title=f"held-out evaluation: {report['questions']} questions"
+                        f"{f' x {m} answers (best-of-n: 1)' if m > 1 else ''}, win rates vs {base}")
     cols = ["model"] + [f"{j} reward" for j in judges] + [f"{j} win" for j in judges] + [
         f"{j} gain, length-adjusted" for j in judges] + ["KL", "human ppl", "length", "distinct-2"]
     for c in cols:
