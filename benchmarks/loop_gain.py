@@ -16,7 +16,9 @@ paired SE. Printed: a row per version and per best-of-n of every turn (judge sco
 standard error, judge win rate vs v0, KL to v0, mean words, the proxy RM's agreement with the judge on the
 evaluation answers), the final evaluation's rows and, last line, from the final evaluation,
 ``judge_gain=<v_T - v0> judge_gain_se=<se> kl=<KL of v_T to v0> length_ratio=<mean words v_T / v0>``.
-Rerunning with the same --out resumes: finished stages and turns are kept.
+Rerunning with the same --out resumes: finished stages and turns are kept; once T turns are done, a rerun neither
+builds the data nor trains v0 again (dumps copied afresh would rebuild the data), it only prints (and makes the final
+evaluation if it is missing).
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rloo-k", type=int, default=4, help="Answers per prompt with --algorithm rloo or raft.")
     p.add_argument("--ppo-steps", type=int, default=12, help="PPO steps per turn.")
     p.add_argument("--ppo-learning-rate", type=float, default=5e-5, help="PPO learning rate.")
+    p.add_argument("--ppo-answers", type=int, default=16, help="Answers per RL step (RLOO and RAFT: this / k prompts "
+                                                               "x k answers; PPO: this many prompts).")
+    p.add_argument("--ppo-epochs", type=int, default=4, help="Passes of the clipped update over each step's answers.")
     # a turn's RM learns from about 100 labels: 2 epochs at 5e-5 (12 steps) left it a coin (train loss 0.692, agreement
     # with the judge 0.55); 6 at 1e-4 learns them (0.641, 0.60), measured on turn 1's labels of 2026-12-02
     p.add_argument("--rm-epochs", type=float, default=6.0, help="RM epochs per turn.")
@@ -111,11 +116,12 @@ def loop_settings(args, data: str, out: Path) -> Path:
         "temperature": args.temperature, "top_p": 1.0,
         "rm": {"num_train_epochs": args.rm_epochs, "max_length": 128, "max_prompt_tokens": 32,
                "learning_rate": args.rm_learning_rate, "report_to": "none", "seed": args.seed},
-        # PPO, RLOO and RAFT compute-matched: 16 answers and 2 optimiser steps an epoch per step either way (RLOO
-        # and RAFT: 16 / k prompts, k answers each)
+        # PPO, RLOO and RAFT compute-matched: --ppo-answers (16) answers and 2 optimiser steps an epoch per step
+        # either way (RLOO and RAFT: 16 / k prompts, k answers each)
         "ppo": {"algorithm": args.algorithm, **({"rloo_k": args.rloo_k} if grouped else {}),
-                "steps": args.ppo_steps, "batch_size": 16 // args.rloo_k if grouped else 16,
-                "mini_batch_size": 8, "min_new_tokens": 24, "max_new_tokens": 48, "max_prompt_tokens": 128,
+                "steps": args.ppo_steps, "batch_size": args.ppo_answers // args.rloo_k if grouped else args.ppo_answers,
+                "mini_batch_size": 8, "ppo_epochs": args.ppo_epochs, "min_new_tokens": 24, "max_new_tokens": 48,
+                "max_prompt_tokens": 128,
                 "temperature": args.temperature, "learning_rate": args.ppo_learning_rate, "save_every": 4,
                 "report_to": "none", "seed": args.seed},
         # 64 answers a batch (best-of-n: 4 questions x 16 samples): 1.3x the tokens/s of 16; the answers do not change
@@ -254,9 +260,13 @@ def main(argv=None) -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    data, sft = setup(args, out)
-    t_setup = time.perf_counter() - t0
-    reg = run_turns(args, data, sft, out)
+    reg_file = out / "registry" / "registry.json"
+    reg = json.loads(reg_file.read_text()) if reg_file.is_file() else {"versions": []}
+    t_setup = 0.0
+    if len(reg["versions"]) <= args.turns:  # a finished loop is not set up again: its data and v0 stay as they were
+        data, sft = setup(args, out)
+        t_setup = time.perf_counter() - t0
+        reg = run_turns(args, data, sft, out)
     agreements = {v["version"]: agreement(out / "registry" / f"v{v['version']}" / "eval" / "samples.jsonl")
                   for v in reg["versions"][1:]}
     rows, diag = table(out, agreements), diagnostics(reg, agreements)
