@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from stackrlhf.evaluate.config import EvalConfig  # noqa: E402
-from stackrlhf.evaluate.report import loop_versions  # noqa: E402
+from stackrlhf.evaluate.report import judge_of, judged_row, loop_versions  # noqa: E402
 from stackrlhf.feedback.config import SimulateConfig  # noqa: E402
 from stackrlhf.feedback.simulate import simulate  # noqa: E402
 from stackrlhf.loop import loop_turn  # noqa: E402
@@ -238,21 +238,17 @@ def final_evaluation(args, out: Path, reg: dict) -> dict | None:
         "judge_length_neutral": not args.no_length_neutral, "samples_per_question": args.final_samples,
         "cache": str(out / "registry" / "eval-cache"), "out": str(out / "final")})
     done = out / "final" / "eval.json"
-    if done.is_file() and json.loads(done.read_text())["config"] == json.loads(json.dumps(dataclasses.asdict(cfg))):
-        return json.loads(done.read_text())
+    kept = json.loads(done.read_text()) if done.is_file() else {}
+    if kept.get("config") == json.loads(json.dumps(dataclasses.asdict(cfg))):
+        return kept
     return evaluate_models(cfg)
 
 
 def final_rows(ev: dict) -> list[dict]:
     """The final evaluation's models as rows of the loop's table (the judge, else the gold or proxy RM)."""
-    judge = next(j for j in ("judge", "gold", "proxy") if j in ev["judges"])
-    q = ev["questions"]
-    return [{"name": name, "labels": "", "score": m[f"reward_{judge}"], "se": m[f"reward_{judge}_std"] / q ** 0.5,
-             "gain": m[f"gain_{judge}_vs_v0"], "gain_se": m[f"gain_{judge}_vs_v0_se"],
-             "gain_length_adjusted": m[f"gain_{judge}_vs_v0_length_adjusted"], "win": m[f"win_rate_{judge}_vs_v0"],
-             "kl": m["kl_to_reference"], "kl_se": m["kl_to_reference_se"], "words": m["length_words"],
-             "agreement": math.nan, "answers": m.get("samples_per_question", 1)}
-            for name, m in ev["models"].items()]
+    judge = judge_of(ev)
+    return [{"name": name, "labels": "", **judged_row(m, judge, ev["questions"]), "agreement": math.nan,
+             "answers": m.get("samples_per_question", 1)} for name, m in ev["models"].items()]
 
 
 def main(argv=None) -> None:

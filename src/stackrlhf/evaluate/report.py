@@ -183,19 +183,27 @@ def loop_versions(registry: Path) -> list[dict]:
         ev = read_json(registry / f"v{n}" / "eval" / "eval.json")
         if not ev:
             continue
-        judge = next((j for j in ("judge", "gold", "proxy") if j in ev.get("judges", {})), "proxy")
-        q = max(ev.get("questions", 1), 1)
+        judge = judge_of(ev)
         for name, m in ev["models"].items():
             if name == f"v{n}" or m.get("best_of") or (name == "v0" and n == 1):
                 rows.append({"name": name if not m.get("best_of") else f"{name} (RM of v{n})", "turn": n,
                              "kind": "best-of-n" if m.get("best_of") else "version", "judge_name": judge,
-                             "labels": 0 if name == "v0" else labels, "score": m[f"reward_{judge}"],
-                             "se": m[f"reward_{judge}_std"] / q ** 0.5, "gain": m.get(f"gain_{judge}_vs_v0"),
-                             "gain_se": m.get(f"gain_{judge}_vs_v0_se"), "win": m.get(f"win_rate_{judge}_vs_v0"),
-                             "gain_length_adjusted": m.get(f"gain_{judge}_vs_v0_length_adjusted"),
-                             "kl": m.get("kl_to_reference"), "kl_se": m.get("kl_to_reference_se"),
-                             "words": m.get("length_words")})
+                             "labels": 0 if name == "v0" else labels, **judged_row(m, judge, ev.get("questions", 1))})
     return rows
+
+
+def judge_of(ev: dict) -> str:
+    """The judge an ``eval.json``'s rows are read by: the fixed judge, else the gold RM, else the proxy RM."""
+    return next((j for j in ("judge", "gold", "proxy") if j in ev.get("judges", {})), "proxy")
+
+
+def judged_row(m: dict, judge: str, questions: int) -> dict:
+    """One model of an ``eval.json`` by ``judge``, against v0: score ± SE, gain ± SE, win rate, KL, words."""
+    return {"score": m[f"reward_{judge}"], "se": m[f"reward_{judge}_std"] / max(questions, 1) ** 0.5,
+            "gain": m.get(f"gain_{judge}_vs_v0"), "gain_se": m.get(f"gain_{judge}_vs_v0_se"),
+            "win": m.get(f"win_rate_{judge}_vs_v0"),
+            "gain_length_adjusted": m.get(f"gain_{judge}_vs_v0_length_adjusted"),
+            "kl": m.get("kl_to_reference"), "kl_se": m.get("kl_to_reference_se"), "words": m.get("length_words")}
 
 
 def loop_section(registry: Path | None) -> str:
