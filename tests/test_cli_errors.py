@@ -3,6 +3,9 @@ leaves no output behind. None of these needs the shared dumps."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import yaml
 from click.testing import CliRunner
 
@@ -36,6 +39,20 @@ def test_run_refuses_until_and_force_for_stages_the_file_does_not_run(tmp_path):
         assert result.exit_code != 0 and needle in result.output, result.output
         assert f"{option} {stage}" in result.output
         assert not out.exists()
+
+
+def test_debug_shows_the_traceback_of_an_error(tmp_path, monkeypatch):
+    """Without --debug an error is one line with a non-zero exit; with it (or STACKRLHF_DEBUG=1) the exception
+    is raised as it is, so its traceback shows where it came from."""
+    from stackrlhf.errors import StackRLHFError
+
+    monkeypatch.setenv("STACKRLHF_DEBUG", "0")  # restored after the test: --debug sets it for child processes
+    plain = invoke("run", str(DEMO), "--out", str(tmp_path / "run"), "--until", "nonsense")
+    assert plain.exit_code == 1 and "unknown stage" in plain.output and "--debug shows where" in plain.output
+    assert "Traceback" not in plain.output and isinstance(plain.exception, SystemExit)
+    debug = invoke("--debug", "run", str(DEMO), "--out", str(tmp_path / "run"), "--until", "nonsense")
+    assert debug.exit_code != 0 and isinstance(debug.exception, StackRLHFError)
+    assert "unknown stage" in str(debug.exception) and debug.exc_info[2] is not None
 
 
 def test_rm_with_missing_data_leaves_no_output_directory(tmp_path):
@@ -104,3 +121,34 @@ def test_old_option_names_still_work_with_a_warning_and_are_hidden(tmp_path, cap
     assert load_config(ReportConfig, gold_rm="g", reward="r").gold_reward == "g"
     for command, old in (("ppo", "--policy"), ("rm", "--backbone"), ("report", "--gold-rm")):
         assert old not in invoke(command, "--help").output  # hidden: one name per concept in --help
+
+
+DEVELOPMENT_WORDING = re.compile(r"issue [0-9]+|this session|no gpu was lent|\bI (stopped|restored|had)\b|"
+                                 r"outside review|the issue asked|on this CPU", re.I)
+
+
+def test_docs_benchmarks_and_tests_describe_the_tool_not_its_history():
+    """User-facing text (README, docs, benchmark and test docstrings, the code) says what the tool does, not how
+    it came to be: no issue numbers, no session notes."""
+    found = []
+    files = [REPO / "README.md"] + [p for d in ("docs", "benchmarks", "tests", "src") for p in (REPO / d).rglob("*")
+                                    if p.suffix in (".md", ".py", ".html", ".js", ".yaml") and p.is_file()]
+    for path in files:
+        if path == Path(__file__):
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if DEVELOPMENT_WORDING.search(line):
+                found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()[:100]}")
+    assert not found, "\n".join(found)
+
+
+def test_the_readme_claims_only_figures_the_results_page_holds():
+    """Every decimal figure in the README's summary of what the tool does is on docs/results.md, where it has its
+    date, commit, command and machine."""
+    readme = (REPO / "README.md").read_text()
+    summary = readme[readme.index("What it does today"):readme.index("## Install")]
+    results = (REPO / "docs" / "results.md").read_text()
+    figures = set(re.findall(r"\d+\.\d+", summary))
+    assert len(figures) > 10
+    missing = sorted(f for f in figures if not re.search(rf"(?<![\d.]){re.escape(f)}(?![\d])", results))
+    assert not missing, missing

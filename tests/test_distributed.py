@@ -169,3 +169,27 @@ def test_ilql_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path)
     # gap stays an order of magnitude below what training moved (measured 1.4e-4 against 3 steps at lr 1e-3)
     assert weights_gap(tmp_path / "one", tmp_path / "two") < 0.1 * moved
     assert weights_gap(tmp_path / "one", tmp_path / "two", "ilql_heads.safetensors") < 0.1 * moved
+
+
+def test_ppo_resumed_on_two_processes_repeats_the_uninterrupted_run(no_dropout_lm, beer_data, tmp_path):
+    """Each process shuffles its own minibatches with its own generator: a checkpoint keeps every process's
+    generators (and both optimisers), so a 2-process run stopped after step 2 and resumed ends with the
+    uninterrupted run's weights. With only process 0's generator saved, process 1 would resume with another
+    minibatch order."""
+    torch.manual_seed(0)
+    model, tok = load_backbone(default_backbone())
+    RewardModel(model, tok, max_length=48, max_question_tokens=16).save_pretrained(tmp_path / "rm")
+    common = ["ppo", "--policy", str(no_dropout_lm), "--reward", str(tmp_path / "rm"), "--data", str(beer_data),
+              "--min-new-tokens", "8", "--max-new-tokens", "8", "--ppo-epochs", "2", "--batch-size", "4",
+              "--mini-batch-size", "2", "--num-layers-unfrozen", "1", "--learning-rate", "1e-3", "--report-to",
+              "none", "--no-progress", "--save-every", "1", "--sample-every", "0", "--seed", "0",
+              "--value-warmup-steps", "2"]
+    run(common + ["--out", str(tmp_path / "whole"), "--steps", "4"], 2)
+    run(common + ["--out", str(tmp_path / "resumed"), "--steps", "2"], 2)  # stops (as if killed) after step 2
+    state = torch.load(tmp_path / "resumed" / "checkpoints" / "step-2" / "state.pt", weights_only=False)
+    assert len(state["rng"]) == 2 and state["value_optimizer"]["state"]  # both processes, the critic's Adam
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    run(common + ["--out", str(tmp_path / "resumed"), "--steps", "4"], 2)
+    assert weights_gap(tmp_path / "whole", no_dropout_lm) > 1e-3  # training moved the weights
+    assert weights_gap(tmp_path / "whole", tmp_path / "resumed") < 1e-6
+    assert weights_gap(tmp_path / "whole", tmp_path / "resumed", "value_head.safetensors") < 1e-6

@@ -181,14 +181,50 @@ def test_export_pairs_train_beside_the_votes_and_stats_by_model(app_db, beer_dat
     assert cli_stats.exit_code == 0 and "ann: 2 labels" in cli_stats.output
 
 
+def test_export_leaves_out_evaluation_questions_unless_asked(tmp_path):
+    """Labels on questions of the evaluation split must not train the reward model that `eval` then judges with:
+    the export makes no pairs of them (and says how many it left out) unless --include-evaluation."""
+    db = f"sqlite:///{tmp_path / 'split.db'}"
+    store = FeedbackStore(db)
+    for i, split in enumerate(("rl", "evaluation", "evaluation")):
+        store.add_task(question(i), candidates(i), split=split)
+    token = store.add_annotator("ann")
+    client = TestClient(create_app(db))
+    auth = {"authorization": f"Bearer {token}"}
+    for _ in range(3):
+        task = client.get("/api/next", headers=auth).json()
+        assert client.post(f"/task/{task['task']}", data=rating_form(task, str(uuid.uuid4())),
+                           headers=auth).status_code == 201
+
+    result = CliRunner().invoke(cli, ["feedback", "export", "--db", db, "--out", str(tmp_path / "rl-only")])
+    assert result.exit_code == 0, result.output
+    assert "left out 2 labels on evaluation-split questions" in result.output
+    kept = load_split(tmp_path / "rl-only", "reward", "train").to_list()
+    assert [r["qid"] for r in kept] == [1000]
+    stats = json.loads((tmp_path / "rl-only" / "stats.json").read_text())
+    assert stats["pairs"] == 1 and stats["pairs_left_out_evaluation"] == 2
+    import pyarrow.parquet as pq
+
+    ratings = pq.read_table(tmp_path / "rl-only" / "ratings.parquet").to_pylist()  # every rating, split named
+    assert sorted(r["split"] for r in ratings) == ["evaluation"] * 4 + ["rl"] * 2
+
+    result = CliRunner().invoke(cli, ["feedback", "export", "--db", db, "--out", str(tmp_path / "all"),
+                                      "--include-evaluation"])
+    assert result.exit_code == 0 and "left out" not in result.output
+    assert sorted(r["qid"] for r in load_split(tmp_path / "all", "reward", "train").to_list()) == [1000, 1001, 1002]
+
+
 def test_queue_generates_candidates_with_a_control(tiny_lm, beer_data, tmp_path):
     db = f"sqlite:///{tmp_path / 'q.db'}"
     result = CliRunner().invoke(cli, ["feedback", "queue", "--db", db, "--model", f"tiny={tiny_lm}", "--data",
                                       str(beer_data), "--questions", "3", "--answers-per-question", "3", "--control",
-                                      "--max-new-tokens", "8"])
+                                      "--split", "evaluation", "--max-new-tokens", "8"])
     assert result.exit_code == 0, result.output
     tasks = FeedbackStore(db).all_tasks()
-    assert len(tasks) == 3
+    assert len(tasks) == 3 and {t.split for t in tasks} == {"evaluation"}
+    refused = CliRunner().invoke(cli, ["feedback", "queue", "--db", db, "--model", f"tiny={tiny_lm}", "--data",
+                                       str(beer_data), "--control"])  # the default split, rl, has no answers
+    assert refused.exit_code != 0 and "--control needs --split evaluation" in refused.output
     for t in tasks:
         sources = sorted(c.source for c in t.candidates)
         assert sources == ["human", "model", "model"]

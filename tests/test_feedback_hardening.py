@@ -1,4 +1,4 @@
-"""The feedback app under hostile and unlucky input (issue 17): fuzzed fields and ids never 500, late replays
+"""The feedback app under hostile and unlucky input: fuzzed fields and ids never 500, late replays
 and cross-annotator client ids, skips that free their slot, login CSRF, a login rate limit, Secure cookies,
 token revocation, and links that are only ever http(s). On SQLite and on the PostgreSQL server CI starts."""
 

@@ -240,3 +240,46 @@ def test_the_run_temperature_reaches_every_stage_that_samples():
     without = {s.name: s for s in pipeline.plan({k: v for k, v in spec.items() if k != "temperature"},
                                                 Path("/tmp/run"))}
     assert without["ppo"].cfg.temperature == 1.0 and without["eval"].cfg.temperature == 1.0
+
+
+def test_force_deletes_the_stage_and_reruns_everything_that_reads_it(tmp_path, monkeypatch):
+    """`--force ppo` starts PPO from an empty directory (no final checkpoint to resume from) and re-keys the
+    stages after it, so the evaluation runs again; the next plain run skips them all."""
+    calls: list[str] = []
+
+    def fake(name):
+        def stage(cfg):
+            out = Path(cfg.out)
+            calls.append(name)
+            if name == "report":
+                out.write_text("report")
+                return out
+            found = sorted(p.name for p in out.glob("*")) if out.exists() else []
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"run-{len(calls)}").write_text(json.dumps(found))
+            return {"content_key": "same-bytes"} if name == "data" else {}
+        return stage
+
+    monkeypatch.setattr(pipeline, "runner", fake)
+    spec = {"out": str(tmp_path / "run"), "base": "some/base", "data": {"dump": ["x"]}, "sft": {}, "rm": {},
+            "ppo": {}, "dpo": {}, "eval": {}, "report": {}}
+    config = write_config(tmp_path / "p.yaml", spec)
+    assert set(statuses(pipeline.run_pipeline(config)).values()) == {"ran"}
+
+    calls.clear()
+    forced = pipeline.run_pipeline(config, force=("ppo",))
+    assert statuses(forced) == {"data": "ran", "sft": "skipped", "rm": "skipped", "ppo": "ran", "dpo": "skipped",
+                                "eval": "ran", "report": "ran"}
+    ppo_files = sorted(p.name for p in (tmp_path / "run" / "ppo").iterdir())
+    assert len(ppo_files) == 1  # the first run's files were deleted before the second started
+    assert json.loads((tmp_path / "run" / "ppo" / ppo_files[0]).read_text()) == []
+
+    again = pipeline.run_pipeline(config)
+    assert statuses(again) == {"data": "ran", "sft": "skipped", "rm": "skipped", "ppo": "skipped", "dpo": "skipped",
+                               "eval": "skipped", "report": "ran"}
+
+    # forcing the data stage rebuilds it from nothing and retrains everything, though its bytes are the same
+    everything = pipeline.run_pipeline(config, force=("data",))
+    assert set(statuses(everything).values()) == {"ran"}
+    assert set(statuses(pipeline.run_pipeline(config)).values()) - {"skipped"} == {"ran"}
+    assert statuses(pipeline.run_pipeline(config))["sft"] == "skipped"

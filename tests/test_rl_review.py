@@ -1,4 +1,4 @@
-"""What an outside review of the RL code and the loop found, each checked: a cold random critic, RLOO's token-level
+"""Traps of RL code and of a feedback loop, each checked: a cold random critic, RLOO's token-level
 whitening, an inert KL controller, the same prompts every loop turn, a label counted K-1 times, DPO tokenized
 unlike SFT, and the gold RM's half leaking into DPO, ILQL and the loop's RM."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import json
 import sys
 import typing
@@ -23,15 +24,23 @@ from stackrlhf.models.sampling import SamplingConfig
 from stackrlhf.rl.config import ILQLConfig, PPOConfig
 
 
+def debugging() -> bool:
+    """``stackrlhf --debug`` or STACKRLHF_DEBUG=1: errors keep their traceback."""
+    return os.environ.get("STACKRLHF_DEBUG", "") not in ("", "0")
+
+
 def user_errors(func):
-    """Turn input errors into one-line messages and a non-zero exit, without a traceback."""
+    """Turn input errors into one-line messages and a non-zero exit, without a traceback (with ``--debug``, the
+    error is raised as it is, traceback and all)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except (StackRLHFError, ValueError) as exc:
-            raise click.ClickException(str(exc).replace("\n", " ")) from exc
+            if debugging():
+                raise
+            raise click.ClickException(str(exc).replace("\n", " ") + " (--debug shows where)") from exc
 
     return wrapper
 
@@ -50,9 +59,12 @@ class PipelineOrder(click.Group):
 
 @click.group(cls=PipelineOrder, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="stackrlhf")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an error (as STACKRLHF_DEBUG=1 does).")
+def cli(debug: bool) -> None:
     """RLHF for Stack Exchange question answering: data dump -> SFT -> reward model -> PPO / RLOO / DPO / ILQL ->
     evaluation, and human feedback that retrains the reward model."""
+    if debug:
+        os.environ["STACKRLHF_DEBUG"] = "1"  # also seen by the processes a command starts
 
 
 @cli.group()
@@ -309,7 +321,8 @@ def report_cmd(config_file, **options) -> None:
 @cli.command("run")
 @click.argument("config", required=False)
 @click.option("--out", default=None, help="Run directory [the file's `out`].")
-@click.option("--force", multiple=True, help="Run this stage again even if it is up to date (repeatable).")
+@click.option("--force", multiple=True, help="Delete this stage's directory and run it from scratch, with every "
+                                                     "stage that reads it (repeatable).")
 @click.option("--until", default=None, help="Stop after this stage.")
 @user_errors
 def run_cmd(config, out, force, until) -> None:
@@ -438,14 +451,23 @@ def feedback_revoke(name, db) -> None:
 @feedback.command("export")
 @DB_OPTION
 @click.option("--out", required=True, help="Output directory (reward/train-*.parquet pairs, ratings.parquet).")
+@click.option("--include-evaluation", is_flag=True,
+              help="Also make pairs of labels on evaluation-split questions (a reward model trained on them has "
+                   "seen the questions `eval` scores).")
 @user_errors
-def feedback_export(db, out) -> None:
-    """Write the labels as preference pairs in the data pipeline's pair schema, plus the raw ratings."""
+def feedback_export(db, out, include_evaluation) -> None:
+    """Write the labels as preference pairs in the data pipeline's pair schema, plus the raw ratings.
+
+    Labels on questions of the evaluation split give no pairs unless --include-evaluation."""
     from stackrlhf.feedback.export import export_feedback
     from stackrlhf.feedback.store import FeedbackStore
 
-    summary = export_feedback(FeedbackStore(db), out)
+    summary = export_feedback(FeedbackStore(db), out, include_evaluation)
     click.echo(f"wrote {out}: {summary['pairs']} pairs, {summary['ratings']} ratings")
+    if summary["pairs_left_out_evaluation"]:
+        click.echo(f"left out {summary['pairs_left_out_evaluation']} labels on evaluation-split questions (their "
+                   "pairs would train a reward model on the questions `eval` scores; --include-evaluation keeps "
+                   "them)", err=True)
 
 
 @feedback.command("stats")

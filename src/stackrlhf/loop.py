@@ -33,7 +33,7 @@ from stackrlhf.train.config import RMConfig
 console = Console(stderr=True)
 REGISTRY_FILE = "registry.json"
 # The loop's RL step unless its `ppo` section names an algorithm. RLOO, not PPO: from the same turn-1 RM and the
-# same 192 answers, PPO's cold critic gained +0.04 proxy reward in two seeds, RLOO +0.10 and +0.20 (docs/results.md,
+# same 192 answers, PPO's cold critic gained +0.04 proxy reward in two seeds, RLOO +0.10 and +0.20 (docs/results-archive.md,
 # 2026-12-02). 8 prompts x 4 answers keeps PPOConfig's 32 answers a step.
 LOOP_RL_DEFAULTS = {"algorithm": "rloo", "rloo_k": 4, "batch_size": 8}
 SETTINGS_FILE = "loop.yaml"

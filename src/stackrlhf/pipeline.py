@@ -227,30 +227,49 @@ def data_result_key(stats: dict, default: str) -> str:
 
 
 def run_stage(stage: Stage, key: str, stamps: Path, force: bool = False) -> dict:
-    """Run one stage unless its finished record has ``key``; returns {status, key, result_key, seconds}."""
+    """Run one stage unless its finished record has ``key``; returns {status, key, result_key, seconds}.
+
+    ``force`` deletes the stage's directory and runs it from scratch, and bumps its ``generation``: the key the
+    stages after it read changes with it, so they run again too (and stay up to date on the next plain run)."""
     stamp_path = stamps / f"{stage.name}.json"
     stamp = read_json(stamp_path) or {}
+    generation = int(stamp.get("generation", 0))
     done = stamp.get("key") == key and stamp.get("status") == "done" and stage.out.exists()
     if done and not force and stage.name not in ALWAYS_RUN:
         console.print(f"[green]{stage.name}[/]: up to date ({key}), skipped")
         return {"status": "skipped", "key": key, "result_key": stamp.get("result_key", key),
                 "seconds": stamp.get("seconds")}
-    if stamp.get("key") not in (None, key) and stage.out.exists() and stage.name != "data":
+    if force:
+        console.print(f"[yellow]{stage.name}[/]: --force: deleting {stage.out} and running it from scratch")
+        generation += 1
+        _remove(stage.out)
+    elif stamp.get("key") not in (None, key) and stage.out.exists() and stage.name != "data":
         console.print(f"[yellow]{stage.name}[/]: settings or inputs changed; starting it afresh")
-        shutil.rmtree(stage.out) if stage.out.is_dir() else stage.out.unlink()
+        _remove(stage.out)
     elif stamp.get("status") == "running":
         console.print(f"[yellow]{stage.name}[/]: resuming an interrupted run")
     console.rule(f"[bold]{stage.name}[/] -> {stage.out}")
     stamps.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(stamp_path, json.dumps({"key": key, "status": "running", "started": time.time()}))
+    write_text_atomic(stamp_path, json.dumps({"key": key, "status": "running", "started": time.time(),
+                                              "generation": generation}))
     t0 = time.perf_counter()
     result = runner(stage.name)(stage.cfg)
     seconds = round(time.perf_counter() - t0, 1)
     # the data stage's result is known by its bytes: a rebuild of copied or touched dumps keeps the models after it
     result_key = data_result_key(result, key) if stage.name == "data" and isinstance(result, dict) else key
+    if generation:  # a forced rerun: what reads this stage is keyed anew
+        result_key = hashlib.sha256(f"{result_key}:{generation}".encode()).hexdigest()[:16]
     write_text_atomic(stamp_path, json.dumps({"key": key, "result_key": result_key, "status": "done",
-                                              "seconds": seconds, "finished": time.time()}))
+                                              "seconds": seconds, "finished": time.time(),
+                                              "generation": generation}))
     return {"status": "ran", "key": key, "result_key": result_key, "seconds": seconds}
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def run_pipeline(config: str | Path | None = None, out: str | Path | None = None, force: tuple[str, ...] = (),

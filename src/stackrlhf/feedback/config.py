@@ -56,12 +56,13 @@ class QueueConfig:
     model: list[str] = field(default_factory=list, metadata={
         "help": "NAME=PATH of a model that answers (repeatable; ILQL outputs as NAME=PATH@BETA)."})
     data: str = field(default="", metadata={"help": "A `stackrlhf data build` output."})
-    split: str = field(default="evaluation", metadata={"choices": ("rl", "evaluation"),
-                                                       "help": "The split the questions come from."})
+    split: str = field(default="rl", metadata={"choices": ("rl", "evaluation"), "help": (
+        "The split the questions come from. Labels on evaluation questions measure models but train nothing: "
+        "`feedback export` leaves them out of its pairs.")})
     questions: int = field(default=20, metadata={"help": "Questions to queue."})
     answers_per_question: int = field(default=2, metadata={"help": "Candidates per task (K)."})
     control: bool = field(default=False, metadata={
-        "help": "Mix in the dump's best answer as one of the K (evaluation split)."})
+        "help": "Mix in the dump's best answer as one of the K (needs --split evaluation)."})
     seed: int = field(default=0, metadata={"help": "Seed of the questions' choice and of the sampling."})
     batch: str = field(default="", metadata={"help": "A name for this batch of tasks (recorded with each)."})
     batch_size: int = field(default=32, metadata={

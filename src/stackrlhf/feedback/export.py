@@ -129,16 +129,21 @@ def author_of(candidate) -> str:
     return candidate.author if candidate.source == "human" else f"model:{candidate.model}"
 
 
-def export_feedback(store: FeedbackStore, out: str | Path) -> dict:
+def export_feedback(store: FeedbackStore, out: str | Path, include_evaluation: bool = False) -> dict:
     """``OUT/reward/train-00000-of-00001.parquet`` (one pair per label: the chosen answer against the lowest-rated
-    other answer; ties and skips give none) and ``OUT/ratings.parquet`` (every rating), written to a temp folder
-    and renamed when complete."""
+    other answer; ties and skips give none) and ``OUT/ratings.parquet`` (every rating, with its task's split),
+    written to a temp folder and renamed when complete.
+
+    Labels of tasks queued from the ``evaluation`` split give no pairs unless ``include_evaluation``: a reward
+    model trained on them would have seen the questions ``eval`` scores. ``stats.json`` counts what was left out
+    (``pairs_left_out_evaluation``)."""
     out = Path(out)
     tasks = {t.id: t for t in store.all_tasks()}
     names = {a.id: a.name for a in store.annotators()}
     kinds = {a.id: a.kind or "human" for a in store.annotators()}
     candidates = {c.id: c for t in tasks.values() for c in t.candidates}
     pairs, ratings = [], []
+    left_out = 0
     for label in store.all_labels():
         task = tasks[label.task_id]
         for cid, r in label.ratings.items():
@@ -148,8 +153,12 @@ def export_feedback(store: FeedbackStore, out: str | Path) -> dict:
                             "candidate_id": c.id, "source": c.source, "model": c.model, "usefulness": r["usefulness"],
                             "accuracy": r["accuracy"], "best": label.best_candidate_id == c.id,
                             "tie": label.best_candidate_id is None, "comment": label.comment,
-                            "question_link": task.question_link, "license": task.license})
+                            "question_link": task.question_link, "license": task.license,
+                            "split": task.split or ""})
         if label.skipped or label.best_candidate_id is None:
+            continue
+        if task.split == "evaluation" and not include_evaluation:
+            left_out += 1
             continue
         best = candidates[label.best_candidate_id]
         # one pair per label: a K-way choice as K-1 pairs would count each label K-1 times in the likelihood
@@ -174,7 +183,8 @@ def export_feedback(store: FeedbackStore, out: str | Path) -> dict:
         pq.write_table(pa.Table.from_pylist(ratings) if ratings else pa.table({"task_id": pa.array([], pa.int64())}),
                        tmp / "ratings.parquet")
         summary = {"pairs": len(pairs), "ratings": len(ratings), "source": store.url.split("@")[-1],
-                   "pairs_simulated": sum(p["source"].startswith("feedback-simulated:") for p in pairs)}
+                   "pairs_simulated": sum(p["source"].startswith("feedback-simulated:") for p in pairs),
+                   "pairs_left_out_evaluation": left_out, "include_evaluation": include_evaluation}
         (tmp / "stats.json").write_text(json.dumps(summary, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)

@@ -17,7 +17,7 @@ from stackrlhf.models.answerer import Answerer, parse_model_spec
 from stackrlhf.models.sampling import SamplingConfig
 
 
-def queue_tasks(db: str, models: list[str], split: str = "evaluation", questions: int = 20,
+def queue_tasks(db: str, models: list[str], split: str = "rl", questions: int = 20,
                 answers_per_question: int = 2, control: bool = False, sampling: SamplingConfig | None = None,
                 data: str = "", seed: int = 0, batch: str = "", progress: bool = True, batch_size: int = 32) -> dict:
     if split not in ("rl", "evaluation"):

@@ -3,8 +3,8 @@
 (TensorBoard, W&B), checkpoints and the final artifacts.
 
 Checkpoints are ``OUT/checkpoints/step-N/state.pt``, written to a temp folder and renamed when complete (a killed
-run never leaves half a checkpoint), the last two kept, RNG states included so a resumed run repeats the
-uninterrupted one."""
+run never leaves half a checkpoint), the last two kept, the RNG states of every process included (Python, numpy,
+torch's CPU and CUDA generators), so a resumed run repeats the uninterrupted one on any number of processes."""
 
 from __future__ import annotations
 
@@ -108,12 +108,41 @@ def _steps(folder: Path) -> list[Path]:
                   key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 2) -> Path:
+def rng_state() -> dict:
+    """This process's random generators: Python's, numpy's, torch's CPU one and every CUDA device's."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states(accelerator=None) -> list[dict]:
+    """Every process's :func:`rng_state`, in process order (a collective: every process must call it)."""
+    mine = rng_state()
+    if accelerator is None or accelerator.num_processes == 1:
+        return [mine]
+    import torch.distributed as dist
+
+    states: list = [None] * accelerator.num_processes
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 2, rng: list[dict] | None = None) -> Path:
+    """Write ``state`` with ``rng`` (every process's generators, :func:`gather_rng_states`; default: this
+    process's) as ``step-N``; only the main process calls it."""
     target = folder / f"step-{step}"
     tmp = target.with_name(target.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    torch.save({**state, "step": step, "rng": rng}, tmp / "state.pt")
+    torch.save({**state, "step": step, "rng": rng if rng is not None else [rng_state()]}, tmp / "state.pt")
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
@@ -122,22 +151,29 @@ def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 2) -> Path
     return target
 
 
-def load_latest(folder: Path) -> tuple[dict, Path] | None:
-    """The newest complete checkpoint's state (RNG states already restored) and its folder, or None."""
+def load_latest(folder: Path, process_index: int = 0) -> tuple[dict, Path] | None:
+    """The newest complete checkpoint's state (this process's RNG states already restored) and its folder, or
+    None. A checkpoint of fewer processes than this run has restores process 0's generators on the others,
+    with a warning."""
     done = _steps(folder)
     if not done:
         return None
     state = torch.load(done[-1] / "state.pt", weights_only=False)
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
+    rng = state["rng"]
+    if isinstance(rng, dict):  # checkpoints that kept one process's generators
+        rng = [rng]
+    if process_index >= len(rng):
+        console.print(f"[yellow]{done[-1]} has the random generators of {len(rng)} process(es); process "
+                      f"{process_index} continues from process 0's[/]")
+    set_rng_state(rng[process_index] if process_index < len(rng) else rng[0])
     return state, done[-1]
 
 
-def resume_latest(folder: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+def resume_latest(folder: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  process_index: int = 0) -> dict | None:
     """Load the newest complete checkpoint's tensors (``params``) into ``module`` and its optimizer state; returns
     the whole state (step, history, the trainer's own values) for the caller to take the rest, or None."""
-    found = load_latest(folder)
+    found = load_latest(folder, process_index)
     if found is None:
         return None
     state, where = found

@@ -35,8 +35,8 @@ from stackrlhf.models.freezing import describe_trainable, freeze_bottom
 from stackrlhf.models.ilql import SETTINGS_FILE, ILQLModel
 from stackrlhf.models.loading import load_causal_lm, resolve_dtype
 from stackrlhf.models.precision import autocast, upcast_trainable
-from stackrlhf.rl.common import (MetricsWriter, make_accelerator, pass_batch, resume_latest, save_checkpoint,
-                                 seed_everything, write_run_artifacts)
+from stackrlhf.rl.common import (MetricsWriter, gather_rng_states, make_accelerator, pass_batch, resume_latest,
+                                 save_checkpoint, seed_everything, write_run_artifacts)
 from stackrlhf.rl.config import ILQLConfig
 
 console = Console(stderr=True)
@@ -270,16 +270,18 @@ class ILQLTrainer:
     # ------------------------------------------------------------ checkpoints (same layout as PPO's)
 
     def save_checkpoint(self) -> None:
+        rng = gather_rng_states(self.accelerator)  # every process's generators; the main one writes
         if not self.accelerator.is_main_process:
             return
         params = {n: p.detach().cpu() for n, p in self.model.named_parameters()
                   if p.requires_grad or n.startswith("heads.")}
         save_checkpoint(self.out / "checkpoints", self.step_index, {
             "params": params, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "history": self.history})
+            "history": self.history}, rng=rng)
 
     def maybe_resume(self) -> None:
-        state = resume_latest(self.out / "checkpoints", self.model, self.optimizer) if self.cfg.resume else None
+        state = (resume_latest(self.out / "checkpoints", self.model, self.optimizer, self.accelerator.process_index)
+                 if self.cfg.resume else None)
         if state is not None:
             self.scheduler.load_state_dict(state["scheduler"])
             self.step_index, self.history = state["step"], state["history"]
@@ -315,8 +317,8 @@ class ILQLTrainer:
                    "lm_nll_last": mean(h[-window:], "lm/nll"), "advantage_last": mean(h[-window:],
                                                                                         "values/advantage_mean"),
                    **{f"data_{k}": v for k, v in self.data_info.items()}}
+        self.save_checkpoint()  # every process: their random generators are gathered
         if self.accelerator.is_main_process:
-            self.save_checkpoint()
             self.model.save_pretrained(self.out)
             self.tok.save_pretrained(str(self.out))
             settings = {"beta": self.cfg.beta, "top_k": self.cfg.top_k, "two_qs": self.cfg.two_qs}

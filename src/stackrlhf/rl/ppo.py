@@ -40,8 +40,8 @@ from stackrlhf.models.generation import SamplingConfig, generate, pack_sequences
 from stackrlhf.models.policy import PolicyWithValue, select_rows, trunk_from_rollout
 from stackrlhf.models.loading import load_causal_lm, resolve_dtype
 from stackrlhf.models.precision import autocast, upcast_trainable
-from stackrlhf.rl.common import (MetricsWriter, make_accelerator, pass_batch, resume_latest, save_checkpoint,
-                                 seed_everything, write_run_artifacts)
+from stackrlhf.rl.common import (MetricsWriter, gather_rng_states, make_accelerator, pass_batch, resume_latest,
+                                 save_checkpoint, seed_everything, write_run_artifacts)
 from stackrlhf.rl.config import PPOConfig
 from stackrlhf.rl.raft import best_of_group
 from stackrlhf.rl.rloo import normalise_sequence_advantages, rloo_advantages
@@ -424,16 +424,22 @@ class PPOTrainer:
         return self.out / "checkpoints"
 
     def save_checkpoint(self) -> None:
+        """Every process takes part (their random generators are gathered); the main one writes."""
+        rng = gather_rng_states(self.accelerator)
         if not self.accelerator.is_main_process:
             return
         trainable = {n: p.detach().cpu() for n, p in self.policy.named_parameters() if p.requires_grad}
         save_checkpoint(self.checkpoint_dir(), self.step_index, {
-            "params": trainable, "optimizer": self.optimizer.state_dict(), "kl_coef": self.kl_ctl.value,
-            "history": self.history, "warned_negative_kl": self.warned_negative_kl})
+            "params": trainable, "optimizer": self.optimizer.state_dict(),
+            "value_optimizer": self.value_optimizer.state_dict(), "kl_coef": self.kl_ctl.value,
+            "history": self.history, "warned_negative_kl": self.warned_negative_kl}, rng=rng)
 
     def maybe_resume(self) -> None:
-        state = resume_latest(self.checkpoint_dir(), self.policy, self.optimizer) if self.cfg.resume else None
+        state = (resume_latest(self.checkpoint_dir(), self.policy, self.optimizer, self.accelerator.process_index)
+                 if self.cfg.resume else None)
         if state is not None:
+            if "value_optimizer" in state:
+                self.value_optimizer.load_state_dict(state["value_optimizer"])
             self.kl_ctl.value = state["kl_coef"]
             self.step_index, self.history = state["step"], state["history"]
             self.warned_negative_kl = state["warned_negative_kl"]
@@ -485,8 +491,8 @@ class PPOTrainer:
                    "kl_last": history[-1]["kl/mean"] if history else None,
                    "beta_last": self.kl_ctl.value, "reference": self.policy.mode, "algorithm": self.cfg.algorithm,
                    "length": history_length_analysis(history)}
+        self.save_checkpoint()  # every process: their random generators are gathered
         if self.accelerator.is_main_process:
-            self.save_checkpoint()
             lm = self.policy.lm
             if self.policy.mode == "lora":
                 lm.save_pretrained(str(self.out / "adapter"))
