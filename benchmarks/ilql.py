@@ -12,13 +12,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import sys
 from pathlib import Path
 
 import torch
 
 from stackrlhf.rl.config import ILQLConfig
 from stackrlhf.rl.ilql import ILQLTrainer
-from stackrlhf.rl.randomwalks import evaluate, generate_random_walks, walk_model, walk_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the randomwalks task lives with the tests
+from randomwalks import evaluate, generate_random_walks, walk_model, walk_tokenizer  # noqa: E402
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from stackrlhf.data.load import load_split  # noqa: E402
-from stackrlhf.models.confounders import words  # noqa: E402
+from stackrlhf.stats import words  # noqa: E402
 from stackrlhf.models.judge import RELEVANCE_WEIGHT, load_judge  # noqa: E402
 
 

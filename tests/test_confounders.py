@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from stackrlhf.cli import cli
 from stackrlhf.data.schema import PAIRS
 from stackrlhf.errors import StackRLHFError
-from stackrlhf.models.confounders import (answer_covariates, fit_bradley_terry, hours_after, parse_confounders,
+from stackrlhf.stats import (answer_covariates, fit_bradley_terry, hours_after, parse_confounders,
                                           spearman, words)
 from stackrlhf.models.reward import RewardModel
 from stackrlhf.prompts import format_prompt

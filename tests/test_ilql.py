@@ -15,7 +15,7 @@ from stackrlhf.errors import StackRLHFError
 from stackrlhf.rl.config import ILQLConfig
 from stackrlhf.models.ilql import ILQLHeads, ILQLModel
 from stackrlhf.rl.ilql import ILQLTrainer, ScoredSample, answer_ids, collate
-from stackrlhf.rl.randomwalks import evaluate, generate_random_walks, walk_model, walk_tokenizer
+from randomwalks import evaluate, generate_random_walks, walk_model, walk_tokenizer
 
 
 def walk_config(out: Path, **kw) -> ILQLConfig:

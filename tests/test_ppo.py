@@ -226,3 +226,28 @@ def test_raft_raises_a_synthetic_reward_without_a_value_head(tiny_policy, beer_d
     assert end > 2 * start and end > start + 0.1, (start, end)
     assert metrics["algorithm"] == "raft" and len(history[0]["reward/score_each"]) == 16  # 4 prompts x k = 4
     assert "loss/value" not in history[-1] and not (tmp_path / "raft" / "value_head.safetensors").exists()
+
+
+def test_each_algorithm_names_its_estimator_and_the_kl_stop_is_per_minibatch(tiny_policy, tmp_path):
+    """The trainer as a library: prompts and a reward function passed in, no data build. Each algorithm's
+    advantage estimator comes from one table; with --max-approx-kl the update stops after the first minibatch
+    whose approximate KL to the rollout policy exceeds it (the first minibatch, before any step, has KL 0)."""
+    from dataclasses import replace
+
+    from stackrlhf.rl.config import ALGORITHMS
+    from stackrlhf.rl.estimators import ESTIMATORS
+
+    assert {a: s.estimator for a, s in ALGORITHMS.items()} == {"ppo": "gae", "rloo": "rloo", "raft": "raft"}
+    assert all(s.estimator in ESTIMATORS for s in ALGORITHMS.values())
+    prompts = [f"Question: is beer number {i} hoppy?\n\nAnswer:" for i in range(6)]
+    cfg = PPOConfig(model=str(tiny_policy), out=str(tmp_path / "a"), algorithm="rloo", rloo_k=2, batch_size=4,
+                    mini_batch_size=2, ppo_epochs=3, min_new_tokens=6, max_new_tokens=6, learning_rate=3e-3,
+                    num_layers_unfrozen=1, report_to="none", progress=False, sample_every=0, save_every=0,
+                    temperature=1.0, max_approx_kl=1e-9)
+    stopped = PPOTrainer(cfg, target_fraction(), prompts).step()
+    assert (stopped["policy/minibatches"], stopped["policy/epochs"]) == (2, 1)
+    whole = PPOTrainer(replace(cfg, out=str(tmp_path / "b"), max_approx_kl=0.0), target_fraction(), prompts).step()
+    assert (whole["policy/minibatches"], whole["policy/epochs"]) == (12, 3)
+    assert sorted(whole["reward/score_each"]) == pytest.approx(sorted(stopped["reward/score_each"]))
+    with pytest.raises(StackRLHFError, match="--data is required"):
+        PPOTrainer(replace(cfg, data=""))

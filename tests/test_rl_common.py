@@ -102,7 +102,7 @@ def test_rl_trainers_do_not_inherit_an_earlier_stages_bf16_autocast(tmp_path):
     from stackrlhf.rl.common import make_accelerator
     from stackrlhf.rl.config import ILQLConfig
     from stackrlhf.rl.ilql import ILQLTrainer
-    from stackrlhf.rl.randomwalks import generate_random_walks, walk_model, walk_tokenizer
+    from randomwalks import generate_random_walks, walk_model, walk_tokenizer
 
     AcceleratorState._reset_state()
     assert Accelerator(mixed_precision="bf16").mixed_precision == "bf16"  # what a bf16 Trainer stage leaves

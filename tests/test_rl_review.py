@@ -265,7 +265,7 @@ def test_the_reference_can_be_another_version(tiny_policy, beer_data, tmp_path):
 
 def test_copying_the_question_pays_less_with_the_down_weighted_relevance(beer_data):
     from stackrlhf.data.load import load_split
-    from stackrlhf.models.confounders import question_overlap
+    from stackrlhf.stats import question_overlap
     from stackrlhf.models.judge import RELEVANCE_WEIGHT, load_judge
 
     # 3 of the answer's 7 word 3-grams are in the question ("a lager ferment?" keeps its question mark)

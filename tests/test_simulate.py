@@ -137,7 +137,7 @@ def test_the_reference_judge_prefers_the_questions_own_human_answer(beer_data):
     import numpy as np
 
     from stackrlhf.data.load import load_split
-    from stackrlhf.models.confounders import words
+    from stackrlhf.stats import words
     from stackrlhf.models.judge import ReferenceJudge, load_judge
 
     rows = [r for r in load_split(beer_data, "rl", "train").to_list() if r["reference_answer"]][:20]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from stackrlhf.models.sampling import SAMPLER_PRECISION_HELP, SAMPLER_PRECISIONS
+
 
 @dataclass
 class EvalConfig:
@@ -31,6 +33,7 @@ class EvalConfig:
                 "they bias the KL estimate)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1: off)."})
+    sampler_precision: str = field(default="auto", metadata={"help": SAMPLER_PRECISION_HELP})
     batch_size: int = field(default=16, metadata={"help": "Answers generated / scored per batch."})
     seed: int = field(default=0, metadata={"help": "Random seed (same questions and sampling noise for every model)."})
     samples_per_question: int = field(default=1, metadata={
@@ -54,6 +57,9 @@ class EvalConfig:
             raise ValueError("--data is required: a `stackrlhf data build` output")
         if not self.reward:
             raise ValueError("--reward is required: the proxy reward-model directory")
+        if self.sampler_precision not in SAMPLER_PRECISIONS:
+            raise ValueError(f"--sampler-precision {self.sampler_precision!r}: choose one of "
+                             f"{', '.join(SAMPLER_PRECISIONS)}")
         if self.samples_per_question < 1:
             raise ValueError(f"--samples-per-question must be at least 1, not {self.samples_per_question}")
 

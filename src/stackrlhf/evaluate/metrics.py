@@ -27,7 +27,7 @@ from stackrlhf.errors import StackRLHFError
 from stackrlhf.evaluate.config import EvalConfig
 from stackrlhf.models.answerer import (Answerer, ModelSpec, best_of_n_kl, cached, parse_model_spec, same_vocabulary,
                                       weights_stamp)
-from stackrlhf.models.confounders import gain_text, length_adjusted_gains, question_overlap, words
+from stackrlhf.stats import gain_text, length_adjusted_gains, question_overlap, words
 from stackrlhf.models.generation import SamplingConfig
 from stackrlhf.models.ilql import is_ilql_model
 from stackrlhf.models.judge import load_judge, paired_se
@@ -56,7 +56,8 @@ def evaluate_models(cfg: EvalConfig) -> dict:
     specs, baseline = model_specs(cfg)
     questions = select_questions(cfg)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                              top_p=cfg.top_p, max_prompt_tokens=cfg.max_prompt_tokens)
+                              top_p=cfg.top_p, max_prompt_tokens=cfg.max_prompt_tokens,
+                              sampler_precision=cfg.sampler_precision)
     judges = {"proxy": RewardModel.from_pretrained(cfg.reward, device=device)}
     if cfg.gold_reward:
         judges["gold"] = RewardModel.from_pretrained(cfg.gold_reward, device=device)
@@ -116,6 +117,20 @@ def question_means(values: list[float], n_questions: int) -> list[float]:
     return np.asarray(values, dtype=float).reshape(-1, n_questions).mean(0).tolist()
 
 
+def importance_weighted(kl: list[float], log_w: list[float], k1_per_token: list[float]) -> dict:
+    """KL of int8-sampled answers weighted back to the float32 model (self-normalised importance sampling:
+    sum w_i KL_i / sum w_i, w_i = p_float32(y_i) / p_int8(y_i)); the sampler's mismatch, mean log p_int8 -
+    log p_float32 per token (k1 on its own samples, an estimate of KL(int8 || float32)); and the effective
+    sample size of the weights as a share of the answers (1: no mismatch)."""
+    log_w = np.asarray(log_w, dtype=float)
+    if not np.isfinite(log_w).any():  # no answer the float32 model could have drawn: no weighting possible
+        log_w = np.zeros_like(log_w)
+    w = np.exp(log_w - log_w[np.isfinite(log_w)].max())
+    ess = float(w.sum() ** 2 / (w ** 2).sum() / len(w))
+    return {"kl_weighted": float((w * np.asarray(kl)).sum() / w.sum()), "k1_per_token": float(np.mean(k1_per_token)),
+            "ess": ess}
+
+
 def distribution_key(model: Answerer) -> tuple:
     """What fixes the distribution a model samples from before best-of-n picks: its weights and its ILQL shift.
     Two answerers with one key have a per-token log-ratio of exactly 0."""
@@ -131,6 +146,7 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
     so the first len(questions) are the answers of m = 1. ``human_nll`` keeps the perplexity per distribution
     across the models of one evaluation."""
     prompts = [q["prompt"] for q in questions]
+    sampling = model.resolve(sampling)  # the precision it really samples at: part of every cache key
     m = 1 if model.spec.best_of > 1 else cfg.samples_per_question
     asked, asked_questions = prompts * m, questions * m
     t0 = time.perf_counter()
@@ -145,19 +161,38 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
     # KL between the tempered distributions the models sample from (the temperature is part of the policy). The
     # reference itself and best-of-n from it need no forward pass: their policy's log-ratio is 0 on every token.
     kl = None
+    mismatch: dict = {}
+    int8 = sampling.sampler_precision == "int8" and bool(gen.sampler_logprobs)
     if same_vocabulary(model.tok, reference.tok):
         if distribution_key(model) == distribution_key(reference):
             kl = [0.0] * len(gen.response_ids)
         else:
-            def log_ratios() -> list[float]:
-                logp = model.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature)
+            def log_ratios() -> dict:
+                """Per answer, log p_model - log p_ref; for int8 samples also log w, the answer's importance
+                weight back to the float32 model's sampling distribution (its log-prob under the sampling rule
+                minus the int8 sampler's)."""
+                got = model.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature,
+                                        sampling if int8 else None)
+                logp, rule = got if int8 else (got, None)
                 ref = reference.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature)
-                return [float((a - b).sum()) for a, b in zip(logp, ref)]
+                out = {"kl": [float((a - b).sum()) for a, b in zip(logp, ref)]}
+                if rule is not None:
+                    out["log_w"] = [float((r - torch.tensor(s)).sum()) for r, s in zip(rule, gen.sampler_logprobs)]
+                    out["k1_per_token"] = [float((torch.tensor(s) - r).mean()) if len(s) else 0.0
+                                           for r, s in zip(rule, gen.sampler_logprobs)]
+                return out
 
             reference_identity = (distribution_key(reference), weights_stamp(reference.spec.path), cfg.temperature)
-            kl = cached(answers_cache, ("kl", *identity, *reference_identity, *more), log_ratios)
+            ratios = cached(answers_cache, ("kl", *identity, *reference_identity, *more), log_ratios)
+            if isinstance(ratios, list):  # a cache entry written before int8 sampling
+                ratios = {"kl": ratios}
+            kl = ratios["kl"]
+            if "log_w" in ratios:
+                mismatch = importance_weighted(kl, ratios["log_w"], ratios["k1_per_token"])
         if model.spec.best_of > 1:  # KL(bon || ref) = KL(bon || policy) (analytic) + E_bon[log policy - log ref]
             kl = [best_of_n_kl(model.spec.best_of) + v for v in kl]
+            if mismatch:
+                mismatch["kl_weighted"] += best_of_n_kl(model.spec.best_of)
     # perplexity of the held-out human answers (the best one per question), once per distribution
     key = distribution_key(model)
     human_nll = {} if human_nll is None else human_nll
@@ -179,7 +214,10 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
         "top_k": cfg.top_k or model.top_k,
         **{f"reward_{name}": float(np.mean(s)) for name, s in scores.items()},
         **{f"reward_{name}_std": float(np.std(s)) for name, s in scores.items()},
-        "kl_to_reference": float(np.mean(kl)) if kl is not None else None,
+        "kl_to_reference": (mismatch["kl_weighted"] if mismatch else float(np.mean(kl))) if kl is not None else None,
+        "sampler_precision": sampling.sampler_precision,
+        **({"kl_to_reference_unweighted": float(np.mean(kl)), "sampler_k1_per_token": mismatch["k1_per_token"],
+            "sampler_ess": mismatch["ess"]} if mismatch else {}),
         "kl_to_reference_se": (float(np.std(question_means(kl, len(questions))) / math.sqrt(len(questions)))
                                if kl else None),
         "human_answer_perplexity": float(math.exp(min(nll, 50.0))),

@@ -13,7 +13,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from stackrlhf.models.confounders import (CONFOUNDERS, fit_bradley_terry, hours_after, pair_differences,
+from stackrlhf.stats import (CONFOUNDERS, fit_bradley_terry, hours_after, pair_differences,
                                           pair_log_loss, spearman, words)
 
 console = Console(stderr=True)

@@ -63,7 +63,11 @@ def parse_model_spec(text: str) -> ModelSpec:
 
 class Answerer:
     """A model as it answers: a plain causal LM, an ILQL model decoding with logits + beta * (Q - V), or best-of-n
-    from a policy (``scorer(questions, answers) -> rewards`` picks; log-probs are the policy's)."""
+    from a policy (``scorer(questions, answers) -> rewards`` picks; log-probs are the policy's). It samples with
+    an int8 copy of its products when ``sampling.sampler_precision`` says so (:meth:`resolve`); its log-probs are
+    always the float32 model's."""
+
+    _int8 = None  # the int8 copy, built on first use (False: this model samples in float32)
 
     def __init__(self, spec: ModelSpec, device, scorer=None, cache: str | Path | None = None):
         self.spec = spec
@@ -92,8 +96,25 @@ class Answerer:
         answerer.beta, answerer.top_k, answerer.cache = None, 0, None
         return answerer
 
+    def resolve(self, sampling: SamplingConfig) -> SamplingConfig:
+        """``sampling`` with the precision this model really samples at (``auto`` -> int8 on a CPU when the int8
+        copy can be made, else float32): what caches and records key on."""
+        from stackrlhf.models.quant import quantize_for_sampling, resolve_precision
+
+        device = next(self.lm.parameters()).device
+        if self.ilql is not None or resolve_precision(sampling.sampler_precision, device) != "int8":
+            return replace(sampling, sampler_precision="float32")
+        if self._int8 is None:
+            self._int8 = quantize_for_sampling(self.lm, self.tok, "int8") or False
+        return replace(sampling, sampler_precision="int8" if self._int8 else "float32")
+
+    def sampler(self, sampling: SamplingConfig):
+        """The int8 copy to sample with under ``sampling``, or None (float32)."""
+        return self._int8 or None if self.resolve(sampling).sampler_precision == "int8" else None
+
     def generate(self, prompts: list[str], sampling: SamplingConfig, batch_size: int = 8, seed: int | None = None,
                  streamer=None) -> Generation:
+        sampling = self.resolve(sampling)
         if self.spec.best_of > 1:
             return self.best_of_n(prompts, sampling, batch_size, seed)
         progress = None if streamer is not None else f"{self.spec.name}: answering"
@@ -102,12 +123,14 @@ class Answerer:
             return ilql_generate(self.ilql, self.tok, prompts, sampling, self.beta, batch_size, seed, streamer,
                                  progress=progress)
         return generate(self.lm, self.tok, prompts, sampling, batch_size=batch_size, seed=seed, streamer=streamer,
-                        progress=progress)
+                        progress=progress, int8=self.sampler(sampling))
 
     @torch.no_grad()
-    def response_logprobs(self, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    def response_logprobs(self, batch: dict, temperature: float = 1.0, sampling: SamplingConfig | None = None):
         """log p(response token | prefix) under the distribution the model samples from at ``temperature``
-        (the sampling temperature is part of the policy: KL is measured between tempered distributions)."""
+        (the sampling temperature is part of the policy: KL is measured between tempered distributions). With
+        ``sampling``, also (second) the log-probs under that rule applied to this model's float32 logits
+        (temperature, top-k, top-p renormalised): what another sampler's draws are weighted against."""
         t = temperature if temperature > 0 else 1.0
         R = batch["responses"].shape[1]
         if self.ilql is None:
@@ -118,8 +141,17 @@ class Answerer:
             h = self.ilql.hidden_states(batch["input_ids"], batch["attention_mask"],
                                         batch["position_ids"])[:, -batch["keep"]:][:, :R]
             logits = self.lm.get_output_embeddings()(h)
-            logp = F.log_softmax(self.ilql.shifted_logprobs(logits, h, self.beta or 0.0) / t, -1)
-        return logp.gather(-1, batch["responses"].unsqueeze(-1)).squeeze(-1) * batch["response_mask"]
+            logits = self.ilql.shifted_logprobs(logits, h, self.beta or 0.0)
+            logp = F.log_softmax(logits / t, -1)
+        mask = batch["response_mask"]
+        tempered = logp.gather(-1, batch["responses"].unsqueeze(-1)).squeeze(-1) * mask
+        if sampling is None:
+            return tempered
+        from stackrlhf.models.engine import sampling_logprobs
+
+        flat = sampling_logprobs(logits[:, :R].reshape(-1, logits.shape[-1]), batch["responses"].reshape(-1),
+                                 sampling).view_as(tempered)
+        return tempered, flat.masked_fill(mask == 0, 0.0)
 
     _samples: dict = {}  # (policy dir and its weights' stamp, prompts, sampling, seed, pool size) -> Generation
     _scores: dict = {}  # (that key, scorer) -> the pool's rewards
@@ -138,7 +170,8 @@ class Answerer:
             # a prompt's samples in one generation batch: its prompt is prefilled once for all of them
             Answerer._samples[key] = cached(self.cache, ("pool", *key), lambda: generate(
                 self.lm, self.tok, [p for p in prompts for _ in range(size)], sampling,
-                batch_size=max(batch_size, size), seed=seed, progress=f"{self.spec.name}: {size} samples a question"))
+                batch_size=max(batch_size, size), seed=seed, progress=f"{self.spec.name}: {size} samples a question",
+                int8=self.sampler(sampling)))
         many = Answerer._samples[key]
         # the scorer object itself, not its id: an id can be reused once its object is gone
         if (key, self.scorer) not in Answerer._scores:
@@ -150,18 +183,24 @@ class Answerer:
         return Generation(prompts=list(prompts), texts=[many.texts[b] for b in best],
                           prompt_ids=[many.prompt_ids[b] for b in best],
                           response_ids=[many.response_ids[b] for b in best],
-                          finished=[many.finished[b] for b in best])
+                          finished=[many.finished[b] for b in best],
+                          sampler_logprobs=([many.sampler_logprobs[b] for b in best] if many.sampler_logprobs
+                                            else None))
 
     def logprobs_of(self, prompt_ids: list[list[int]], response_ids: list[list[int]],
-                    batch_size: int = 8, temperature: float = 1.0) -> list[torch.Tensor]:
-        """Per answer, the log-probs of its tokens under this model at ``temperature`` (a 1-D tensor each)."""
+                    batch_size: int = 8, temperature: float = 1.0, sampling: SamplingConfig | None = None):
+        """Per answer, the log-probs of its tokens under this model at ``temperature`` (a 1-D tensor each); with
+        ``sampling``, also the list of their log-probs under that sampling rule (:meth:`response_logprobs`)."""
         device = next(self.lm.parameters()).device
-        out = []
+        out, under_rule = [], []
         for start in range(0, len(prompt_ids), batch_size):
             p, r = prompt_ids[start:start + batch_size], response_ids[start:start + batch_size]
-            logp = self.response_logprobs(pack_sequences(p, r, self.tok.pad_token_id, device), temperature).cpu()
+            got = self.response_logprobs(pack_sequences(p, r, self.tok.pad_token_id, device), temperature, sampling)
+            logp, rule = (got[0].cpu(), got[1].cpu()) if sampling is not None else (got.cpu(), None)
             out.extend(logp[i, :len(ri)] for i, ri in enumerate(r))
-        return out
+            if rule is not None:
+                under_rule.extend(rule[i, :len(ri)] for i, ri in enumerate(r))
+        return (out, under_rule) if sampling is not None else out
 
 
 def cached(cache: Path | None, key: tuple, make: Callable[[], Generation | dict]) -> Generation | dict:

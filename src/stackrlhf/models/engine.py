@@ -62,21 +62,26 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def _nucleus_pick(values: torch.Tensor, ids: torch.Tensor, log_z: torch.Tensor, top_p: float,
-                  u: torch.Tensor) -> torch.Tensor:
+                  u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw from the nucleus among candidates sorted best first: the tokens transformers' ``TopPLogitsWarper``
-    keeps are those whose more likely tokens hold less than ``top_p`` of the probability."""
+    keeps are those whose more likely tokens hold less than ``top_p`` of the probability. Returns the tokens and
+    their log-probabilities under the nucleus renormalised (the distribution drawn from)."""
     probs = (values - log_z).exp()
     keep = (probs.cumsum(-1) - probs) < top_p
     keep[:, 0] = True
-    return ids.gather(1, _inverse_cdf(probs * keep, u).unsqueeze(1)).squeeze(1)
+    kept = probs * keep
+    pick = _inverse_cdf(kept, u).unsqueeze(1)
+    logp = kept.gather(1, pick).squeeze(1).log() - kept.sum(-1).log()
+    return ids.gather(1, pick).squeeze(1), logp
 
 
-def sample_top_p(scores: torch.Tensor, top_p: float, u: torch.Tensor) -> torch.Tensor:
+def sample_top_p(scores: torch.Tensor, top_p: float, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-p sampling without sorting the vocabulary when it can: the 64 best tokens of a row hold the nucleus
     whenever they hold ``top_p`` of the mass (most steps of a trained model), else the 1,024 best; only rows
-    whose nucleus is wider still are sorted in full."""
+    whose nucleus is wider still are sorted in full. Returns (tokens, their log-probs in the nucleus)."""
     log_z = torch.logsumexp(scores, dim=-1, keepdim=True)
     out = torch.empty(len(scores), dtype=torch.long, device=scores.device)
+    out_logp = torch.empty(len(scores), dtype=torch.float, device=scores.device)
     todo = torch.arange(len(scores), device=scores.device)
     for k in CANDIDATES:
         if k >= scores.shape[1]:
@@ -85,37 +90,80 @@ def sample_top_p(scores: torch.Tensor, top_p: float, u: torch.Tensor) -> torch.T
         covered = (values - log_z[todo]).exp().sum(-1) >= top_p
         done = todo[covered]
         if len(done):
-            out[done] = _nucleus_pick(values[covered], ids[covered], log_z[done], top_p, u[done])
+            out[done], out_logp[done] = _nucleus_pick(values[covered], ids[covered], log_z[done], top_p, u[done])
         todo = todo[~covered]
         if not len(todo):
-            return out
+            return out, out_logp
     values, ids = scores[todo].sort(dim=-1, descending=True)
-    out[todo] = _nucleus_pick(values, ids, log_z[todo], top_p, u[todo])
-    return out
+    out[todo], out_logp[todo] = _nucleus_pick(values, ids, log_z[todo], top_p, u[todo])
+    return out, out_logp
 
 
-def sample_tokens(logits: torch.Tensor, sampling: SamplingConfig, u: torch.Tensor | None) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, sampling: SamplingConfig, u: torch.Tensor | None,
+                  with_logprobs: bool = False):
     """One token per row: greedy at temperature 0, else temperature, top-k and top-p as transformers applies them
-    (in that order), drawn by inverse CDF with the row's uniform ``u``."""
+    (in that order), drawn by inverse CDF with the row's uniform ``u``. With ``with_logprobs``, (tokens, the
+    log-probability of each under the distribution it was drawn from: tempered, truncated and renormalised; 0
+    for greedy picks)."""
     if sampling.temperature <= 0:
-        return logits.argmax(-1)
+        tokens = logits.argmax(-1)
+        return (tokens, torch.zeros(len(tokens), device=logits.device)) if with_logprobs else tokens
     scores = logits.float() / sampling.temperature
     if sampling.top_k:
         kth = scores.topk(min(sampling.top_k, scores.shape[1]), dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if sampling.top_p < 1.0:
-        return sample_top_p(scores, sampling.top_p, u.to(scores.device))
-    return _inverse_cdf(torch.softmax(scores, dim=-1), u.to(scores.device))
+        tokens, logp = sample_top_p(scores, sampling.top_p, u.to(scores.device))
+    else:
+        probs = torch.softmax(scores, dim=-1)
+        tokens = _inverse_cdf(probs, u.to(scores.device))
+        logp = probs.gather(1, tokens.unsqueeze(1)).squeeze(1).log() if with_logprobs else None
+    return (tokens, logp) if with_logprobs else tokens
+
+
+def sampling_logprobs(logits: torch.Tensor, tokens: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """log-probability of ``tokens`` [N] under the distribution :func:`sample_tokens` draws from ``logits`` [N, V]
+    (temperature, top-k, top-p, renormalised; -inf for a token outside the kept set): what another sampler's
+    draws are weighted against (importance sampling)."""
+    if sampling.temperature <= 0:
+        return torch.where(logits.argmax(-1) == tokens, 0.0, float("-inf"))
+    scores = logits.float() / sampling.temperature
+    if sampling.top_k:
+        kth = scores.topk(min(sampling.top_k, scores.shape[1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p >= 1.0:
+        return torch.log_softmax(scores, -1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+    log_z = torch.logsumexp(scores, dim=-1, keepdim=True)
+    out = torch.full((len(scores),), float("-inf"), device=scores.device)
+    todo = torch.arange(len(scores), device=scores.device)
+    for k in (*CANDIDATES, scores.shape[1]):
+        k = min(k, scores.shape[1])
+        values, ids = scores[todo].topk(k, dim=-1)
+        probs = (values - log_z[todo]).exp()
+        covered = (probs.sum(-1) >= sampling.top_p) | (k == scores.shape[1])
+        keep = (probs.cumsum(-1) - probs) < sampling.top_p
+        keep[:, 0] = True
+        kept = probs * keep
+        hit = (ids == tokens[todo].unsqueeze(1)) & keep
+        logp = torch.where(hit.any(-1), (kept * hit).sum(-1).log() - kept.sum(-1).log(),
+                           torch.full((len(todo),), float("-inf"), device=scores.device))
+        out[todo[covered]] = logp[covered]
+        todo = todo[~covered]
+        if not len(todo):
+            break
+    return out
 
 
 # --------------------------------------------------------------------------- model layouts
 
 
 class _Llama:
-    """Pre-norm blocks with rotary position embeddings and grouped-query attention (transformers' Llama)."""
+    """Pre-norm blocks with rotary position embeddings and grouped-query attention (transformers' Llama). With
+    ``int8`` (:class:`stackrlhf.models.quant.Int8Model`) the blocks' products are its int8 ones."""
 
-    def __init__(self, model):
+    def __init__(self, model, int8=None):
         self.model = model
+        self.int8 = int8
         self.inner = model.model
         self.blocks = list(self.inner.layers)
         cfg = model.config
@@ -140,9 +188,23 @@ class _Llama:
 
     def block(self, i, h, attend):
         layer = self.blocks[i]
+        if self.int8 is not None:
+            return self._int8_block(i, layer, h, attend)
         q, k, v = self.qkv(i, layer.input_layernorm(h))
         h = h + layer.self_attn.o_proj(attend(q, k, v, self.scale))
         return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def _int8_block(self, i, layer, h, attend):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        b = self.int8.blocks[i]
+        q, k, v = b.qkv(layer.input_layernorm(h)).split([b.q_size, b.kv_size, b.kv_size], dim=-1)
+        shape = (*h.shape[:-1], -1, self.head_dim)
+        q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rotary_pos_emb(q, k, *self._rope)
+        h = h + b.o(attend(q, k, v, self.scale))
+        gate, up = b.gate_up(layer.post_attention_layernorm(h)).split(b.intermediate, dim=-1)
+        return h + b.down(b.act(gate) * up)
 
     def final(self, h):
         return self.inner.norm(h)
@@ -182,11 +244,13 @@ class _Head:
     49k-row vocabulary at decode batch sizes); packed per :func:`decode` call, so it is never stale. Forward
     pre-hooks on the head (the ILQL logits processor's, the PPO value head's) still see every input."""
 
-    def __init__(self, model):
+    def __init__(self, model, int8=None):
         self.module = model.get_output_embeddings()
+        self.int8 = int8
         weight = self.module.weight.detach()
         self.packed = None
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        if (int8 is None and weight.device.type == "cpu" and weight.dtype == torch.float32
+                and torch.backends.mkldnn.is_available()):
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
             except (RuntimeError, AttributeError):  # an unusual build: the plain product
@@ -195,6 +259,10 @@ class _Head:
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of the last position of ``h`` [rows, positions, hidden] (the head's hooks see that position)."""
         h = h[:, -1:]
+        if self.int8 is not None:
+            for hook in self.module._forward_pre_hooks.values():
+                hook(self.module, (h,))
+            return self.int8(h[:, 0])
         if self.packed is None or h.dtype != torch.float32 or torch.is_autocast_enabled(h.device.type):
             return self.module(h)[:, 0]
         for hook in self.module._forward_pre_hooks.values():
@@ -202,14 +270,14 @@ class _Head:
         return torch.ops.mkldnn._linear_pointwise(h[:, 0], self.packed, self.module.bias, "none", [], "")
 
 
-def _layout(model):
+def _layout(model, int8=None):
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):  # a PEFT or distributed wrapper: model.generate knows it
         return None
     kind = getattr(model.config, "model_type", None)
     if kind == "llama" and hasattr(model, "model") and not getattr(model.config, "sliding_window", None):
-        return _Llama(model)
+        return _Llama(model, int8)
     if kind == "gpt2" and hasattr(model, "transformer") and not getattr(model.config, "add_cross_attention", False):
         return _GPT2(model)
     return None
@@ -228,6 +296,7 @@ class Decoded:
     response_ids: list[list[int]]  # up to and including EOS when the answer ended
     finished: list[bool]
     hidden: list[torch.Tensor] | None  # capture_layer's input at every position read: prompt, then response[:-1]
+    logprobs: list[list[float]] | None = None  # the sampler's log-prob of each answer token (sample_tokens')
 
 
 class _StaticCache:
@@ -253,15 +322,19 @@ def _common_prefix(seqs: list[list[int]]) -> int:
 @torch.no_grad()
 def decode(model, prompt_ids: list[list[int]], sampling: SamplingConfig, eos: int | None, pad: int,
            seed: int | None = None, row_ids: list[int] | None = None, logits_processor=None, streamer=None,
-           capture_layer: int | None = None) -> Decoded:
-    """Answer a batch of prompts (token ids). ``row_ids`` (default 0..n-1) key each row's random numbers.
+           capture_layer: int | None = None, int8=None) -> Decoded:
+    """Answer a batch of prompts (token ids). ``row_ids`` (default 0..n-1) key each row's random numbers. With
+    ``int8`` (:func:`stackrlhf.models.quant.quantize_for_sampling`'s copy of ``model``) the blocks' and the head's
+    products are int8 ones; ``Decoded.logprobs`` are then that sampler's log-probs.
 
     The cache holds, per row, [the prefix all prompts share | the row's own rest | unused | the answer]: the
     shared prefix (a chat template's system prompt) is computed once, each distinct prompt's rest once (right-padded
     groups of rows, longest first), and every later step writes one column for all rows."""
-    layout = _layout(model)
+    layout = _layout(model, int8)
     if layout is None:
         raise ValueError(f"the decode engine does not run {type(model).__name__}")
+    if int8 is not None and not isinstance(layout, _Llama):
+        raise ValueError("int8 sampling runs Llama-layout models only")
     if any(not p for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
     n = len(prompt_ids)
@@ -277,7 +350,7 @@ def decode(model, prompt_ids: list[list[int]], sampling: SamplingConfig, eos: in
     shared = min(_common_prefix(firsts), min(len(p) for p in firsts) - 1)  # each row keeps one token of its own
     width = max(len(p) for p in firsts)
     n_layers = len(layout.blocks)
-    head = _Head(model)
+    head = _Head(model, None if int8 is None else int8.head)
     cache = _StaticCache(n_layers, len(firsts), layout.kv_heads, width + steps, layout.head_dim, dtype, device)
     hidden_size = layout.blocks[0].mlp.down_proj.out_features if isinstance(layout, _Llama) else model.config.n_embd
     hidden_out = (torch.zeros(len(firsts), width + steps, hidden_size, dtype=dtype, device=device)
@@ -360,6 +433,7 @@ def decode(model, prompt_ids: list[list[int]], sampling: SamplingConfig, eos: in
     active = torch.arange(n, device=device)  # original row of each batch row
     next_pos = torch.tensor([len(p) for p in prompt_ids], device=device)
     lengths = torch.zeros(n, dtype=torch.long)
+    token_logp = torch.zeros(n, steps)
     done = torch.zeros(n, dtype=torch.bool)  # per batch row: its answer has ended
     for step in range(steps):
         if logits_processor or sampling.repetition_penalty != 1.0:
@@ -372,8 +446,9 @@ def decode(model, prompt_ids: list[list[int]], sampling: SamplingConfig, eos: in
                 logits = RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty)(seen, logits)
         cpu_active = active.cpu()
         u = uniforms(seed, rows[cpu_active], step) if sampling.temperature > 0 else None
-        chosen = sample_tokens(logits, sampling, u)
+        chosen, logp = sample_tokens(logits, sampling, u, with_logprobs=True)
         tokens[active, width + step] = chosen
+        token_logp[cpu_active, step] = logp.float().cpu()
         lengths[cpu_active[~done]] += 1
         if streamer is not None:
             streamer.put(chosen.cpu())
@@ -404,7 +479,8 @@ def decode(model, prompt_ids: list[list[int]], sampling: SamplingConfig, eos: in
         hidden = [torch.cat([hidden_out[r, :len(p)], hidden_out[r, width:width + max(len(a) - 1, 0)]])
                   for r, (p, a) in enumerate(zip(prompt_ids, responses))]
     finished = [bool(eos is not None and a and a[-1] == eos) for a in responses]
-    return Decoded(response_ids=responses, finished=finished, hidden=hidden)
+    logprobs = [token_logp[r, :len(a)].tolist() for r, a in enumerate(responses)]
+    return Decoded(response_ids=responses, finished=finished, hidden=hidden, logprobs=logprobs)
 
 
 def _seen_tokens(tokens: torch.Tensor, next_pos: torch.Tensor, width: int, step: int, pad: int) -> torch.Tensor:

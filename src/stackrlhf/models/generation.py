@@ -24,6 +24,7 @@ class Generation:
     response_ids: list[list[int]]  # generated ids, up to and including EOS when the answer ended
     finished: list[bool]  # the answer ended with EOS before max_new_tokens
     trunk: list | None = None  # with capture_layer: per row, that block's input at every position the model read
+    sampler_logprobs: list[list[float]] | None = None  # the sampler's log-prob of each answer token (engine only)
 
 
 def encode_prompts(tok: PreTrainedTokenizerBase, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
@@ -35,13 +36,14 @@ def encode_prompts(tok: PreTrainedTokenizerBase, prompts: list[str], max_prompt_
 def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[str],
              sampling: SamplingConfig | None = None, batch_size: int = 8, seed: int | None = None,
              streamer=None, logits_processor=None, progress: str | None = None,
-             capture_layer: int | None = None, first_row: int = 0) -> Generation:
+             capture_layer: int | None = None, first_row: int = 0, int8=None) -> Generation:
     """Answer each prompt, ``batch_size`` rows at a time (longest prompts first, so a batch's prompts are of
     similar length and identical prompts share one prefill). With ``seed`` the output is reproducible: row i's
     random numbers are a function of (seed, first_row + i, step) alone, whatever the batch size or the other rows
     (so process p of a distributed run passes ``first_row`` = the rows of the processes before it).
     ``progress`` names a progress bar over the batches (none when None). ``capture_layer=j`` also returns each
-    row's input to block j at every position (``Generation.trunk``; the decode engine's models only).
+    row's input to block j at every position (``Generation.trunk``; the decode engine's models only). ``int8``
+    (:func:`stackrlhf.models.quant.quantize_for_sampling`'s copy of ``model``) samples with int8 products.
 
     The decode engine (:mod:`stackrlhf.models.engine`) runs Llama- and GPT-2-layout models; any other model
     samples through ``model.generate`` with the same settings."""
@@ -50,6 +52,8 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
     model.eval()
     all_ids = encode_prompts(tok, prompts, sampling.max_prompt_tokens)
     if not engine.supports(model):
+        if int8 is not None:
+            raise ValueError(f"int8 sampling needs the decode engine, which does not run {type(model).__name__}")
         if capture_layer is not None:
             raise ValueError(f"capture_layer needs the decode engine, which does not run {type(model).__name__}")
         out = _transformers_generate(model, tok, prompts, all_ids, sampling, batch_size,
@@ -67,15 +71,16 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
             rows = order[start:start + batch_size]
             decoded = engine.decode(model, [all_ids[i] for i in rows], sampling, tok.eos_token_id, pad_id, seed=seed,
                                     row_ids=[first_row + i for i in rows], logits_processor=logits_processor, streamer=streamer,
-                                    capture_layer=capture_layer)
+                                    capture_layer=capture_layer, int8=int8)
             for j, i in enumerate(rows):
                 results[i] = (decoded.response_ids[j], decoded.finished[j],
-                              decoded.hidden[j] if decoded.hidden is not None else None)
+                              decoded.hidden[j] if decoded.hidden is not None else None, decoded.logprobs[j])
         out = Generation(prompts=list(prompts), texts=[], prompt_ids=all_ids, response_ids=[], finished=[],
-                         trunk=[] if capture_layer is not None else None)
-        for response, done, hidden in results:
+                         trunk=[] if capture_layer is not None else None, sampler_logprobs=[])
+        for response, done, hidden, logprobs in results:
             out.response_ids.append(response)
             out.finished.append(done)
+            out.sampler_logprobs.append(logprobs)
             out.texts.append(tok.decode(response[:-1] if done else response, skip_special_tokens=True))
             if out.trunk is not None:
                 out.trunk.append(hidden)

@@ -22,7 +22,7 @@ import threading
 import numpy as np
 
 from stackrlhf.errors import StackRLHFError
-from stackrlhf.models.confounders import words
+from stackrlhf.stats import words
 
 CALIBRATION_QUESTIONS = 200  # held-out questions whose non-best human answers set the reference judge's scale
 # the weight of cos(answer, question) beside cos(answer, best human answer). At 1 an answer that only repeats the

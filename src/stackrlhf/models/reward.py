@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from stackrlhf.config import write_text_atomic
-from stackrlhf.models.confounders import words
+from stackrlhf.stats import words
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.models.padding import pad
 from stackrlhf.prompts import fit_prompt_ids

@@ -7,6 +7,22 @@ from dataclasses import dataclass, field
 from stackrlhf.config import DTYPE_CHOICES, REPORT_TO_CHOICES
 
 
+@dataclass(frozen=True)
+class Algorithm:
+    """One on-policy method of the trainer: its advantage estimator (a name in
+    :data:`stackrlhf.rl.estimators.ESTIMATORS`), whether it trains a critic, whether it samples k answers a prompt."""
+    estimator: str
+    critic: bool
+    grouped: bool
+
+
+ALGORITHMS = {
+    "ppo": Algorithm("gae", critic=True, grouped=False),
+    "rloo": Algorithm("rloo", critic=False, grouped=True),
+    "raft": Algorithm("raft", critic=False, grouped=True),
+}
+
+
 @dataclass
 class PPOConfig:
     model: str = field(default="", metadata={"aliases": ("policy",),
@@ -17,7 +33,7 @@ class PPOConfig:
     out: str = field(default="outputs/ppo", metadata={"help": "Output directory."})
     reference: str = field(default="", metadata={"help": "The model KL is measured against (default: --model "
                                                 "itself). The loop passes v0, so KL to v0 is what beta holds."})
-    algorithm: str = field(default="ppo", metadata={"choices": ("ppo", "rloo", "raft"), "help":
+    algorithm: str = field(default="ppo", metadata={"choices": tuple(ALGORITHMS), "help":
         "ppo: GAE advantages from a value head; rloo: k answers per prompt, each one's advantage its sequence "
         "reward minus the mean of the other k - 1 (no value head); raft: k answers per prompt, the clipped "
         "update raises the likelihood of the best one (reward-ranked fine-tuning, no value head)."})
@@ -67,7 +83,8 @@ class PPOConfig:
                                                          "(the policy waits for a critic that is not cold)."})
     whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages per rollout."})
     max_approx_kl: float = field(default=0.0, metadata={
-        "help": "Stop an update's epochs early once the approximate KL to the rollout policy exceeds this (0: off)."})
+        "help": "Stop a step's update after the first minibatch whose approximate KL to the rollout policy exceeds "
+                "this (0: off)."})
     # model
     num_layers_unfrozen: int = field(default=2, metadata={
         "help": "Train the top k blocks + head + value head; the reference shares the frozen trunk (-1: all, "
@@ -93,10 +110,9 @@ class PPOConfig:
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def __post_init__(self) -> None:
-        for name in ("model", "data"):
-            if not getattr(self, name):
-                raise ValueError(f"--{name} is required")
-        grouped = self.algorithm in ("rloo", "raft")
+        if not self.model:
+            raise ValueError("--model is required")
+        grouped = ALGORITHMS[self.algorithm].grouped
         rollouts = self.batch_size * (self.rloo_k if grouped else 1)
         if rollouts % self.mini_batch_size:
             raise ValueError(f"the {rollouts} answers of a rollout (batch_size, x rloo_k with RLOO/RAFT) must be a "

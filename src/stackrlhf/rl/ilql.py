@@ -30,7 +30,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from stackrlhf.config import write_text_atomic
 from stackrlhf.errors import StackRLHFError
-from stackrlhf.models.confounders import spearman, words
+from stackrlhf.stats import spearman, words
 from stackrlhf.models.freezing import describe_trainable, freeze_bottom
 from stackrlhf.models.ilql import SETTINGS_FILE, ILQLModel
 from stackrlhf.models.loading import load_causal_lm, resolve_dtype

@@ -7,11 +7,11 @@ One iteration, top to bottom (:meth:`PPOTrainer.step`):
   3. forward once, no grad: log-probs and values of the policy, log-probs of the frozen reference
   4. rewards: -beta * KL_t on every response token (``--kl-penalty mean``, the default: scaled by the step's mean
      answer length over this answer's, so a short answer saves no penalty), + the score on the last one
-  5. advantages: GAE(gamma, lambda), whitened; returns = advantages + values
-     (``--algorithm rloo``: k answers per prompt, the leave-one-out advantage of :mod:`stackrlhf.rl.rloo`;
-     ``--algorithm raft``: k answers per prompt, advantage 1 for the best, 0 for the rest, :mod:`stackrlhf.rl.raft`)
+  5. advantages: the estimator the algorithm names (:mod:`stackrlhf.rl.estimators`): PPO's GAE(gamma, lambda),
+     whitened, returns = advantages + values; RLOO's leave-one-out advantage over k answers a prompt; RAFT's 1 for
+     each prompt's best answer, 0 for the rest
   6. ppo_epochs x minibatches: clipped policy loss + vf_coef * clipped value loss, gradient clipping,
-     early stop when the approximate KL to the rollout policy exceeds max_approx_kl
+     early stop after the first minibatch whose approximate KL to the rollout policy exceeds max_approx_kl
   7. adapt beta (Ziegler's proportional controller), log, checkpoint
 """
 
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
-from stackrlhf.models.confounders import history_length_analysis, words
+from stackrlhf.stats import history_length_analysis, words
 from stackrlhf.models.engine import supports
 from stackrlhf.models.freezing import apply_lora, describe_trainable, transformer_blocks
 from stackrlhf.models.answerer import same_vocabulary
@@ -42,12 +42,14 @@ from stackrlhf.models.loading import load_causal_lm, resolve_dtype
 from stackrlhf.models.precision import autocast, upcast_trainable
 from stackrlhf.rl.common import (MetricsWriter, gather_rng_states, make_accelerator, pass_batch, resume_latest,
                                  save_checkpoint, seed_everything, write_run_artifacts)
-from stackrlhf.rl.config import PPOConfig
-from stackrlhf.rl.raft import best_of_group
-from stackrlhf.rl.rloo import normalise_sequence_advantages, rloo_advantages
+from stackrlhf.rl.config import ALGORITHMS, PPOConfig
+from stackrlhf.rl.estimators import ESTIMATORS, Step, gae, masked_mean, masked_whiten  # noqa: F401 (re-exported)
 
 console = Console(stderr=True)
 Scorer = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+# a step's rollout is a function of (seed, step) alone, the same on every process and after a resume:
+LENGTH_SEED_STRIDE = 100_003  # its length limit: Random(seed * this + step)
+SAMPLING_SEED_STRIDE, STEP_SEED_STRIDE = 1_000_003, 10_007  # its sampling seed: seed * the first + step * the second
 
 
 # ---------------------------------------------------------------- small helpers, each one idea
@@ -61,17 +63,6 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) 
 def entropy_of(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
     return -(logp.exp() * logp).sum(-1)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    return out if shift_mean else out + mean
 
 
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -103,19 +94,6 @@ def clipped_policy_loss(advantages: torch.Tensor, ratio: torch.Tensor, cliprange
     clipped = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
     return torch.max(unclipped, clipped), clipped > unclipped
 
-
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
-    """Generalised advantage estimation over response tokens; positions after the end have no value."""
-    values = values * mask
-    advantages = torch.zeros_like(rewards)
-    last = torch.zeros(rewards.shape[0], device=rewards.device)
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = delta + gamma * lam * last
-        last = last * mask[:, t]
-        advantages[:, t] = last
-    return advantages, advantages + values
 
 
 class AdaptiveKLController:
@@ -154,8 +132,17 @@ def load_value_head(policy, model_dir: str) -> str:
 # ---------------------------------------------------------------- the trainer
 
 class PPOTrainer:
-    def __init__(self, cfg: PPOConfig, scorer: Scorer | None = None):
+    """PPO, RLOO and RAFT on one rollout and update loop; what differs is the advantage estimator the algorithm
+    names (:data:`stackrlhf.rl.config.ALGORITHMS`). ``scorer(questions, answers) -> rewards`` replaces the reward
+    model of ``cfg.reward``, and ``prompts`` (strings, or a ``datasets.Dataset`` with a ``prompt`` column) the rl
+    split of ``cfg.data``, so the trainer runs as a library on any prompts and reward."""
+
+    def __init__(self, cfg: PPOConfig, scorer: Scorer | None = None, prompts=None):
+        if prompts is None and not cfg.data:
+            raise StackRLHFError("--data is required: a `stackrlhf data build` output (its rl split gives prompts)")
         self.cfg = cfg
+        self.algorithm = ALGORITHMS[cfg.algorithm]
+        self.estimate = ESTIMATORS[self.algorithm.estimator]
         self.out = Path(cfg.out)
         self.accelerator = make_accelerator()
         seed_everything(cfg.seed, self.accelerator.process_index)
@@ -168,7 +155,7 @@ class PPOTrainer:
         self.policy = PolicyWithValue(lm, cfg.num_layers_unfrozen, lora=cfg.lora,
                                       value_grad_to_trunk=cfg.value_grad_to_trunk).to(self.accelerator.device)
         upcast_trainable(self.policy)  # the reference was copied before: it stays in the loaded dtype
-        self.value_head_from = load_value_head(self.policy, cfg.model) if cfg.algorithm == "ppo" else ""
+        self.value_head_from = load_value_head(self.policy, cfg.model) if self.algorithm.critic else ""
         self.reference_from = ""
         if cfg.reference and Path(cfg.reference).resolve() != Path(cfg.model).resolve():
             ref_lm, ref_tok = load_causal_lm(cfg.reference, dtype=cfg.dtype, device=self.accelerator.device)
@@ -178,13 +165,14 @@ class PPOTrainer:
             how = self.policy.set_reference(ref_lm)
             shared = 'its top blocks on the shared trunk' if how == 'hydra' else 'a full copy'
             self.reference_from = f"{cfg.reference} ({shared})"
-        self.rloo = cfg.algorithm in ("rloo", "raft")  # critic-free, k answers per prompt
-        if self.rloo:  # no critic: the value head is not trained (nor, under DDP, expected to get gradients)
+        if not self.algorithm.critic:  # the value head is not trained (nor, under DDP, expected to get gradients)
             self.policy.value_head.requires_grad_(False)
-        self.rollouts_per_step = cfg.batch_size * (cfg.rloo_k if self.rloo else 1)
+        self.answers_per_prompt = cfg.rloo_k if self.algorithm.grouped else 1
+        self.rollouts_per_step = cfg.batch_size * self.answers_per_prompt
         console.print(f"PPO policy ({self.policy.mode} reference{': ' + self.reference_from if self.reference_from else ''}): "
                       f"{describe_trainable(self.policy)}; value head: "
-                      + (f"unused ({cfg.algorithm.upper()})" if self.rloo else self.value_head_from or "zero (no parent critic)"))
+                      + (self.value_head_from or "zero (no parent critic)" if self.algorithm.critic
+                         else f"unused ({cfg.algorithm.upper()})"))
         self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.learning_rate, eps=1e-5)
         self.model, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
         self.value_optimizer = torch.optim.AdamW(self.policy.value_head.parameters(), lr=cfg.learning_rate, eps=1e-5)
@@ -192,10 +180,11 @@ class PPOTrainer:
         horizon = cfg.kl_horizon or self.rollouts_per_step * self.accelerator.num_processes
         self.kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.init_kl_coef))
-        rows = load_split(cfg.data, "rl", "train")
-        self.prompts = list(rows["prompt"])
+        if prompts is None:
+            prompts = load_split(cfg.data, "rl", "train")
+        self.prompts = list(prompts["prompt"] if hasattr(prompts, "column_names") else prompts)
         if len(self.prompts) < cfg.batch_size:
-            raise StackRLHFError(f"{cfg.data}: the rl split has {len(self.prompts)} prompts, fewer than "
+            raise StackRLHFError(f"{cfg.data or 'the prompts given'}: {len(self.prompts)} prompts, fewer than "
                                  f"batch_size={cfg.batch_size}")
         self.step_index = 0
         self.history: list[dict] = []
@@ -229,13 +218,15 @@ class PPOTrainer:
 
         # 1. rollout
         prompts = self.batch_prompts(self.step_index)
-        if self.rloo:  # k answers per prompt, prompt-major
-            prompts = [p for p in prompts for _ in range(cfg.rloo_k)]
+        prompts = [p for p in prompts for _ in range(self.answers_per_prompt)]  # grouped: k answers, prompt-major
         # the same length limit and sampling seeds on every process: process p's rows continue process p-1's
-        limit = random.Random(cfg.seed * 100_003 + self.step_index).randint(cfg.min_new_tokens, cfg.max_new_tokens)
-        seed = cfg.seed * 1_000_003 + self.step_index * 10_007
+        limit = random.Random(cfg.seed * LENGTH_SEED_STRIDE + self.step_index).randint(cfg.min_new_tokens,
+                                                                                      cfg.max_new_tokens)
+        seed = cfg.seed * SAMPLING_SEED_STRIDE + self.step_index * STEP_SEED_STRIDE
+        # the policy being trained samples in float32: its log-probs are the ratio's denominator
         sampling = SamplingConfig(max_new_tokens=limit, temperature=cfg.temperature, top_k=cfg.top_k,
-                                  top_p=cfg.top_p, max_prompt_tokens=cfg.max_prompt_tokens)
+                                  top_p=cfg.top_p, max_prompt_tokens=cfg.max_prompt_tokens,
+                                  sampler_precision="float32")
         rollout = generate(policy.lm, self.tok, prompts, sampling, batch_size=cfg.generation_batch_size or len(prompts),
                            seed=seed, capture_layer=self.trunk_layer(policy),
                            first_row=self.accelerator.process_index * len(prompts))
@@ -280,17 +271,18 @@ class PPOTrainer:
         last = mask.sum(1).long() - 1
         rewards[torch.arange(len(last)), last] += scores
 
-        # 5. advantages
+        # 5. advantages, by the algorithm's estimator
         advantages, returns = self.advantages(rewards, old_values, mask)
 
         # 6. PPO epochs over minibatches
         stats = self.update(batch, old_logp, old_values, advantages, returns, mask, trunk)
 
         # 7. KL controller, bookkeeping: means over every process, so beta stays the same on all of them
-        answer_words = torch.tensor([float(words(t)) for t in rollout.texts], device=device)
-        gathered = self.accelerator.gather(torch.stack([scores, kl.sum(1), (rewards * mask).sum(1), answer_words,
-                                                        mask.sum(1), finished.float()], 1))
-        mean_kl = float(gathered[:, 1].mean())
+        episodes = self.gather_episodes({
+            "score": scores, "kl": kl.sum(1), "total_reward": (rewards * mask).sum(1),
+            "words": torch.tensor([float(words(t)) for t in rollout.texts], device=device),
+            "length": mask.sum(1), "ended": finished.float()})
+        mean_kl = float(episodes["kl"].mean())
         if mean_kl < 0 and not self.warned_negative_kl:
             warnings.warn("mean KL is negative: the sampling settings (top-k/top-p, temperature) bias the samples "
                           "away from the distribution the log-probs are computed under", stacklevel=2)
@@ -300,19 +292,25 @@ class PPOTrainer:
         seconds = time.perf_counter() - t0
         n_tokens = float(mask.sum())
         metrics = {
-            "step": self.step_index + 1, "reward/score_mean": float(gathered[:, 0].mean()),
-            "reward/score_std": float(gathered[:, 0].std()) if len(gathered) > 1 else 0.0,
-            "reward/total_mean": float(gathered[:, 2].mean()), "kl/mean": mean_kl, "kl/beta": beta,
-            "kl/per_token": float((gathered[:, 1] / gathered[:, 4].clamp(min=1)).mean()),
-            "response/length": float(gathered[:, 4].mean()), "response/ended": float(gathered[:, 5].mean()),
-            "response/words": float(gathered[:, 3].mean()),
-            "reward/score_each": gathered[:, 0].tolist(), "response/words_each": gathered[:, 3].tolist(),
+            "step": self.step_index + 1, "reward/score_mean": float(episodes["score"].mean()),
+            "reward/score_std": float(episodes["score"].std()) if len(episodes["score"]) > 1 else 0.0,
+            "reward/total_mean": float(episodes["total_reward"].mean()), "kl/mean": mean_kl, "kl/beta": beta,
+            "kl/per_token": float((episodes["kl"] / episodes["length"].clamp(min=1)).mean()),
+            "response/length": float(episodes["length"].mean()), "response/ended": float(episodes["ended"].mean()),
+            "response/words": float(episodes["words"].mean()),
+            "reward/score_each": episodes["score"].tolist(), "response/words_each": episodes["words"].tolist(),
             "time/tokens_per_s": n_tokens / seconds,
             "time/episodes_per_s": len(prompts) * self.accelerator.num_processes / seconds,
             "time/generate_s": t_gen, "time/step_s": seconds, **stats,
         }
         self.step_index += 1
         return metrics | {"_samples": list(zip(prompts, rollout.texts, scores.tolist()))}
+
+    def gather_episodes(self, per_episode: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each named per-episode value of this process, gathered from every process (one collective)."""
+        names = list(per_episode)
+        stacked = self.accelerator.gather(torch.stack([per_episode[k].float() for k in names], 1))
+        return dict(zip(names, stacked.unbind(1)))
 
     @staticmethod
     def trunk_layer(policy) -> int | None:
@@ -322,22 +320,10 @@ class PPOTrainer:
         return len(transformer_blocks(policy.lm)) - policy.hydra.k
 
     def advantages(self, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
-        """(advantages, returns). RLOO: the sequence reward (score - beta * KL) minus the mean of the prompt's other
-        answers', the same for each of its tokens, scaled per sequence (never shifted). RAFT: 1 on each token of the
-        prompt's best answer by that sequence reward, 0 elsewhere (not normalised). PPO: GAE, whitened per token
-        over the rollout."""
+        """(advantages, returns) by the algorithm's estimator (:mod:`stackrlhf.rl.estimators`)."""
         cfg = self.cfg
-        if cfg.algorithm == "raft":
-            return best_of_group(rewards.sum(1), cfg.rloo_k)[:, None] * mask, values
-        if self.rloo:
-            per_sequence = rloo_advantages(rewards.sum(1), cfg.rloo_k)
-            if cfg.whiten_advantages:
-                per_sequence = normalise_sequence_advantages(per_sequence)
-            return per_sequence[:, None] * mask, values
-        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
-        return advantages * mask, returns
+        return self.estimate(Step(rewards, values, mask, k=self.answers_per_prompt, gamma=cfg.gamma, lam=cfg.lam,
+                                  whiten=cfg.whiten_advantages))
 
     @staticmethod
     def response_part(x: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -352,10 +338,10 @@ class PPOTrainer:
         n = len(old_logp)
         totals: dict[str, list[float]] = {k: [] for k in ("loss/policy", "loss/value", "policy/clipfrac",
                                                            "policy/approx_kl", "policy/entropy", "value/clipfrac")}
-        epochs_done = 0
+        critic = self.algorithm.critic
+        epochs_done, minibatches, stop = 0, 0, False
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(n)
-            epoch_kl = []
             for start in range(0, n, cfg.mini_batch_size):
                 idx = order[start:start + cfg.mini_batch_size]
                 m = mask[idx]
@@ -383,8 +369,8 @@ class PPOTrainer:
                 ratio = log_ratio.exp()
                 pg_losses, clipped = clipped_policy_loss(advantages[idx], ratio, cfg.cliprange)
                 pg_loss = (pg_losses * m).sum() / tokens
-                warming = not self.rloo and self.step_index < cfg.value_warmup_steps  # the critic learns first
-                if self.rloo:
+                warming = critic and self.step_index < cfg.value_warmup_steps  # the critic learns first
+                if not critic:
                     loss = pg_loss
                 elif warming:  # 0 x the policy loss: every parameter gets a (zero) gradient, as DDP expects
                     loss = 0.0 * pg_loss + cfg.vf_coef * vf_loss
@@ -399,23 +385,30 @@ class PPOTrainer:
                     self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(), cfg.max_grad_norm)
                 # while warming up only the value head steps (the policy's optimizer would still decay its weights)
                 (self.value_optimizer if warming else self.optimizer).step()
+                minibatches += 1
                 with torch.no_grad():
                     approx_kl = masked_mean((ratio - 1) - log_ratio, m)
+                    if self.accelerator.num_processes > 1:  # every process stops at the same minibatch
+                        approx_kl = self.accelerator.reduce(approx_kl.detach().clone(), reduction="mean")
                     totals["loss/policy"].append(float(pg_loss))
-                    if not self.rloo:
+                    if critic:
                         totals["loss/value"].append(float(vf_loss))
                     totals["policy/clipfrac"].append(float(masked_mean(clipped.float(), m)))
                     totals["policy/approx_kl"].append(float(approx_kl))
                     totals["policy/entropy"].append(float(masked_mean(entropy_of(logits, cfg.temperature), m)))
-                    if not self.rloo:
+                    if critic:
                         totals["value/clipfrac"].append(float(masked_mean(((vpred - old_values[idx]).abs()
                                                                            > cfg.cliprange_value).float(), m)))
-                    epoch_kl.append(float(approx_kl))
+                # early stop: the policy moved as far from the rollout's as allowed (not while only the critic trains)
+                if cfg.max_approx_kl and not warming and float(approx_kl) > cfg.max_approx_kl:
+                    stop = True
+                    break
             epochs_done += 1
-            if cfg.max_approx_kl and float(np.mean(epoch_kl)) > cfg.max_approx_kl:
+            if stop:
                 break
         out = {k: float(np.mean(v)) for k, v in totals.items() if v}
         out["policy/epochs"] = epochs_done
+        out["policy/minibatches"] = minibatches
         return out
 
     # ------------------------------------------------------------ checkpoints
@@ -501,7 +494,7 @@ class PPOTrainer:
             self.tok.save_pretrained(str(self.out))
             from safetensors.torch import save_file
 
-            if not self.rloo:
+            if self.algorithm.critic:
                 save_file({k: v.contiguous() for k, v in self.policy.value_head.state_dict().items()},
                           str(self.out / "value_head.safetensors"))
             write_run_artifacts(self.out, self.cfg, history, metrics)
@@ -510,8 +503,8 @@ class PPOTrainer:
         return metrics
 
 
-def train_ppo(cfg: PPOConfig, scorer: Scorer | None = None) -> dict:
-    metrics = PPOTrainer(cfg, scorer).train()
+def train_ppo(cfg: PPOConfig, scorer: Scorer | None = None, prompts=None) -> dict:
+    metrics = PPOTrainer(cfg, scorer, prompts).train()
     console.print(f"[green]wrote {cfg.out}[/]: reward {metrics['reward_first']:.3f} -> {metrics['reward_last']:.3f}, "
                   f"KL {metrics['kl_last']:.2f}, {metrics['episodes_per_s']:.2f} episodes/s")
     length = metrics["length"]

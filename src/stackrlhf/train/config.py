@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from stackrlhf.config import DTYPE_CHOICES, LR_SCHEDULERS, REPORT_TO_CHOICES
-from stackrlhf.models.confounders import parse_confounders
+from stackrlhf.stats import parse_confounders
 from stackrlhf.models.sizes import SIZES
 
 

@@ -2,7 +2,7 @@
 ``-log sigmoid(r_j - r_k [- margin * (s_j - s_k)])``, on transformers' Trainer.
 
 With ``--adjust length,time`` the loss is ``-log sigmoid(r_j - r_k + w . (z_j - z_k))``: the votes' confounders
-z (:mod:`stackrlhf.models.confounders`) get their own linear term with weights w learnt jointly, and a
+z (:mod:`stackrlhf.stats`) get their own linear term with weights w learnt jointly, and a
 decorrelation penalty ``lambda * cov(r, z / std z)^2`` on each batch keeps the length/time effect in w rather than in
 r (ODIN, Chen et al. 2024). Only r is saved as the reward; w goes to ``metrics.json``.
 
@@ -27,7 +27,7 @@ from transformers import EvalPrediction, Trainer
 from stackrlhf.data.load import load_pairs, load_test_pairs
 from stackrlhf.evaluate.reward_report import (confounder_report, evaluation_report, lookup_pair_scores, pair_scores,
                                               print_report)
-from stackrlhf.models.confounders import (fit_bradley_terry, pair_covariates,
+from stackrlhf.stats import (fit_bradley_terry, pair_covariates,
                                           words)
 from stackrlhf.models.freezing import apply_lora, describe_trainable, freeze_bottom
 from stackrlhf.models.padding import pad

@@ -1,4 +1,5 @@
-"""The randomwalks task (Decision Transformer, Chen et al. 2021; trlx's offline-RL check), written here.
+"""The randomwalks task (Decision Transformer, Chen et al. 2021; trlx's offline-RL check): ILQL's test task
+(``tests/test_ilql.py``, ``benchmarks/ilql.py``).
 
 A random directed graph; node 0 is the goal (absorbing). The offline data are random walks from random
 start nodes; a walk's reward is its optimality in [0, 1]: (L_max - L) / (L_max - L_shortest), where L counts

@@ -1,0 +1,214 @@
+"""int8 sampling on a CPU: a quantised copy of a model's matrix products for the decode engine.
+
+Each Linear of the transformer blocks (q/k/v fused into one product, gate/up into another, the attention output,
+the MLP's down projection) and the LM head becomes an :class:`Int8Linear`: int8 weights with one scale per
+output channel, and activations quantised to int8 per token (one scale per row, so a row's result never depends
+on the rows batched with it), multiplied by ``torch._int_mm`` (int8 x int8 -> int32, VNNI / AVX-512 / AVX2
+kernels through oneDNN) and rescaled. Small LMs have a few activation channels far larger than the rest, which
+per-token scales would crush; two measures keep them:
+
+- SmoothQuant (Xiao et al. 2023): each input channel k of a product is divided by s_k = max|X_k|^a / max|W_k|^(1-a)
+  and its weight column multiplied by it, moving the range from activations to weights (the product is
+  unchanged in exact arithmetic). The maxima come from a fixed calibration text, so the quantised model is a
+  pure function of the weights.
+- the ``outliers`` input channels still largest after smoothing are multiplied in float32 (LLM.int8(),
+  Dettmers et al. 2022, with the channels fixed by calibration rather than found per batch).
+
+Only the sampler reads this copy: log-probs, KL and perplexity stay the float32 model's. The embedding is
+shared with the float model (a lookup, not a product). :func:`int8_available` says whether this torch and CPU
+run ``torch._int_mm``; where they do not, :func:`quantize_for_sampling` returns None with one warning and the
+engine samples in float32.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = ("auto", "int8", "float32")
+ALPHA = 0.5  # SmoothQuant's migration strength
+OUTLIERS = 8  # input channels per product kept in float32
+CALIBRATION = [  # a fixed text: the quantised weights depend on nothing else
+    ("How long does an opened bottle of beer keep in the fridge?",
+     "An opened bottle loses its carbonation within a day or two. Cap it tightly and keep it cold; it will be "
+     "drinkable for about two days, but the flavour fades quickly as the hop aroma oxidises."),
+    ("What is the difference between a qubit and a classical bit?",
+     "A classical bit is either 0 or 1. A qubit is a unit vector in a two-dimensional complex space, a "
+     "superposition a|0> + b|1> with |a|^2 + |b|^2 = 1; measuring it gives 0 with probability |a|^2."),
+    ("How do I stake ADA without giving up custody of my coins?",
+     "Delegate your stake key to a pool from your own wallet. The coins never leave your address, rewards are "
+     "paid every epoch (five days), and you can redelegate or spend at any time."),
+    ("How can I help students who freeze during timed math tests?",
+     "Give short low-stakes quizzes often so the format becomes familiar, teach them to skip and return to hard "
+     "items, and let them first write down what they know. Anxiety drops as the routine becomes normal."),
+]
+_warned = False
+
+
+def resolve_precision(precision: str, device) -> str:
+    """``auto``: int8 on a CPU, float32 (the model's own dtype) on a GPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--sampler-precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "int8" if torch.device(device).type == "cpu" else "float32"
+    return precision
+
+
+def int8_available() -> bool:
+    """Whether ``torch._int_mm`` runs on this CPU with this torch (checked once on a small product)."""
+    global _INT8_OK
+    if _INT8_OK is None:
+        try:
+            a = torch.ones(2, 32, dtype=torch.int8)
+            _INT8_OK = bool((torch._int_mm(a, a.t().contiguous()) == 32).all())
+        except (RuntimeError, AttributeError, NotImplementedError):
+            _INT8_OK = False
+    return _INT8_OK
+
+
+_INT8_OK: bool | None = None
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: (values, scales) with x ~ values * scales."""
+    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127.0
+    return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+class Int8Linear:
+    """y = x @ W.T + b with W in int8 per output channel and x in int8 per row (after the smoothing divisor
+    and without its float32 outlier channels)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_max: torch.Tensor | None,
+                 alpha: float = ALPHA, outliers: int = OUTLIERS):
+        weight = weight.detach().float()
+        out_features, in_features = weight.shape
+        smooth = torch.ones(in_features)
+        if act_max is not None and alpha > 0:
+            w_max = weight.abs().amax(0).clamp(min=1e-5)
+            smooth = (act_max.clamp(min=1e-5) ** alpha / w_max ** (1 - alpha)).clamp(min=1e-5)
+        weight = weight * smooth  # column k times s_k; the input is divided by s_k
+        self.inv_smooth = (1.0 / smooth).contiguous()
+        self.outliers = None
+        if act_max is not None and outliers:
+            self.outliers = (act_max / smooth).topk(min(outliers, in_features)).indices.sort().values
+            self.outlier_weight = weight[:, self.outliers].t().contiguous()  # [c, out]
+            weight[:, self.outliers] = 0
+        q, scale = quantize_rows(weight)
+        self.weight = q.t().contiguous()  # [in, out]: _int_mm's right operand
+        self.scale = scale.squeeze(1).contiguous()
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.out_features = out_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).float() * self.inv_smooth
+        if self.outliers is not None:
+            kept = x[:, self.outliers]
+            x = x.index_fill(1, self.outliers, 0.0)
+        q, scale = quantize_rows(x)
+        y = torch._int_mm(q, self.weight).float().mul_(scale).mul_(self.scale)
+        if self.outliers is not None:
+            y.addmm_(kept, self.outlier_weight)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.view(*shape[:-1], self.out_features)
+
+
+@dataclass
+class Int8Block:
+    qkv: Int8Linear
+    q_size: int
+    kv_size: int
+    o: Int8Linear
+    gate_up: Int8Linear
+    intermediate: int
+    down: Int8Linear
+    act: object  # the MLP's activation (SiLU for SmolLM2)
+
+
+@dataclass
+class Int8Model:
+    """The quantised products of a Llama-layout model, in block order, and its head."""
+    blocks: list[Int8Block]
+    head: Int8Linear
+    alpha: float
+    outliers: int
+
+    def describe(self) -> dict:
+        return {"sampler_precision": "int8", "smoothquant_alpha": self.alpha, "float32_outlier_channels": self.outliers}
+
+
+@torch.no_grad()
+def calibration_maxima(model, tok) -> dict[torch.nn.Module, torch.Tensor]:
+    """Per Linear of the model (and its head), the largest |input| per channel over the calibration text."""
+    from stackrlhf.prompts import encode_prompt
+
+    maxima: dict[torch.nn.Module, torch.Tensor] = {}
+
+    def hook(module, args):
+        x = args[0].detach().float().reshape(-1, args[0].shape[-1]).abs().amax(0)
+        maxima[module] = torch.maximum(maxima[module], x) if module in maxima else x
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        for question, answer in CALIBRATION:
+            prompt = encode_prompt(tok, question, 256)
+            ids = prompt + tok(answer, add_special_tokens=False)["input_ids"]
+            model(input_ids=torch.tensor([ids], device=next(model.parameters()).device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return maxima
+
+
+def _fused(linears: list[torch.nn.Linear], maxima: dict, alpha: float, outliers: int) -> Int8Linear:
+    """One product for linears that read the same input (q/k/v; gate/up): their weights stacked by rows."""
+    weight = torch.cat([m.weight for m in linears])
+    biases = [m.bias for m in linears]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, linears)])
+    return Int8Linear(weight, bias, maxima.get(linears[0]), alpha, outliers)
+
+
+@torch.no_grad()
+def quantize_llama(model, tok, alpha: float = ALPHA, outliers: int = OUTLIERS) -> Int8Model:
+    maxima = calibration_maxima(model, tok)
+    blocks = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        blocks.append(Int8Block(
+            qkv=_fused([attn.q_proj, attn.k_proj, attn.v_proj], maxima, alpha, outliers),
+            q_size=attn.q_proj.out_features, kv_size=attn.k_proj.out_features,
+            o=Int8Linear(attn.o_proj.weight, attn.o_proj.bias, maxima.get(attn.o_proj), alpha, outliers),
+            gate_up=_fused([mlp.gate_proj, mlp.up_proj], maxima, alpha, outliers),
+            intermediate=mlp.gate_proj.out_features,
+            down=Int8Linear(mlp.down_proj.weight, mlp.down_proj.bias, maxima.get(mlp.down_proj), alpha, outliers),
+            act=mlp.act_fn))
+    head = model.get_output_embeddings()
+    return Int8Model(blocks, Int8Linear(head.weight, head.bias, maxima.get(head), alpha, outliers), alpha, outliers)
+
+
+def quantize_for_sampling(model, tok, precision: str = "auto", alpha: float = ALPHA,
+                          outliers: int = OUTLIERS) -> Int8Model | None:
+    """The int8 copy the engine samples with, or None to sample in float32: when ``precision`` resolves to
+    float32, when the model is not on a CPU in float32 or not of the Llama layout, or when this machine has no
+    int8 kernel (then with one warning)."""
+    global _warned
+    from stackrlhf.models.engine import _layout, _Llama
+
+    device = next(model.parameters()).device
+    if resolve_precision(precision, device) != "int8":
+        return None
+    if device.type != "cpu" or next(model.parameters()).dtype != torch.float32:
+        return None
+    if not isinstance(_layout(model), _Llama):
+        return None
+    if not int8_available():
+        if not _warned:
+            warnings.warn("no int8 matrix kernel on this machine (torch._int_mm): sampling in float32", stacklevel=2)
+            _warned = True
+        return None
+    return quantize_llama(model, tok, alpha, outliers)
