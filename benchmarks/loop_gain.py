@@ -184,11 +184,11 @@ def table(out: Path, agreements: dict[int, float]) -> list[dict]:
 
 def diagnostics(reg: dict, agreements: dict[int, float]) -> list[dict]:
     """Per turn, what could hold the judge's gain back: how often the labels agree with the judge (pairs), how
-    well the turn's RM orders the evaluation answers as the judge does, and what PPO did with it."""
+    well the turn's RM orders the evaluation answers as the judge does, and what the RL step did with it."""
     rows = []
     for v in reg["versions"][1:]:
         n, m = v["version"], v["metrics"]
-        ppo = m.get("ppo", {})
+        ppo = m.get("rl", m.get("ppo", {}))  # the RL step's metrics (older registries: "ppo")
         rows.append({"turn": n, "labels": v["labels"], "pairs": v.get("feedback_pairs"),
                      "agreement": agreements[n],
                      "ppo_reward_first": ppo.get("reward_first"), "ppo_reward_last": ppo.get("reward_last"),

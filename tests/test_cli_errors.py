@@ -124,7 +124,7 @@ def test_old_option_names_still_work_with_a_warning_and_are_hidden(tmp_path, cap
 
 
 DEVELOPMENT_WORDING = re.compile(r"issue [0-9]+|this session|no gpu was lent|\bI (stopped|restored|had)\b|"
-                                 r"outside review|the issue asked|on this CPU", re.I)
+                                 r"outside review|the issue asked", re.I)
 
 
 def test_docs_benchmarks_and_tests_describe_the_tool_not_its_history():

@@ -19,7 +19,7 @@ from stackrlhf.models.answerer import best_of_n_kl, parse_model_spec
 from stackrlhf.models.loading import load_causal_lm
 from stackrlhf.models.reward import RewardModel, default_backbone, load_backbone
 from stackrlhf.models.ilql import ILQLModel
-from stackrlhf.data.load import load_pairs
+from stackrlhf.data.load import load_pairs, load_split
 
 
 def test_small_metrics():
@@ -299,3 +299,43 @@ def test_eval_rejects_an_unknown_baseline(tiny_lm, beer_data, judges, tmp_path):
     result = CliRunner().invoke(cli, ["eval", "--model", f"sft={tiny_lm}", "--baseline", "ppo", "--reward",
                                       str(judges[0]), "--data", str(beer_data), "--out", str(tmp_path / "e")])
     assert result.exit_code == 1 and "--baseline ppo is not one of the models" in result.output
+
+
+def test_eval_with_a_judge_alone_samples_in_int8_and_weights_its_kl_back(beer_data, tmp_path):
+    """No reward model: the `reference` judge scores. A Llama-layout model on a CPU samples with the int8 sampler by
+    default; its KL to the baseline is importance-weighted back to float32 and the mismatch recorded;
+    --sampler-precision float32 samples exactly. Best-of-n without a reward model to pick with is refused."""
+    from helpers import tiny_chat_llama
+
+    from stackrlhf.models import quant
+
+    if not quant.int8_available():
+        pytest.skip("no int8 matrix kernel here")
+    texts = list(load_split(beer_data, "finetune", "train")["completion"])[:200]
+    paths = {}
+    for name, seed in (("base", 0), ("other", 1)):
+        model, tok = tiny_chat_llama(texts, vocab_size=400, seed=0)
+        if seed:
+            with torch.no_grad():
+                torch.manual_seed(seed)
+                for p in model.model.layers[-1].parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+        paths[name] = tmp_path / name
+        model.save_pretrained(paths[name])
+        tok.save_pretrained(paths[name])
+    common = ["eval", "--model", f"base={paths['base']}", "--model", f"other={paths['other']}", "--judge",
+              "reference", "--data", str(beer_data), "--questions", "4", "--max-new-tokens", "8", "--no-progress"]
+    fast = CliRunner().invoke(cli, common + ["--out", str(tmp_path / "int8")])
+    assert fast.exit_code == 0, fast.output
+    report = json.loads((tmp_path / "int8" / "eval.json").read_text())
+    other = report["models"]["other"]
+    assert set(report["judges"]) == {"judge"} and "reward_proxy" not in other and "reward_judge" in other
+    assert other["sampler_precision"] == "int8" and 0 < other["sampler_ess"] <= 1
+    assert math.isfinite(other["kl_to_reference"]) and math.isfinite(other["sampler_k1_per_token"])
+    exact = CliRunner().invoke(cli, common + ["--out", str(tmp_path / "f32"), "--sampler-precision", "float32"])
+    assert exact.exit_code == 0, exact.output
+    other32 = json.loads((tmp_path / "f32" / "eval.json").read_text())["models"]["other"]
+    assert other32["sampler_precision"] == "float32" and "sampler_ess" not in other32
+    refused = CliRunner().invoke(cli, common + ["--out", str(tmp_path / "bon"), "--model", f"bon4=bon:4@{paths['base']}"])
+    assert refused.exit_code != 0 and "give --reward" in refused.output
+    assert not (tmp_path / "bon").exists()

@@ -303,3 +303,32 @@ def test_load_20_annotators_50_labels_each_with_retries_and_a_restart(db_url):
     assert max(per_task.values()) <= 2
     assert json.loads(json.dumps(feedback_stats(FeedbackStore(db))["labels_per_annotator"])) == {
         f"annotator{i}": 50 for i in range(20)}
+
+
+def test_feedback_commands_share_the_store_s_defaults(tmp_path, monkeypatch):
+    """The replication `serve` runs with is recorded in the store, and `simulate` and `stats` count against it
+    unless told otherwise; every feedback command defaults to the same store."""
+    from stackrlhf.feedback import DEFAULT_DB
+    from stackrlhf.feedback.config import SimulateConfig
+
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    assert FeedbackStore(db).replication() == 2  # nothing recorded yet
+    create_app(db, replication=1)
+    store = FeedbackStore(db)
+    assert store.replication() == 1 and store.replication(3) == 3
+    store.add_task(question(0), candidates(0))
+    for i in range(3):  # with R = 1 a task is offered 3 times: three skips leave it out of offers
+        who = store.annotator_by_token(store.add_annotator(f"s{i}")).id
+        task = store.next_task(who, store.replication())
+        store.save_label(who, task, str(uuid.uuid4()), {}, None, True, "")
+
+    def out_of_offers(*options: str) -> int:
+        result = CliRunner().invoke(cli, ["feedback", "stats", "--db", db, "--json", *options])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)["tasks_out_of_offers"]
+
+    assert out_of_offers() == 1 and out_of_offers("--replication", "2") == 0
+    assert SimulateConfig(judge="reference", data="d").db == DEFAULT_DB
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(cli, ["feedback", "stats", "--json"]).exit_code == 0  # sqlite:///feedback.db here
+    assert (tmp_path / "feedback.db").exists()

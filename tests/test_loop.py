@@ -69,8 +69,10 @@ def test_a_loop_turn_queues_waits_then_retrains_and_registers(tiny_lm, beer_data
     assert v1["data"] == [str(beer_data), str(registry / "v1" / "feedback")]
     rm_cfg = yaml.safe_load((registry / "v1" / "rm" / "config.yaml").read_text())
     assert rm_cfg["data"] == v1["data"]  # the RM learned from votes and the human labels
-    assert yaml.safe_load((registry / "v1" / "ppo" / "config.yaml").read_text())["model"] == str(tiny_lm)
-    assert "win_rate_proxy_vs_v0" in v1["metrics"] and v1["metrics"]["ppo"]["steps"] == 2
+    algorithm = yaml.safe_load((registry / "v1" / "rloo" / "config.yaml").read_text())  # named by what ran
+    assert algorithm["model"] == str(tiny_lm) and algorithm["algorithm"] == "rloo"
+    assert "win_rate_proxy_vs_v0" in v1["metrics"] and v1["metrics"]["rl"]["steps"] == 2
+    assert v1["metrics"]["rl"]["algorithm"] == "rloo" and v1["model"] == str(registry / "v1" / "rloo")
     assert_judged(registry, v1, 1)
 
     # the next turn queues the new version's answers
@@ -97,7 +99,7 @@ def test_a_loop_turn_queues_waits_then_retrains_and_registers(tiny_lm, beer_data
     assert (v2["parent"], v2["labels"]) == (1, sum(label.task_id in v1_tasks for label in kept))
     assert v2["feedback_pairs"] == len(kept)  # every label so far, the person's and the simulated ones
     assert v2["data"] == [str(registry / "v2" / "feedback")]
-    assert yaml.safe_load((registry / "v2" / "ppo" / "config.yaml").read_text())["model"] == v1["model"]
+    assert yaml.safe_load((registry / "v2" / "rloo" / "config.yaml").read_text())["model"] == v1["model"]
     assert_judged(registry, v2, 2)
     # turn 2 read v0's and v1's answers, their KL and v0's best-of-n pool from the registry's evaluation cache
     turns = [json.loads((registry / f"v{n}" / "eval" / "eval.json").read_text())["models"] for n in (1, 2)]

@@ -114,7 +114,7 @@ def test_run_skips_unchanged_stages_reruns_changed_ones_and_resumes_after_a_kill
                                       "--out", str(tmp_path / "r.html")])
     assert result.exit_code == 0, result.output
     page = (tmp_path / "r.html").read_text()
-    assert 'data-plot="rm_accuracy"' in page and 'data-plot="ppo"' not in page and "No PPO history" in page
+    assert 'data-plot="rm_accuracy"' in page and 'data-plot="ppo"' not in page and "No PPO, RLOO or RAFT history" in page
     partial = pipeline.run_pipeline(config, out=tmp_path / "other", until="sft")
     assert list(partial["stages"]) == ["data", "sft"]
 

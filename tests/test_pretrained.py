@@ -247,3 +247,23 @@ def test_the_real_packaged_model_answers_a_question(tmp_path, monkeypatch):
     words = gen.texts[0].lower().split()
     assert len(words) >= 15 and any(w.strip(".,:;") in ("yeast", "ale", "ales", "lager", "lagers", "ferment",
                                                           "fermentation", "fermented") for w in words), gen.texts[0]
+
+
+def test_sft_takes_the_bases_recommended_settings_unless_given():
+    """`stackrlhf sft` alone on SmolLM2-135M-Instruct trains what the demo measured good (top 6 blocks at 2e-5),
+    not every block at 1e-4; a base without a recommendation keeps those; settings given are kept."""
+    from stackrlhf.train.config import SFTConfig
+
+    smol, said = SFTConfig(model="/cache/models/SmolLM2-135M-Instruct", data="d").resolved()
+    assert (smol.num_layers_unfrozen, smol.learning_rate) == (6, 2e-5) and "SmolLM2-135M-Instruct" in said
+    hub, _ = SFTConfig(model="HuggingFaceTB/SmolLM2-135M-Instruct", data="d").resolved()
+    assert (hub.num_layers_unfrozen, hub.learning_rate) == (6, 2e-5)
+    other, _ = SFTConfig(model="outputs/base", data="d").resolved()
+    assert (other.num_layers_unfrozen, other.learning_rate) == (-1, 1e-4)
+    given, said = SFTConfig(model="HuggingFaceTB/SmolLM2-135M-Instruct", data="d", num_layers_unfrozen=2,
+                            learning_rate=1e-5).resolved()
+    assert (given.num_layers_unfrozen, given.learning_rate, said) == (2, 1e-5, "")
+    lora, _ = SFTConfig(model="HuggingFaceTB/SmolLM2-135M-Instruct", data="d", lora=True).resolved()
+    assert lora.num_layers_unfrozen == -1 and lora.learning_rate == 2e-5
+    with pytest.raises(ValueError, match="num-layers-unfrozen"):
+        SFTConfig(model="m", data="d", num_layers_unfrozen=-3)

@@ -46,3 +46,15 @@ def test_pairs_follow_the_scoring_rule_and_keep_attribution(tea):
     for row in pairs:
         assert raw[row["answer_id_j"]]["ParentId"] == raw[row["answer_id_k"]]["ParentId"] == str(row["qid"])
         assert (row["score_j"], row["score_k"]) == (expected(row["answer_id_j"]), expected(row["answer_id_k"]))
+
+
+def test_an_empty_split_loads_as_an_empty_dataset_with_its_columns(tmp_path):
+    """A small site can leave a split without a question: it loads with no rows (not a reader's crash)."""
+    out = tmp_path / "data"
+    build_dataset(DataConfig(dump=[str(TINY_DUMP)], out=str(out), progress=False, finetune_fraction=0.3,
+                             reward_fraction=0.3, rl_fraction=0.25, evaluation_fraction=0.15))
+    empty = [(d, s) for d, s in (("finetune", "eval"), ("reward", "eval"), ("rl", "train"), ("evaluation", "test"))
+             if len(load_split(out, d, s)) == 0]
+    assert ("finetune", "eval") in empty
+    rows = load_split(out, "finetune", "eval")
+    assert len(rows) == 0 and {"site", "qid", "prompt", "completion"} <= set(rows.column_names)

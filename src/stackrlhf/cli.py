@@ -60,11 +60,16 @@ class PipelineOrder(click.Group):
 @click.group(cls=PipelineOrder, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="stackrlhf")
 @click.option("--debug", is_flag=True, help="Show the traceback of an error (as STACKRLHF_DEBUG=1 does).")
-def cli(debug: bool) -> None:
+@click.option("--quiet", "-q", is_flag=True, help="Print only warnings, errors and results.")
+@click.option("--verbose", "-v", is_flag=True, help="Also print the libraries' informational logs.")
+def cli(debug: bool, quiet: bool, verbose: bool) -> None:
     """RLHF for Stack Exchange question answering: data dump -> SFT -> reward model -> PPO / RLOO / DPO / ILQL ->
     evaluation, and human feedback that retrains the reward model."""
+    from stackrlhf.console import configure
+
     if debug:
         os.environ["STACKRLHF_DEBUG"] = "1"  # also seen by the processes a command starts
+    configure(quiet=quiet, verbose=verbose)
 
 
 @cli.group()
@@ -473,14 +478,16 @@ def feedback_export(db, out, include_evaluation) -> None:
 @feedback.command("stats")
 @DB_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--replication", default=2, show_default=True, help="Annotators per task (R), as `serve` ran with.")
+@click.option("--replication", default=0, show_default=True,
+              help="Annotators per task (R); 0: as `feedback serve` last recorded in the store, else 2.")
 @user_errors
 def feedback_stats_cmd(db, as_json, replication) -> None:
     """Labels per annotator, agreement on the preference (Cohen's kappa, Krippendorff's alpha), ratings by model."""
     from stackrlhf.feedback.export import feedback_stats
     from stackrlhf.feedback.store import FeedbackStore
 
-    stats = feedback_stats(FeedbackStore(db), replication)
+    store = FeedbackStore(db)
+    stats = feedback_stats(store, store.replication(replication))
     if as_json:
         click.echo(json.dumps(stats, indent=2, default=str))
         return

@@ -3,7 +3,8 @@
 A turn has two halves, because people label in between:
 1. queue answers of the current policy (version n) for annotation, as feedback batch ``vN``;
 2. once that batch has ``min_labels`` labels: export every label so far, retrain the RM on votes + human pairs,
-   run PPO from the current policy with the new RM, evaluate the new policy against v0 (and its parent, and
+   run the RL step (RLOO by default; ``vN+1/<algorithm>``) from the current policy with the new RM, evaluate the
+   new policy against v0 (and its parent, and
    best-of-n from v0), by the proxy RM, the gold RM and a fixed judge when given, and register
    it as version n+1 (its model, RM, parent, data, metrics).
 ``stackrlhf loop`` does whichever half is due. Each training step is a pipeline stage with its own record in
@@ -29,8 +30,8 @@ from stackrlhf.feedback import DEFAULT_DB
 from stackrlhf.pipeline import Stage, data_result_key, run_stage, stage_key
 from stackrlhf.rl.config import PPOConfig
 from stackrlhf.train.config import RMConfig
+from stackrlhf.console import console
 
-console = Console(stderr=True)
 REGISTRY_FILE = "registry.json"
 # The loop's RL step unless its `ppo` section names an algorithm. RLOO, not PPO: from the same turn-1 RM and the
 # same 192 answers, PPO's cold critic gained +0.04 proxy reward in two seeds, RLOO +0.10 and +0.20 (docs/results-archive.md,
@@ -160,15 +161,24 @@ def _rm_metrics(rm: Path) -> dict:
     return {k: m[k] for k in ("accuracy", "baseline_longer_wins", "accuracy_shorter_better") if k in m}
 
 
+def rl_settings(cfg: LoopConfig) -> dict:
+    """The loop's RL step settings: its ``ppo`` section, over :data:`LOOP_RL_DEFAULTS` unless it names an
+    algorithm."""
+    return {**({} if "algorithm" in cfg.ppo else LOOP_RL_DEFAULTS), **cfg.ppo}
+
+
 def turn_stages(reg: dict, cfg: LoopConfig, current: dict, n: int, vdir: Path, feedback: Path):
-    """Turn n's stages (RM on the labels so far, PPO from the current version, eval against v0) and the RM's
-    data. Each turn draws its own prompts and samples (PPO's seed is offset by the version: the same seed would
-    replay turn 1's prompt order and random numbers), and with a gold judge the RM learns only from the proxy
-    half of the vote pairs (the gold RM's half stays held out; labels are always kept). KL is measured to v0 in
-    every turn (PPO's reference), so the controller holds the drift from v0, not from the parent. The registry's
-    ``eval-cache`` keeps v0's and the parent's answers and v0's best-of-n pool: a turn samples only its new version."""
+    """Turn n's stages (RM on the labels so far, the RL step from the current version in ``vN/<algorithm>``, eval
+    against v0) and the RM's data. Each turn draws its own prompts and samples (the RL step's seed is offset by the
+    version: the same seed would replay turn 1's prompt order and random numbers), and with a gold judge the RM
+    learns only from the proxy half of the vote pairs (the gold RM's half stays held out; labels are always kept).
+    KL is measured to v0 in every turn (the RL step's reference), so the controller holds the drift from v0, not
+    from the parent. The registry's ``eval-cache`` keeps v0's and the parent's answers and v0's best-of-n pool: a
+    turn samples only its new version."""
     v0 = reg["versions"][0]["model"]
-    models = [f"v0={v0}"] + ([f"v{n - 1}={current['model']}"] if n > 1 else []) + [f"v{n}={vdir / 'ppo'}"]
+    rl = rl_settings(cfg)
+    policy = vdir / rl.get("algorithm", "ppo")
+    models = [f"v0={v0}"] + ([f"v{n - 1}={current['model']}"] if n > 1 else []) + [f"v{n}={policy}"]
     models += [f"bon{k}=bon:{k}@{v0}" for k in cfg.best_of]
     rm_data = [cfg.data, str(feedback)] if cfg.rm_votes else [str(feedback)]
     rm_half = cfg.rm.get("pairs_half", "proxy" if cfg.gold_reward else "all")
@@ -177,11 +187,10 @@ def turn_stages(reg: dict, cfg: LoopConfig, current: dict, n: int, vdir: Path, f
                                             "out": str(vdir / "rm")},
                                      "loop rm settings"),
               ["data", "feedback"], vdir / "rm"),
-        Stage("ppo", config_from_dict(PPOConfig, {**({} if "algorithm" in cfg.ppo else LOOP_RL_DEFAULTS), **cfg.ppo,
-                                                  "seed": int(cfg.ppo.get("seed", 0)) + n,
-                                                  "model": current["model"], "reference": v0, "reward": str(vdir / "rm"),
-                                                  "data": cfg.data, "out": str(vdir / "ppo")}, "loop ppo settings"),
-              ["data", "rm"], vdir / "ppo", [current["model"]]),
+        Stage("rl", config_from_dict(PPOConfig, {**rl, "seed": int(cfg.ppo.get("seed", 0)) + n,
+                                                 "model": current["model"], "reference": v0, "reward": str(vdir / "rm"),
+                                                 "data": cfg.data, "out": str(policy)}, "loop ppo settings"),
+              ["data", "rm"], policy, [current["model"]]),
         # every version is compared with v0 (win rates, KL), beside best-of-n from v0 under this turn's RM
         Stage("eval", config_from_dict(EvalConfig, {"cache": str(vdir.parent / "eval-cache"), **cfg.eval,
                                                     "model": models, "baseline": "v0", "reference": v0,
@@ -189,7 +198,7 @@ def turn_stages(reg: dict, cfg: LoopConfig, current: dict, n: int, vdir: Path, f
                                                     "gold_reward": cfg.gold_reward, "judge": cfg.judge,
                                                     "judge_length_neutral": cfg.judge_length_neutral,
                                                     "out": str(vdir / "eval")}, "loop eval settings"),
-              ["data", "rm", "ppo"], vdir / "eval", [cfg.gold_reward, v0]),
+              ["data", "rm", "rl"], vdir / "eval", [cfg.gold_reward, v0]),
     ]
     return stages, rm_data
 
@@ -209,22 +218,23 @@ def _train_turn(registry: Path, reg: dict, cfg: LoopConfig, current: dict, label
     stages, rm_data = turn_stages(reg, cfg, current, n, vdir, feedback)
     for stage in stages:
         keys[stage.name] = run_stage(stage, stage_key(stage, keys, vdir), stamps)["result_key"]
+    policy = next(s.out for s in stages if s.name == "rl")
     ev = json.loads((vdir / "eval" / "eval.json").read_text())
     wanted = ("reward_", "win_rate_", "kl_", "gain_", "length_")
     pick = lambda m: {k: v for k, v in m.items() if k.startswith(wanted)}  # noqa: E731
     metrics = {"rm": _rm_metrics(vdir / "rm"), **pick(ev["models"][f"v{n}"]),
                "v0": pick(ev["models"]["v0"]),
                "best_of": {f"bon{k}": pick(ev["models"][f"bon{k}"]) for k in cfg.best_of},
-               "ppo": json.loads((vdir / "ppo" / "metrics.json").read_text())}
-    reg["versions"].append({"version": n, "model": str(vdir / "ppo"), "rm": str(vdir / "rm"),
+               "rl": json.loads((policy / "metrics.json").read_text())}
+    reg["versions"].append({"version": n, "model": str(policy), "rm": str(vdir / "rm"),
                             "parent": current["version"], "data": rm_data,
                             "labels": labels, "feedback_pairs": summary["pairs"],
                             "created": dt.datetime.now().isoformat(), "metrics": metrics})
     reg["pending"] = None
     _save(registry, reg)
-    console.print(f"[green]registered version {n}[/]: {vdir / 'ppo'} (RM on {'votes + ' if cfg.rm_votes else ''}"
+    console.print(f"[green]registered version {n}[/]: {policy} (RM on {'votes + ' if cfg.rm_votes else ''}"
                   f"{summary['pairs']} labelled pairs, {summary.get('pairs_simulated', 0)} of them simulated)")
-    return {"action": "registered", "version": n, "model": str(vdir / "ppo")}
+    return {"action": "registered", "version": n, "model": str(policy)}
 
 
 def loop_status(registry: str | Path) -> dict:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
-from rich.console import Console
 from rich.table import Table
 
 from stackrlhf.config import config_from_dict, read_json, read_yaml_mapping, write_text_atomic
@@ -31,8 +30,8 @@ from stackrlhf.errors import StackRLHFError
 from stackrlhf.evaluate.config import EvalConfig, ReportConfig
 from stackrlhf.rl.config import ILQLConfig, PPOConfig
 from stackrlhf.train.config import DPOConfig, PretrainConfig, RMConfig, SFTConfig
+from stackrlhf.console import console
 
-console = Console(stderr=True)
 
 # stage -> (directory under the run, settings class); the order is the run order
 STAGES: dict[str, tuple[str, type]] = {

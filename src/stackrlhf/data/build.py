@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from rich.console import Console
 
 from stackrlhf.data.config import DataConfig
 from stackrlhf.data.dumps import resolve_dump, shared_dump_dirs
@@ -23,8 +22,8 @@ from stackrlhf.data.output import build_key, build_stats, finish_build, temp_bui
 from stackrlhf.data.stage import StagedDump, stage_dump
 from stackrlhf.data.workers import Workers, default_workers
 from stackrlhf.errors import StackRLHFError
+from stackrlhf.console import console
 
-console = Console(stderr=True)
 
 
 def default_dumps() -> list[str]:

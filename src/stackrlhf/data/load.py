@@ -18,6 +18,10 @@ def load_split(data_dir: str | Path, dataset: str, split: str = "train") -> data
     files = sorted((root / dataset).glob(f"{split}-*.parquet"))
     if not files:
         raise StackRLHFError(f"{root}: no {dataset}/{split} split here; is it a `stackrlhf data build` output?")
+    import pyarrow.parquet as pq
+
+    if all(pq.ParquetFile(f).metadata.num_rows == 0 for f in files):  # a small site can leave a split empty
+        return datasets.Dataset(pq.read_table(files[0]))
     return datasets.Dataset.from_parquet([str(f) for f in files], keep_in_memory=False)
 
 

@@ -14,14 +14,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from rich.console import Console
 
 from stackrlhf.config import save_config, write_text_atomic
 from stackrlhf.data.config import DataConfig
 from stackrlhf.data.splits import ALL_SPLITS
 from stackrlhf.errors import StackRLHFError
+from stackrlhf.console import console
 
-console = Console(stderr=True)
 
 MARKER = "stackrlhf-data"
 _NOT_INPUTS = {"out", "progress", "overwrite", "cache_dir", "workers", "threads"}  # no effect on the output
@@ -142,13 +141,29 @@ def dataset_card(stats: dict) -> str:
 
 @contextmanager
 def temp_build_dir(out: Path) -> Iterator[Path]:
-    """A fresh temp directory beside ``out`` to build into; removed if the build fails or is interrupted."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent_dir(out)))
+    """A fresh temp directory beside ``out`` to build into; removed if the build fails or is interrupted. One that
+    a killed build left (its process gone) is removed first."""
+    parent = parent_dir(out)
+    for stale in parent.glob(f".{out.name}.tmp-*-*"):
+        pid = stale.name[len(f".{out.name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=parent))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def content_key(root: Path) -> str:

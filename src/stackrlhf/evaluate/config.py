@@ -14,7 +14,8 @@ class EvalConfig:
                 "whose beta may be given as NAME=PATH@BETA). The first is the baseline of the win rates unless "
                 "--baseline names another."})
     data: str = field(default="", metadata={"help": "A `stackrlhf data build` output (its evaluation split)."})
-    reward: str = field(default="", metadata={"help": "The proxy reward model (the one RL optimised)."})
+    reward: str = field(default="", metadata={"help": "The proxy reward model (the one RL optimised; best-of-n picks "
+                                                      "with it). Optional when --judge or --gold-reward scores."})
     gold_reward: str = field(default="", metadata={
         "help": "A held-out gold reward model, trained on questions disjoint from the proxy's (`rm --pairs-half gold`)."})
     judge: str = field(default="", metadata={
@@ -28,7 +29,7 @@ class EvalConfig:
     questions: int = field(default=64, metadata={"help": "Held-out questions to answer (0: all)."})
     max_new_tokens: int = field(default=96, metadata={"help": "Most tokens per answer."})
     max_prompt_tokens: int = field(default=256, metadata={"help": "Longer prompts are cut in the middle."})
-    temperature: float = field(default=1.0, metadata={
+    temperature: float = field(default=0.7, metadata={
         "help": "Sampling temperature; log-probs and KL use the same tempered distribution (keep top-k/top-p off: "
                 "they bias the KL estimate)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
@@ -55,8 +56,9 @@ class EvalConfig:
             raise ValueError("--model is required (NAME=PATH, repeatable)")
         if not self.data:
             raise ValueError("--data is required: a `stackrlhf data build` output")
-        if not self.reward:
-            raise ValueError("--reward is required: the proxy reward-model directory")
+        if not (self.reward or self.gold_reward or self.judge):
+            raise ValueError("give something to score with: --reward (the proxy reward model), --gold-reward or "
+                             "--judge")
         if self.sampler_precision not in SAMPLER_PRECISIONS:
             raise ValueError(f"--sampler-precision {self.sampler_precision!r}: choose one of "
                              f"{', '.join(SAMPLER_PRECISIONS)}")
@@ -67,9 +69,10 @@ class EvalConfig:
 @dataclass
 class ReportConfig:
     run: str = field(default="", metadata={
-        "help": "A `stackrlhf run` directory: the report finds eval/, ppo/, ilql/, rm/, rm-gold/, feedback/ in it."})
+        "help": "A `stackrlhf run` directory: the report finds eval/, ppo/, rloo/, raft/, ilql/, rm/, rm-gold/, "
+                "feedback/ in it."})
     eval: str = field(default="", metadata={"help": "A `stackrlhf eval` output (overrides the run's)."})
-    ppo: str = field(default="", metadata={"help": "A `stackrlhf ppo` output (its history.jsonl)."})
+    ppo: str = field(default="", metadata={"help": "A `stackrlhf ppo` output, any --algorithm (its history.jsonl)."})
     ilql: str = field(default="", metadata={"help": "A `stackrlhf ilql` output (its history.jsonl)."})
     reward: str = field(default="", metadata={"aliases": ("rm",), "help": "The proxy reward model (its metrics.json)."})
     gold_reward: str = field(default="", metadata={"aliases": ("gold_rm",),

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
@@ -31,8 +30,8 @@ from stackrlhf.stats import gain_text, length_adjusted_gains, question_overlap, 
 from stackrlhf.models.generation import SamplingConfig
 from stackrlhf.models.ilql import is_ilql_model
 from stackrlhf.models.judge import load_judge, paired_se
+from stackrlhf.console import console
 
-console = Console(stderr=True)
 
 
 def distinct_n(texts: list[str], n: int = 2) -> float:
@@ -58,17 +57,20 @@ def evaluate_models(cfg: EvalConfig) -> dict:
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                               top_p=cfg.top_p, max_prompt_tokens=cfg.max_prompt_tokens,
                               sampler_precision=cfg.sampler_precision)
-    judges = {"proxy": RewardModel.from_pretrained(cfg.reward, device=device)}
+    judges = {"proxy": RewardModel.from_pretrained(cfg.reward, device=device)} if cfg.reward else {}
     if cfg.gold_reward:
         judges["gold"] = RewardModel.from_pretrained(cfg.gold_reward, device=device)
     if cfg.judge:
         judges["judge"] = load_judge(cfg.judge, cfg.data, cfg.judge_length_neutral, device)
     reference_path = cfg.reference or next(s.path for s in specs if s.name == baseline)
     reference = Answerer(ModelSpec("reference", reference_path, 0.0 if is_ilql_model(reference_path) else None), device)
-    proxy = judges["proxy"]
+    proxy = judges.get("proxy")
 
     def pick_best(prompts, answers):  # one scorer object: best-of-n specs of one policy share their samples
         return proxy.score(prompts, answers, normalize=True)
+
+    if proxy is None and any(s.best_of > 1 for s in specs):
+        raise StackRLHFError("best-of-n (bon:N@POLICY) picks with the proxy reward model: give --reward")
 
     answers: dict[str, list[str]] = {}
     per_answer: dict[str, dict[str, list[float]]] = {}

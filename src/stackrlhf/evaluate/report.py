@@ -71,25 +71,30 @@ def _note(text: str) -> str:
     return f'<p class="note">{_e(text)}</p>'
 
 
-def rl_curves(ppo_history: list[dict], ilql_history: list[dict]) -> str:
+def rl_curves(rl_histories: dict[str, list[dict]], ilql_history: list[dict]) -> str:
+    """Each on-policy run's reward and KL over its steps (PPO, RLOO, RAFT: ``{name: history}``), and ILQL's."""
     parts = []
-    if ppo_history:
-        steps = [h["step"] for h in ppo_history]
+    for name, history in rl_histories.items():
+        if not history:
+            continue
+        label = name.upper()
+        steps = [h["step"] for h in history]
         fig, (a, b) = plt.subplots(1, 2, figsize=(8.5, 3.2))
-        a.plot(steps, [h["reward/score_mean"] for h in ppo_history], label="RM score (normalised)")
-        a.plot(steps, [h["reward/total_mean"] for h in ppo_history], label="score - beta*KL", alpha=0.7)
-        a.set_xlabel("PPO step"), a.set_ylabel("mean reward"), a.legend(fontsize=8), a.grid(alpha=0.3)
-        b.plot(steps, [h["kl/mean"] for h in ppo_history], color="C3", label="KL to reference")
-        b.set_xlabel("PPO step"), b.set_ylabel("KL per response"), b.grid(alpha=0.3)
+        a.plot(steps, [h["reward/score_mean"] for h in history], label="RM score (normalised)")
+        a.plot(steps, [h["reward/total_mean"] for h in history], label="score - beta*KL", alpha=0.7)
+        a.set_xlabel(f"{label} step"), a.set_ylabel("mean reward"), a.legend(fontsize=8), a.grid(alpha=0.3)
+        b.plot(steps, [h["kl/mean"] for h in history], color="C3", label="KL to reference")
+        b.set_xlabel(f"{label} step"), b.set_ylabel("KL per response"), b.grid(alpha=0.3)
         b2 = b.twinx()
-        b2.plot(steps, [h["kl/beta"] for h in ppo_history], color="C2", ls="--", label="beta")
+        b2.plot(steps, [h["kl/beta"] for h in history], color="C2", ls="--", label="beta")
         b2.set_ylabel("beta")
         lines = b.get_lines() + b2.get_lines()
         b.legend(lines, [line.get_label() for line in lines], fontsize=8)
-        parts.append(_figure(fig, "ppo", "PPO: reward and KL to the frozen reference over the steps"))
-        parts.append(ppo_length(ppo_history))
-    else:
-        parts.append(_note("No PPO history: run `stackrlhf ppo` (or a pipeline with a `ppo:` section)."))
+        parts.append(_figure(fig, name, f"{label}: reward and KL to the frozen reference over the steps"))
+        parts.append(rl_length(history, name))
+    if not any(rl_histories.values()):
+        parts.append(_note("No PPO, RLOO or RAFT history: run `stackrlhf ppo` (or a pipeline with a `ppo:` or "
+                           "`rloo:` section)."))
     if ilql_history:
         steps = [h["step"] for h in ilql_history]
         fig, (a, b) = plt.subplots(1, 2, figsize=(8.5, 3.2))
@@ -103,14 +108,15 @@ def rl_curves(ppo_history: list[dict], ilql_history: list[dict]) -> str:
     return "".join(parts)
 
 
-def ppo_length(history: list[dict]) -> str:
-    """Answer length over the PPO steps beside the reward, and how much of the reward gain length explains."""
+def rl_length(history: list[dict], name: str = "ppo") -> str:
+    """Answer length over an RL run's steps beside the reward, and how much of the reward gain length explains."""
     if not history or "response/words" not in history[0]:
         return ""
+    label = name.upper()
     steps = [h["step"] for h in history]
     fig, ax = plt.subplots(figsize=(5.6, 3.2))
     ax.plot(steps, [h["response/words"] for h in history], color="C4", label="answer words")
-    ax.set_xlabel("PPO step"), ax.set_ylabel("mean answer words"), ax.grid(alpha=0.3)
+    ax.set_xlabel(f"{label} step"), ax.set_ylabel("mean answer words"), ax.grid(alpha=0.3)
     ax2 = ax.twinx()
     ax2.plot(steps, [h["reward/score_mean"] for h in history], color="C0", alpha=0.6, label="RM score")
     ax2.set_ylabel("mean RM score")
@@ -123,8 +129,8 @@ def ppo_length(history: list[dict]) -> str:
         f"{(a['reward_gain_within_length_bins'] or 0):+.3f} within length bins"
         + ("" if a["length_explained_share"] is None else
            f": length explains {a['length_explained_share']:.0%} of the gain (Singhal et al. 2023)") + ".")
-    return (_figure(fig, "ppo_length", "PPO: answer length and reward over the steps (a reward that rises only "
-                                       "with length is length hacking)") + f"<p>{_e(text)}</p>")
+    return (_figure(fig, f"{name}_length", f"{label}: answer length and reward over the steps (a reward that rises "
+                                           "only with length is length hacking)") + f"<p>{_e(text)}</p>")
 
 
 def method_of(name: str, m: dict) -> str:
@@ -378,6 +384,11 @@ def samples_section(samples: list[dict], n: int) -> str:
     return "".join(out)
 
 
+def rl_name(folder: Path) -> str:
+    """An on-policy run's algorithm, from its metrics (ppo when they do not say)."""
+    return (read_json(folder / "metrics.json") or {}).get("algorithm") or "ppo"
+
+
 def pipeline_table(run: dict | None) -> str:
     if not run:
         return ""
@@ -395,7 +406,10 @@ def write_report(cfg: ReportConfig) -> Path:
             return Path(explicit)
         return run / name if run and (run / name).exists() else None
 
-    eval_dir, ppo_dir, ilql_dir = pick(cfg.eval, "eval"), pick(cfg.ppo, "ppo"), pick(cfg.ilql, "ilql")
+    eval_dir, ilql_dir = pick(cfg.eval, "eval"), pick(cfg.ilql, "ilql")
+    # every on-policy run: the one given, else each of the run's ppo/, rloo/ and raft/ folders
+    rl_dirs = ({rl_name(Path(cfg.ppo)): Path(cfg.ppo)} if cfg.ppo else
+               {name: run / name for name in ("ppo", "rloo", "raft") if run and (run / name / "history.jsonl").exists()})
     rm_dir, gold_dir = pick(cfg.reward, "rm"), pick(cfg.gold_reward, "rm-gold")
     feedback = cfg.feedback or (str(run / "feedback") if run and (run / "feedback").exists() else "")
     ev = read_json(eval_dir / "eval.json") if eval_dir else None
@@ -405,7 +419,7 @@ def write_report(cfg: ReportConfig) -> Path:
         f"<h1>{_e(cfg.title)}</h1><p class='meta'>{_e(dt.datetime.now().strftime('%Y-%m-%d %H:%M'))}"
         + (f" · run {_e(run)}" if run else "") + "</p>",
         "<h2>Held-out evaluation</h2>", eval_table(ev) or _note("No evaluation yet."), frontier(ev),
-        "<h2>Training</h2>", rl_curves(_read_jsonl(ppo_dir / "history.jsonl") if ppo_dir else [],
+        "<h2>Training</h2>", rl_curves({name: _read_jsonl(d / "history.jsonl") for name, d in rl_dirs.items()},
                                        _read_jsonl(ilql_dir / "history.jsonl") if ilql_dir else []),
         loop_section(Path(cfg.registry) if cfg.registry else None),
         "<h2>Reward models</h2>", rm_accuracy(rms), rm_confounders(rms),

@@ -10,13 +10,12 @@ from collections import defaultdict
 
 import datasets
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
 from stackrlhf.stats import (CONFOUNDERS, fit_bradley_terry, hours_after, pair_differences,
                                           pair_log_loss, spearman, words)
+from stackrlhf.console import console
 
-console = Console(stderr=True)
 CALIBRATION_EDGES = (0.0, 0.25, 0.5, 1.0, 2.0, math.inf)
 
 

@@ -227,6 +227,7 @@ def create_app(db: str, replication: int = 2, max_comment: int = MAX_COMMENT, ma
     passes the loopback names by default); ``allowed_origins``: page origins besides the Host's own that may
     post (``https://labels.example`` behind a proxy that rewrites Host)."""
     store = FeedbackStore(db)
+    store.set_replication(replication)  # `simulate` and `stats` count against what the app serves with
     app = FastAPI(title="stackrlhf feedback", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, limit=max_body)
     app.state.store = store

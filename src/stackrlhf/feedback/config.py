@@ -13,7 +13,7 @@ MAX_SIMULATED_ANNOTATORS = 64
 
 @dataclass
 class SimulateConfig:
-    db: str = field(default="", metadata={"help": "The feedback store (its annotators are created there)."})
+    db: str = field(default=DEFAULT_DB, metadata={"help": DB_HELP + " Its simulated annotators are created there."})
     url: str = field(default="", metadata={"help": "The running app (`feedback serve`), e.g. http://127.0.0.1:8000; "
                                                    "empty: start one on a free loopback port for the run."})
     judge: str = field(default="", metadata={"help": "rm:DIR (a reward model or ensemble directory) or reference "
@@ -26,7 +26,9 @@ class SimulateConfig:
     rating_noise: float = field(default=0.5, metadata={"help": "Standard deviation of the Gaussian noise on ratings."})
     skip_rate: float = field(default=0.0, metadata={"help": "Probability of skipping a task."})
     max_labels: int = field(default=0, metadata={"help": "Labels per annotator at most (0: until no task is left)."})
-    replication: int = field(default=2, metadata={"help": "Annotators per task, as the app was started with."})
+    replication: int = field(default=0, metadata={
+        "help": "Annotators per task for the app it starts (0: as `feedback serve` last recorded in the store, else "
+                "2)."})
     judge_length_neutral: bool = field(default=False, metadata={"aliases": ("length_neutral",),
         "help": "A judge that length alone cannot please: the reference judge takes its trend in log words off; an "
                 "rm: judge must have one (`stackrlhf rm --residualize-length`)."})
@@ -34,8 +36,6 @@ class SimulateConfig:
     name_prefix: str = field(default="sim", metadata={"help": "Annotators are named bot:PREFIX-1 .. bot:PREFIX-N."})
 
     def __post_init__(self) -> None:
-        if not self.db:
-            raise ValueError("--db is required: the feedback store the app serves")
         if self.judge != "reference" and (not self.judge.startswith("rm:") or len(self.judge) == 3):
             raise ValueError(f"--judge {self.judge!r}: give rm:DIR (a reward model directory) or reference")
         if self.judge == "reference" and not self.data:

@@ -119,7 +119,7 @@ def simulate(cfg: SimulateConfig) -> dict:
     server = None
     url = cfg.url
     if not url:
-        server, url = start_local_app(cfg.db, cfg.replication)
+        server, url = start_local_app(cfg.db, store.replication(cfg.replication))
     counts: dict[str, int] = {}
     errors: list[BaseException] = []
 

@@ -168,6 +168,16 @@ class Label(Base):
     updated: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now, onupdate=now)
 
 
+class Setting(Base):
+    """A setting of the store that every command shares (``replication``: annotators per task, as `serve` runs)."""
+    __tablename__ = "settings"
+    name: Mapped[str] = mapped_column(String(50), primary_key=True)
+    value: Mapped[str] = mapped_column(Text, default="")
+
+
+DEFAULT_REPLICATION = 2
+
+
 # ---------------------------------------------------------------- the store
 
 class FeedbackStore:
@@ -215,6 +225,21 @@ class FeedbackStore:
             s.commit()
 
     # annotators
+    def set_replication(self, replication: int) -> None:
+        """Record the annotators per task the app serves with, for the commands that count against it."""
+        if replication < 1:
+            raise StackRLHFError(f"--replication {replication}: give at least 1 annotator per task")
+        with self.session.begin() as s:
+            s.merge(Setting(name="replication", value=str(int(replication))))
+
+    def replication(self, given: int = 0) -> int:
+        """``given`` when set (> 0), else what `serve` recorded, else :data:`DEFAULT_REPLICATION`."""
+        if given > 0:
+            return given
+        with self.session() as s:
+            row = s.get(Setting, "replication")
+        return int(row.value) if row is not None else DEFAULT_REPLICATION
+
     def add_annotator(self, name: str, admin: bool = False, kind: str = "human") -> str:
         """Create an annotator; returns their token (shown once, stored hashed)."""
         if kind not in ANNOTATOR_KINDS:

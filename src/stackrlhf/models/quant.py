@@ -13,6 +13,10 @@ per-token scales would crush; two measures keep them:
   pure function of the weights.
 - the ``outliers`` input channels still largest after smoothing are multiplied in float32 (LLM.int8(),
   Dettmers et al. 2022, with the channels fixed by calibration rather than found per batch).
+- the MLP's down projection reads silu(gate) * up, heavy-tailed in every channel, where neither helps: its input
+  is rotated first by a block-diagonal Hadamard matrix with random signs (QuaRot, Ashkboos et al. 2024), and its
+  weight columns by the same orthogonal matrix, so each token's range is spread over its 128-channel blocks.
+  On SmolLM2 this halves the mismatch (KL per token about 0.011 -> 0.006, ``benchmarks/rollout_speed.py``).
 
 Only the sampler reads this copy: log-probs, KL and perplexity stay the float32 model's. The embedding is
 shared with the float model (a lookup, not a product). :func:`int8_available` says whether this torch and CPU
@@ -30,6 +34,7 @@ import torch
 PRECISIONS = ("auto", "int8", "float32")
 ALPHA = 0.5  # SmoothQuant's migration strength
 OUTLIERS = 8  # input channels per product kept in float32
+ROTATION_BLOCK = 128  # the down projection's Hadamard blocks
 CALIBRATION = [  # a fixed text: the quantised weights depend on nothing else
     ("How long does an opened bottle of beer keep in the fridge?",
      "An opened bottle loses its carbonation within a day or two. Cap it tightly and keep it cold; it will be "
@@ -57,7 +62,7 @@ def resolve_precision(precision: str, device) -> str:
 
 
 def int8_available() -> bool:
-    """Whether ``torch._int_mm`` runs on this CPU with this torch (checked once on a small product)."""
+    """Whether ``torch._int_mm`` runs here, with this torch on the CPU at hand (checked once on a small product)."""
     global _INT8_OK
     if _INT8_OK is None:
         try:
@@ -72,19 +77,35 @@ _INT8_OK: bool | None = None
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row: (values, scales) with x ~ values * scales."""
-    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127.0
-    return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale
+    """Symmetric int8 per row: (values, scales) with x ~ values * scales (|values| <= 127: each row's largest
+    entry maps to 127)."""
+    scale = x.abs().amax(-1, keepdim=True).clamp_(min=1e-12).div_(127.0)
+    return (x / scale).round_().to(torch.int8), scale
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """The n x n orthonormal Hadamard matrix (Sylvester's construction; n a power of 2)."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n ** 0.5
 
 
 class Int8Linear:
     """y = x @ W.T + b with W in int8 per output channel and x in int8 per row (after the smoothing divisor
-    and without its float32 outlier channels)."""
+    and without its float32 outlier channels; or, with ``rotate``, after a block-Hadamard rotation)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_max: torch.Tensor | None,
-                 alpha: float = ALPHA, outliers: int = OUTLIERS):
+                 alpha: float = ALPHA, outliers: int = OUTLIERS, rotate: int = 0):
         weight = weight.detach().float()
         out_features, in_features = weight.shape
+        self.rotation = None
+        if rotate and in_features % rotate == 0:  # x R and W R with R = diag(signs) blockdiag(H): x W^T unchanged
+            signs = torch.randint(0, 2, (in_features,), generator=torch.Generator().manual_seed(in_features))
+            self.signs, self.block = signs.float() * 2 - 1, rotate
+            self.rotation = hadamard(rotate)
+            weight = self._rotate(weight)
+            act_max, outliers = None, 0  # the rotation spreads the range: no smoothing, no outlier channels
         smooth = torch.ones(in_features)
         if act_max is not None and alpha > 0:
             w_max = weight.abs().amax(0).clamp(min=1e-5)
@@ -102,14 +123,19 @@ class Int8Linear:
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.out_features = out_features
 
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x R, R = diag(signs) blockdiag(H, ..., H): one product of every row's blocks with H."""
+        return ((x * self.signs).reshape(-1, self.block) @ self.rotation).view(x.shape[0], -1)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, shape[-1]).float() * self.inv_smooth
+        x = x.reshape(-1, shape[-1]).float()
+        x = self._rotate(x) if self.rotation is not None else x * self.inv_smooth
         if self.outliers is not None:
             kept = x[:, self.outliers]
             x = x.index_fill(1, self.outliers, 0.0)
         q, scale = quantize_rows(x)
-        y = torch._int_mm(q, self.weight).float().mul_(scale).mul_(self.scale)
+        y = torch._int_mm(q, self.weight).mul(scale).mul_(self.scale)  # int32 x float32 -> float32
         if self.outliers is not None:
             y.addmm_(kept, self.outlier_weight)
         if self.bias is not None:
@@ -138,7 +164,8 @@ class Int8Model:
     outliers: int
 
     def describe(self) -> dict:
-        return {"sampler_precision": "int8", "smoothquant_alpha": self.alpha, "float32_outlier_channels": self.outliers}
+        return {"sampler_precision": "int8", "smoothquant_alpha": self.alpha, "float32_outlier_channels": self.outliers,
+                "down_proj_hadamard_block": ROTATION_BLOCK}
 
 
 @torch.no_grad()
@@ -185,7 +212,8 @@ def quantize_llama(model, tok, alpha: float = ALPHA, outliers: int = OUTLIERS) -
             o=Int8Linear(attn.o_proj.weight, attn.o_proj.bias, maxima.get(attn.o_proj), alpha, outliers),
             gate_up=_fused([mlp.gate_proj, mlp.up_proj], maxima, alpha, outliers),
             intermediate=mlp.gate_proj.out_features,
-            down=Int8Linear(mlp.down_proj.weight, mlp.down_proj.bias, maxima.get(mlp.down_proj), alpha, outliers),
+            down=Int8Linear(mlp.down_proj.weight, mlp.down_proj.bias, maxima.get(mlp.down_proj), alpha, outliers,
+                            rotate=ROTATION_BLOCK),
             act=mlp.act_fn))
     head = model.get_output_embeddings()
     return Int8Model(blocks, Int8Linear(head.weight, head.bias, maxima.get(head), alpha, outliers), alpha, outliers)

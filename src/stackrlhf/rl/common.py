@@ -18,12 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
 
 from stackrlhf.config import report_targets, save_config, write_text_atomic
 from stackrlhf.errors import StackRLHFError
+from stackrlhf.console import console
 
-console = Console(stderr=True)
 
 
 def make_accelerator():

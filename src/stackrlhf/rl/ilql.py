@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -38,8 +37,8 @@ from stackrlhf.models.precision import autocast, upcast_trainable
 from stackrlhf.rl.common import (MetricsWriter, gather_rng_states, make_accelerator, pass_batch, resume_latest,
                                  save_checkpoint, seed_everything, write_run_artifacts)
 from stackrlhf.rl.config import ILQLConfig
+from stackrlhf.console import console
 
-console = Console(stderr=True)
 
 
 @dataclass

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
@@ -44,8 +43,8 @@ from stackrlhf.rl.common import (MetricsWriter, gather_rng_states, make_accelera
                                  save_checkpoint, seed_everything, write_run_artifacts)
 from stackrlhf.rl.config import ALGORITHMS, PPOConfig
 from stackrlhf.rl.estimators import ESTIMATORS, Step, gae, masked_mean, masked_whiten  # noqa: F401 (re-exported)
+from stackrlhf.console import console
 
-console = Console(stderr=True)
 Scorer = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 # a step's rollout is a function of (seed, step) alone, the same on every process and after a resume:
 LENGTH_SEED_STRIDE = 100_003  # its length limit: Random(seed * this + step)
@@ -443,7 +442,7 @@ class PPOTrainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         self.maybe_resume()
-        bar = tqdm(total=cfg.steps, initial=self.step_index, desc="ppo", disable=not cfg.progress)
+        bar = tqdm(total=cfg.steps, initial=self.step_index, desc=cfg.algorithm, disable=not cfg.progress)
         start = time.perf_counter()
         episodes = 0
         while self.step_index < cfg.steps:

@@ -9,14 +9,13 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from transformers import TrainerCallback, TrainingArguments
 
 from stackrlhf.config import read_json, report_targets, save_config, write_text_atomic
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.train.config import TrainConfig
+from stackrlhf.console import console
 
-console = Console(stderr=True)
 
 
 def training_arguments(cfg: TrainConfig, out: Path, has_eval: bool, **extra) -> TrainingArguments:

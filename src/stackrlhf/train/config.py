@@ -58,6 +58,10 @@ class PretrainConfig(TrainConfig):
             raise ValueError("--data is required: a `stackrlhf data build` output directory")
 
 
+AUTO_LAYERS = -2  # SFTConfig.num_layers_unfrozen: the base's recommended setting
+SFT_FALLBACK = {"num_layers_unfrozen": -1, "learning_rate": 1e-4}  # for a base with no recommendation
+
+
 @dataclass
 class SFTConfig(TrainConfig):
     model: str = field(default="", metadata={"help": "Base model: a local directory or a hub id (gpt2, ...)."})
@@ -71,14 +75,17 @@ class SFTConfig(TrainConfig):
         "help": "Batch examples of similar length together (less padding, same data)."})
     shuffle: bool = field(default=True, metadata={
         "help": "Shuffle the training examples (off: their order on disk, the same batches for any process count)."})
-    num_layers_unfrozen: int = field(default=-1, metadata={"help": "Train only the top k blocks + head (-1: all)."})
+    num_layers_unfrozen: int = field(default=AUTO_LAYERS, metadata={
+        "help": "Train only the top k blocks + head (-1: all; -2: the base's recommended setting, 6 for "
+                "SmolLM2-135M-Instruct, else all)."})
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead (peft)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     max_train_samples: int = field(default=0, metadata={"help": "Use at most this many training rows (0: all)."})
     max_eval_samples: int = field(default=0, metadata={"help": "Use at most this many held-out rows (0: all)."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
+    learning_rate: float = field(default=0.0, metadata={
+        "help": "Peak learning rate (0: the base's recommended one, 2e-5 for SmolLM2-135M-Instruct, else 1e-4)."})
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -87,6 +94,30 @@ class SFTConfig(TrainConfig):
             raise ValueError("--data is required: a `stackrlhf data build` output directory")
         if self.lora and self.num_layers_unfrozen >= 0:
             raise ValueError("choose --lora or --num-layers-unfrozen, not both")
+        if self.num_layers_unfrozen < AUTO_LAYERS or self.learning_rate < 0:
+            raise ValueError("--num-layers-unfrozen takes k >= 0, -1 (all) or -2 (the base's recommendation); "
+                             "--learning-rate a positive rate or 0 (the base's recommendation)")
+
+    def resolved(self) -> tuple[SFTConfig, str]:
+        """These settings with the automatic ones (``num_layers_unfrozen`` -2, ``learning_rate`` 0) made concrete
+        from the base's recommendation (:data:`stackrlhf.models.pretrained.RECOMMENDED_SFT`), and a line saying
+        what was chosen ("" when nothing was automatic)."""
+        from dataclasses import replace
+
+        from stackrlhf.models.pretrained import recommended_sft
+
+        auto = {k for k in ("num_layers_unfrozen", "learning_rate")
+                if getattr(self, k) == (AUTO_LAYERS if k == "num_layers_unfrozen" else 0.0)}
+        if self.lora:
+            auto.discard("num_layers_unfrozen")
+        if not auto:
+            return self, ""
+        base, settings = recommended_sft(self.model)
+        chosen = {k: settings.get(k, SFT_FALLBACK[k]) for k in auto}
+        if self.lora and self.num_layers_unfrozen == AUTO_LAYERS:
+            chosen["num_layers_unfrozen"] = -1
+        where = f"recommended for {base}" if base else "the defaults for a base without a recommendation"
+        return replace(self, **chosen), f"SFT settings {where}: " + ", ".join(f"{k}={v}" for k, v in chosen.items())
 
 
 @dataclass
@@ -153,6 +184,30 @@ class RMConfig(TrainConfig):
             raise ValueError("--data is required: one or more pair datasets (data build outputs, feedback exports)")
         if self.lora and self.num_layers_unfrozen >= 0:
             raise ValueError("choose --lora or --num-layers-unfrozen, not both")
+        if self.num_layers_unfrozen < AUTO_LAYERS or self.learning_rate < 0:
+            raise ValueError("--num-layers-unfrozen takes k >= 0, -1 (all) or -2 (the base's recommendation); "
+                             "--learning-rate a positive rate or 0 (the base's recommendation)")
+
+    def resolved(self) -> tuple[SFTConfig, str]:
+        """These settings with the automatic ones (``num_layers_unfrozen`` -2, ``learning_rate`` 0) made concrete
+        from the base's recommendation (:data:`stackrlhf.models.pretrained.RECOMMENDED_SFT`), and a line saying
+        what was chosen ("" when nothing was automatic)."""
+        from dataclasses import replace
+
+        from stackrlhf.models.pretrained import recommended_sft
+
+        auto = {k for k in ("num_layers_unfrozen", "learning_rate")
+                if getattr(self, k) == (AUTO_LAYERS if k == "num_layers_unfrozen" else 0.0)}
+        if self.lora:
+            auto.discard("num_layers_unfrozen")
+        if not auto:
+            return self, ""
+        base, settings = recommended_sft(self.model)
+        chosen = {k: settings.get(k, SFT_FALLBACK[k]) for k in auto}
+        if self.lora and self.num_layers_unfrozen == AUTO_LAYERS:
+            chosen["num_layers_unfrozen"] = -1
+        where = f"recommended for {base}" if base else "the defaults for a base without a recommendation"
+        return replace(self, **chosen), f"SFT settings {where}: " + ", ".join(f"{k}={v}" for k, v in chosen.items())
         if self.max_prompt_tokens >= self.max_length:
             raise ValueError("--max-prompt-tokens must be below --max-length")
         if self.label_weight != -1 and self.label_weight < 0:
@@ -210,5 +265,29 @@ class DPOConfig(TrainConfig):
             raise ValueError("--data is required: a `data build` output and/or a `feedback export` (repeatable)")
         if self.lora and self.num_layers_unfrozen >= 0:
             raise ValueError("choose --lora or --num-layers-unfrozen, not both")
+        if self.num_layers_unfrozen < AUTO_LAYERS or self.learning_rate < 0:
+            raise ValueError("--num-layers-unfrozen takes k >= 0, -1 (all) or -2 (the base's recommendation); "
+                             "--learning-rate a positive rate or 0 (the base's recommendation)")
+
+    def resolved(self) -> tuple[SFTConfig, str]:
+        """These settings with the automatic ones (``num_layers_unfrozen`` -2, ``learning_rate`` 0) made concrete
+        from the base's recommendation (:data:`stackrlhf.models.pretrained.RECOMMENDED_SFT`), and a line saying
+        what was chosen ("" when nothing was automatic)."""
+        from dataclasses import replace
+
+        from stackrlhf.models.pretrained import recommended_sft
+
+        auto = {k for k in ("num_layers_unfrozen", "learning_rate")
+                if getattr(self, k) == (AUTO_LAYERS if k == "num_layers_unfrozen" else 0.0)}
+        if self.lora:
+            auto.discard("num_layers_unfrozen")
+        if not auto:
+            return self, ""
+        base, settings = recommended_sft(self.model)
+        chosen = {k: settings.get(k, SFT_FALLBACK[k]) for k in auto}
+        if self.lora and self.num_layers_unfrozen == AUTO_LAYERS:
+            chosen["num_layers_unfrozen"] = -1
+        where = f"recommended for {base}" if base else "the defaults for a base without a recommendation"
+        return replace(self, **chosen), f"SFT settings {where}: " + ", ".join(f"{k}={v}" for k, v in chosen.items())
         if self.beta <= 0:
             raise ValueError("--beta must be positive")

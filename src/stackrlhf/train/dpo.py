@@ -22,7 +22,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from rich.console import Console
 
 from stackrlhf.config import read_json, write_text_atomic
 from stackrlhf.data.load import load_split
@@ -36,8 +35,8 @@ from stackrlhf.train.common import (GuardCallback, final_model, forget_evaluatio
                                     logging_callbacks, save_stage, train_whole_run, training_settings)
 from stackrlhf.train.config import DPOConfig
 from stackrlhf.data.load import load_pairs, load_test_pairs
+from stackrlhf.console import console
 
-console = Console(stderr=True)
 
 
 def answer_ids(tok, answer: str, budget: int) -> list[int]:

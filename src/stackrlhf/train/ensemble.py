@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
 
 from stackrlhf.data.load import load_pairs, load_test_pairs
 from stackrlhf.errors import StackRLHFError
@@ -14,8 +13,8 @@ from stackrlhf.evaluate.reward_report import (confounder_report, evaluation_repo
 from stackrlhf.models.reward import RewardEnsemble
 from stackrlhf.train.common import write_metrics
 from stackrlhf.train.reward import answer_scores, score_stats
+from stackrlhf.console import console
 
-console = Console(stderr=True)
 
 
 def build_reward_ensemble(members: list[str], out: str, data: list[str], combine: str = "mean",

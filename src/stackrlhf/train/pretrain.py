@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from torch.utils.data import Dataset
 from transformers import AutoTokenizer, GPT2LMHeadModel, Trainer
 
@@ -25,8 +24,8 @@ from stackrlhf.models.sizes import SIZES
 from stackrlhf.train.common import (GuardCallback, last_checkpoint, logging_callbacks, save_stage, train_whole_run,
                                     training_arguments)
 from stackrlhf.train.config import PretrainConfig
+from stackrlhf.console import console
 
-console = Console(stderr=True)
 
 
 def documents(data_dir: Path, splits: list[tuple[str, str]]) -> Iterator[str]:

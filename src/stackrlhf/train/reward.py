@@ -20,7 +20,6 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from torch.utils.data import Dataset
 from transformers import EvalPrediction, Trainer
 
@@ -38,8 +37,8 @@ from stackrlhf.train.common import (GuardCallback, fsdp_requested, fsdp_units_ar
                                     unsharded_on_main, logging_callbacks, train_whole_run,
                                     training_arguments, write_metrics)
 from stackrlhf.train.config import RMConfig
+from stackrlhf.console import console
 
-console = Console(stderr=True)
 HEAD_NAMES = ("classifier", "score", "pooler")
 
 

@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from torch.utils.data import Dataset
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
@@ -27,8 +26,8 @@ from stackrlhf.prompts import encode_prompt
 from stackrlhf.train.config import SFTConfig
 from stackrlhf.train.common import (GuardCallback, evaluate_before_training, final_model, last_checkpoint,
                                     logging_callbacks, save_stage, train_whole_run, training_arguments)
+from stackrlhf.console import console
 
-console = Console(stderr=True)
 IGNORE = -100
 
 
@@ -117,6 +116,9 @@ class SFTCollator:
 
 
 def sft(cfg: SFTConfig) -> dict:
+    cfg, chosen = cfg.resolved()  # the base's recommended layers and learning rate where none was given
+    if chosen:
+        console.print(chosen)
     data, out = Path(cfg.data), Path(cfg.out)
     torch.manual_seed(cfg.seed)
     # float32 weights whatever --dtype says: they are the optimizer's master copy; with bfloat16 the Trainer
