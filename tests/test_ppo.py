@@ -41,7 +41,7 @@ def config(tiny_policy, beer_data, out, **kw) -> PPOConfig:
     base = dict(model=str(tiny_policy), data=str(beer_data), out=str(out), batch_size=16, mini_batch_size=8,
                 ppo_epochs=2, min_new_tokens=12, max_new_tokens=12, learning_rate=3e-3, num_layers_unfrozen=1,
                 report_to="none", progress=False, sample_every=0, save_every=0, init_kl_coef=0.01,
-                adaptive_kl=False, seed=0)
+                adaptive_kl=False, seed=0, temperature=1.0)  # the thresholds below were measured at 1.0
     base.update(kw)
     return PPOConfig(**base)
 

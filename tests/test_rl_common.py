@@ -59,6 +59,19 @@ def test_checkpoint_keeps_the_last_two_and_restores_rng(tmp_path):
     assert torch.equal(torch.rand(2), expected)  # ... and gives again after loading it
 
 
+def test_a_save_a_kill_interrupted_is_ignored_then_cleared(tmp_path):
+    """A kill during a save leaves ``step-N.tmp`` (its state.pt possibly whole): resuming takes the last complete
+    checkpoint, and the next save removes the leftover."""
+    folder = tmp_path / "checkpoints"
+    save_checkpoint(folder, 1, {"x": 1})
+    (folder / "step-2.tmp").mkdir()
+    torch.save({"x": 2, "step": 2, "rng": []}, folder / "step-2.tmp" / "state.pt")
+    state, where = load_latest(folder)
+    assert where.name == "step-1" and state["x"] == 1
+    save_checkpoint(folder, 3, {"x": 3})
+    assert sorted(p.name for p in folder.iterdir()) == ["step-1", "step-3"]
+
+
 def test_report_targets():
     assert report_targets("both") == ["tensorboard", "wandb"]
     assert report_targets("tensorboard,wandb,tensorboard") == ["tensorboard", "wandb"]

@@ -123,8 +123,9 @@ def test_each_loop_turn_draws_its_own_prompts_and_its_rm_keeps_the_gold_half_out
             current = {"model": str(tmp_path / f"v{n - 1}"), "version": n - 1}
             stages, _ = turn_stages(reg, cfg, current, n, tmp_path / f"v{n}", tmp_path / f"v{n}" / "feedback")
             by_name = {s.name: s.cfg for s in stages}
-            seeds.append(by_name["ppo"].seed)
-            assert by_name["ppo"].reference == str(tmp_path / "v0")  # KL to v0 in every turn
+            seeds.append(by_name["rl"].seed)
+            assert by_name["rl"].reference == str(tmp_path / "v0")  # KL to v0 in every turn
+            assert by_name["rl"].out == str(tmp_path / f"v{n}" / "rloo")  # named by what runs
             assert by_name["rm"].label_weight == -1  # labels weigh as much as all the votes together
             halves.append(by_name["rm"].pairs_half)
     assert len(set(seeds[:3])) == 3  # each turn its own prompt order and sampling seeds
@@ -142,7 +143,7 @@ def test_the_loops_rl_step_is_rloo_unless_its_settings_name_an_algorithm(beer_da
     for ppo in ({}, {"batch_size": 2}, {"algorithm": "ppo"}, {"algorithm": "raft", "rloo_k": 3}):
         stages, _ = turn_stages(reg, LoopConfig(data=str(beer_data), ppo=ppo), current, 1, tmp_path / "v1",
                                 tmp_path / "v1" / "feedback")
-        rl = {s.name: s.cfg for s in stages}["ppo"]
+        rl = {s.name: s.cfg for s in stages}["rl"]
         chosen.append((rl.algorithm, rl.rloo_k, rl.batch_size))
     assert chosen == [("rloo", 4, 8), ("rloo", 4, 2), ("ppo", 2, 32), ("raft", 3, 32)]
 

@@ -191,6 +191,7 @@ RUNNERS = {  # stage -> its function, imported late: the CLI starts fast and a s
     "gold_rm": "stackrlhf.train.reward:train_reward_model",
     "ppo": "stackrlhf.rl.ppo:train_ppo",
     "rloo": "stackrlhf.rl.ppo:train_ppo",
+    "rl": "stackrlhf.rl.ppo:train_ppo",  # the loop's RL step, whichever algorithm it runs
     "dpo": "stackrlhf.train.dpo:dpo",
     "ilql": "stackrlhf.rl.ilql:train_ilql",
     "eval": "stackrlhf.evaluate.metrics:evaluate_models",

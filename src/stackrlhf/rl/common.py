@@ -101,10 +101,12 @@ class MetricsWriter:
 
 
 def _steps(folder: Path) -> list[Path]:
+    """The complete checkpoints (``step-N`` with its state), oldest first; ``step-N.tmp`` is a save in progress,
+    or one a kill interrupted."""
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.glob("step-*") if (p / "state.pt").is_file()),
-                  key=lambda p: int(p.name.split("-")[1]))
+    return sorted((p for p in folder.glob("step-*") if p.name[5:].isdigit() and (p / "state.pt").is_file()),
+                  key=lambda p: int(p.name[5:]))
 
 
 def rng_state() -> dict:
@@ -140,6 +142,9 @@ def save_checkpoint(folder: Path, step: int, state: dict, keep: int = 2, rng: li
     process's) as ``step-N``; only the main process calls it."""
     target = folder / f"step-{step}"
     tmp = target.with_name(target.name + ".tmp")
+    for stale in folder.glob("step-*.tmp"):  # saves a kill interrupted
+        if stale != tmp:
+            shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
     torch.save({**state, "step": step, "rng": rng if rng is not None else [rng_state()]}, tmp / "state.pt")
     if target.exists():

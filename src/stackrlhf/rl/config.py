@@ -48,7 +48,8 @@ class PPOConfig:
     # generation
     min_new_tokens: int = field(default=32, metadata={"help": "Each rollout's length limit is drawn from [min, max]."})
     max_new_tokens: int = field(default=64, metadata={"help": "Most tokens per response."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (also used for log-probs)."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (also used for log-probs; part of the "
+                                                              "policy, so eval's default is the same)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1: off)."})
     max_prompt_tokens: int = field(default=256, metadata={"help": "Longer prompts are cut in the middle."})

@@ -184,30 +184,6 @@ class RMConfig(TrainConfig):
             raise ValueError("--data is required: one or more pair datasets (data build outputs, feedback exports)")
         if self.lora and self.num_layers_unfrozen >= 0:
             raise ValueError("choose --lora or --num-layers-unfrozen, not both")
-        if self.num_layers_unfrozen < AUTO_LAYERS or self.learning_rate < 0:
-            raise ValueError("--num-layers-unfrozen takes k >= 0, -1 (all) or -2 (the base's recommendation); "
-                             "--learning-rate a positive rate or 0 (the base's recommendation)")
-
-    def resolved(self) -> tuple[SFTConfig, str]:
-        """These settings with the automatic ones (``num_layers_unfrozen`` -2, ``learning_rate`` 0) made concrete
-        from the base's recommendation (:data:`stackrlhf.models.pretrained.RECOMMENDED_SFT`), and a line saying
-        what was chosen ("" when nothing was automatic)."""
-        from dataclasses import replace
-
-        from stackrlhf.models.pretrained import recommended_sft
-
-        auto = {k for k in ("num_layers_unfrozen", "learning_rate")
-                if getattr(self, k) == (AUTO_LAYERS if k == "num_layers_unfrozen" else 0.0)}
-        if self.lora:
-            auto.discard("num_layers_unfrozen")
-        if not auto:
-            return self, ""
-        base, settings = recommended_sft(self.model)
-        chosen = {k: settings.get(k, SFT_FALLBACK[k]) for k in auto}
-        if self.lora and self.num_layers_unfrozen == AUTO_LAYERS:
-            chosen["num_layers_unfrozen"] = -1
-        where = f"recommended for {base}" if base else "the defaults for a base without a recommendation"
-        return replace(self, **chosen), f"SFT settings {where}: " + ", ".join(f"{k}={v}" for k, v in chosen.items())
         if self.max_prompt_tokens >= self.max_length:
             raise ValueError("--max-prompt-tokens must be below --max-length")
         if self.label_weight != -1 and self.label_weight < 0:
@@ -265,29 +241,5 @@ class DPOConfig(TrainConfig):
             raise ValueError("--data is required: a `data build` output and/or a `feedback export` (repeatable)")
         if self.lora and self.num_layers_unfrozen >= 0:
             raise ValueError("choose --lora or --num-layers-unfrozen, not both")
-        if self.num_layers_unfrozen < AUTO_LAYERS or self.learning_rate < 0:
-            raise ValueError("--num-layers-unfrozen takes k >= 0, -1 (all) or -2 (the base's recommendation); "
-                             "--learning-rate a positive rate or 0 (the base's recommendation)")
-
-    def resolved(self) -> tuple[SFTConfig, str]:
-        """These settings with the automatic ones (``num_layers_unfrozen`` -2, ``learning_rate`` 0) made concrete
-        from the base's recommendation (:data:`stackrlhf.models.pretrained.RECOMMENDED_SFT`), and a line saying
-        what was chosen ("" when nothing was automatic)."""
-        from dataclasses import replace
-
-        from stackrlhf.models.pretrained import recommended_sft
-
-        auto = {k for k in ("num_layers_unfrozen", "learning_rate")
-                if getattr(self, k) == (AUTO_LAYERS if k == "num_layers_unfrozen" else 0.0)}
-        if self.lora:
-            auto.discard("num_layers_unfrozen")
-        if not auto:
-            return self, ""
-        base, settings = recommended_sft(self.model)
-        chosen = {k: settings.get(k, SFT_FALLBACK[k]) for k in auto}
-        if self.lora and self.num_layers_unfrozen == AUTO_LAYERS:
-            chosen["num_layers_unfrozen"] = -1
-        where = f"recommended for {base}" if base else "the defaults for a base without a recommendation"
-        return replace(self, **chosen), f"SFT settings {where}: " + ", ".join(f"{k}={v}" for k, v in chosen.items())
         if self.beta <= 0:
             raise ValueError("--beta must be positive")
