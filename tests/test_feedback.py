@@ -252,6 +252,7 @@ def test_queue_answers_do_not_depend_on_the_generation_batch(tiny_lm, beer_data,
 
 # ---------------------------------------------------------------- load test against a real server
 
+@pytest.mark.slow  # a real server under 20 concurrent annotators: tens of seconds per store
 def test_load_20_annotators_50_labels_each_with_retries_and_a_restart(db_url):
     db = db_url
     store = FeedbackStore(db)

@@ -6,9 +6,12 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
+
 from helpers import REPO
 
 
+@pytest.mark.slow  # every stage of the GPU check, on the CPU
 def test_gpu_smoke_runs_on_cpu(beer_data, tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_smoke", REPO / "benchmarks" / "gpu_smoke.py")
     smoke = importlib.util.module_from_spec(spec)
