@@ -52,7 +52,7 @@ def test_run_skips_unchanged_stages_reruns_changed_ones_and_resumes_after_a_kill
     assert list(first["stages"]) == ["data", "sft", "rm", "gold_rm", "ppo", "ilql", "eval", "report"]
     assert set(statuses(first).values()) == {"ran"}
     ev = json.loads((run / "eval" / "eval.json").read_text())
-    assert set(ev["models"]) == {"sft", "ppo", "ilql-b0", "ilql-b2"}
+    assert set(ev["models"]) == {"sft", "base", "ppo", "ilql-b0", "ilql-b2"}  # the base beside SFT by default
     assert ev["judges"] == {"proxy": str(run / "rm"), "gold": str(run / "rm-gold")}
     rm_cfg = yaml.safe_load((run / "rm" / "config.yaml").read_text())
     gold_cfg = yaml.safe_load((run / "rm-gold" / "config.yaml").read_text())

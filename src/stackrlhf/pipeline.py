@@ -158,7 +158,7 @@ def plan(spec: dict, out: Path | None = None) -> list[Stage]:
     names = [s.name for s in stages]
     if (ev := sampled(section(spec, "eval"))) is not None:
         models = [f"sft={d['sft']}"]
-        if ev.pop("include_base", False):
+        if ev.pop("include_base", True):  # beside SFT by default: SFT can lower the judge, and a user should see it
             models.append(f"base={base_path}")
         models += [f"{n}={d[n]}" for n in ("ppo", "rloo", "dpo") if n in names]
         models += [f"bon{n}=bon:{n}@{d['sft']}" for n in ev.pop("best_of", [])]
