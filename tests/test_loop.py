@@ -134,3 +134,62 @@ def assert_judged(registry, version: dict, n: int) -> None:
     assert abs(m["gain_judge_vs_v0"] - (m["reward_judge"] - m["v0"]["reward_judge"])) < 1e-9
     assert abs(ev["models"]["v0"]["kl_to_reference"]) < 1e-4  # v0 is the reference
     assert m["best_of"]["bon2"]["kl_to_reference"] == pytest.approx(math.log(2) - 0.5, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_loop_turn_killed_anywhere_resumes_to_what_an_uninterrupted_turn_registers(tiny_lm, beer_data, tmp_path):
+    """`stackrlhf loop` killed with SIGKILL inside a turn's RM, RL step and evaluation, and rerun each time, registers
+    the version an uninterrupted turn registers: the same weights (within 1e-6) and the same evaluation."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from helpers import REPO
+
+    torch.manual_seed(0)
+    model, tok = load_backbone(default_backbone())
+    rm0 = tmp_path / "rm0"
+    RewardModel(model, tok, max_length=48, max_question_tokens=16).save_pretrained(rm0)
+    settings = tmp_path / "loop.yaml"
+    small = {**SMALL, "rm": {**SMALL["rm"], "save_steps": 1}, "ppo": {**SMALL["ppo"], "save_every": 1}}
+    settings.write_text(yaml.safe_dump({"questions": 4, "max_new_tokens": 12, **small}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for name in ("whole", "killed"):  # the same queue and the same labels in each
+        db = f"sqlite:///{tmp_path / f'{name}.db'}"
+        loop_turn(tmp_path / name, policy=str(tiny_lm), reward=str(rm0), config_file=str(settings),
+                  data=str(beer_data), db=db, min_labels=3)
+        label_tasks(db, "v0", 3)
+
+    def turn(name: str, pattern: str | None = None) -> bool:
+        proc = subprocess.Popen([sys.executable, "-m", "stackrlhf.cli", "loop", "--registry", str(tmp_path / name)],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        deadline = time.monotonic() + 600
+        while pattern and time.monotonic() < deadline and proc.poll() is None:
+            found = list((tmp_path / name / "v1").glob(pattern))
+            if found and (not pattern.endswith(".json") or '"running"' in found[0].read_text()):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return True
+            time.sleep(0.01)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        return False
+
+    turn("whole")
+    landed = [p for p in ("rm/checkpoints/checkpoint-*", "rloo/checkpoints/step-*", ".pipeline/eval.json")
+              if turn("killed", p)]
+    assert len(landed) == 3, landed
+    turn("killed")
+    regs = [json.loads((tmp_path / name / "registry.json").read_text()) for name in ("whole", "killed")]
+    assert [len(r["versions"]) for r in regs] == [2, 2]
+    for part in ("rm", "rloo"):
+        a, b = (load_file(str(tmp_path / name / "v1" / part / "model.safetensors")) for name in ("whole", "killed"))
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6, part
+    evals = [json.loads((tmp_path / name / "v1" / "eval" / "eval.json").read_text())["models"]
+             for name in ("whole", "killed")]
+    assert {m: e["reward_proxy"] for m, e in evals[0].items()} == {m: e["reward_proxy"] for m, e in evals[1].items()}
