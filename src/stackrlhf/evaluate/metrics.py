@@ -179,9 +179,9 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
                 ref = reference.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature)
                 out = {"kl": [float((a - b).sum()) for a, b in zip(logp, ref)]}
                 if rule is not None:
-                    out["log_w"] = [float((r - torch.tensor(s)).sum()) for r, s in zip(rule, gen.sampler_logprobs)]
-                    out["k1_per_token"] = [float((torch.tensor(s) - r).mean()) if len(s) else 0.0
-                                           for r, s in zip(rule, gen.sampler_logprobs)]
+                    gaps = [torch.tensor(s) - r for r, s in zip(rule, gen.sampler_logprobs)]  # log q - log p a token
+                    out["log_w"] = [float(-g.sum()) for g in gaps]
+                    out["k1_per_token"] = [float(g.mean()) if len(g) else 0.0 for g in gaps]
                 return out
 
             reference_identity = (distribution_key(reference), weights_stamp(reference.spec.path), cfg.temperature)

@@ -109,8 +109,8 @@ class Answerer:
         return replace(sampling, sampler_precision="int8" if self._int8 else "float32")
 
     def sampler(self, sampling: SamplingConfig):
-        """The int8 copy to sample with under ``sampling``, or None (float32)."""
-        return self._int8 or None if self.resolve(sampling).sampler_precision == "int8" else None
+        """The int8 copy to sample with under ``sampling`` as :meth:`resolve` returned it, or None (float32)."""
+        return self._int8 or None if sampling.sampler_precision == "int8" else None
 
     def generate(self, prompts: list[str], sampling: SamplingConfig, batch_size: int = 8, seed: int | None = None,
                  streamer=None) -> Generation:

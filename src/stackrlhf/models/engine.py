@@ -61,14 +61,30 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return pick.clamp_(max=probs.shape[1] - 1)
 
 
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Which of the candidates (sorted best first) the nucleus keeps: those whose more likely tokens hold less than
+    ``top_p`` of the probability (transformers' ``TopPLogitsWarper``), the best always."""
+    keep = (probs.cumsum(-1) - probs) < top_p
+    keep[:, 0] = True
+    return keep
+
+
+def _warp(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Scores after temperature and top-k, as transformers applies them (temperature > 0)."""
+    scores = logits.float() / sampling.temperature
+    if sampling.top_k:
+        kth = scores.topk(min(sampling.top_k, scores.shape[1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    return scores
+
+
 def _nucleus_pick(values: torch.Tensor, ids: torch.Tensor, log_z: torch.Tensor, top_p: float,
                   u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw from the nucleus among candidates sorted best first: the tokens transformers' ``TopPLogitsWarper``
     keeps are those whose more likely tokens hold less than ``top_p`` of the probability. Returns the tokens and
     their log-probabilities under the nucleus renormalised (the distribution drawn from)."""
     probs = (values - log_z).exp()
-    keep = (probs.cumsum(-1) - probs) < top_p
-    keep[:, 0] = True
+    keep = _nucleus(probs, top_p)
     kept = probs * keep
     pick = _inverse_cdf(kept, u).unsqueeze(1)
     logp = kept.gather(1, pick).squeeze(1).log() - kept.sum(-1).log()
@@ -108,10 +124,7 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingConfig, u: torch.Tenso
     if sampling.temperature <= 0:
         tokens = logits.argmax(-1)
         return (tokens, torch.zeros(len(tokens), device=logits.device)) if with_logprobs else tokens
-    scores = logits.float() / sampling.temperature
-    if sampling.top_k:
-        kth = scores.topk(min(sampling.top_k, scores.shape[1]), dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
+    scores = _warp(logits, sampling)
     if sampling.top_p < 1.0:
         tokens, logp = sample_top_p(scores, sampling.top_p, u.to(scores.device))
     else:
@@ -127,10 +140,7 @@ def sampling_logprobs(logits: torch.Tensor, tokens: torch.Tensor, sampling: Samp
     draws are weighted against (importance sampling)."""
     if sampling.temperature <= 0:
         return torch.where(logits.argmax(-1) == tokens, 0.0, float("-inf"))
-    scores = logits.float() / sampling.temperature
-    if sampling.top_k:
-        kth = scores.topk(min(sampling.top_k, scores.shape[1]), dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
+    scores = _warp(logits, sampling)
     if sampling.top_p >= 1.0:
         return torch.log_softmax(scores, -1).gather(1, tokens.unsqueeze(1)).squeeze(1)
     log_z = torch.logsumexp(scores, dim=-1, keepdim=True)
@@ -141,8 +151,7 @@ def sampling_logprobs(logits: torch.Tensor, tokens: torch.Tensor, sampling: Samp
         values, ids = scores[todo].topk(k, dim=-1)
         probs = (values - log_z[todo]).exp()
         covered = (probs.sum(-1) >= sampling.top_p) | (k == scores.shape[1])
-        keep = (probs.cumsum(-1) - probs) < sampling.top_p
-        keep[:, 0] = True
+        keep = _nucleus(probs, sampling.top_p)
         kept = probs * keep
         hit = (ids == tokens[todo].unsqueeze(1)) & keep
         logp = torch.where(hit.any(-1), (kept * hit).sum(-1).log() - kept.sum(-1).log(),
@@ -176,13 +185,15 @@ class _Llama:
         return self.inner.embed_tokens(ids)
 
     def qkv(self, i, x):
+        attn = self.blocks[i].self_attn
+        return self._heads(attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+
+    def _heads(self, q, k, v):
+        """Projected queries, keys and values [rows, positions, heads * dim] as heads, the rotary embedding on q, k."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        attn = self.blocks[i].self_attn
-        shape = (*x.shape[:-1], -1, self.head_dim)
-        q = attn.q_proj(x).view(shape).transpose(1, 2)
-        k = attn.k_proj(x).view(shape).transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        shape = (*q.shape[:-1], -1, self.head_dim)
+        q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rotary_pos_emb(q, k, *self._rope)
         return q, k, v
 
@@ -195,13 +206,8 @@ class _Llama:
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
     def _int8_block(self, i, layer, h, attend):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         b = self.int8.blocks[i]
-        q, k, v = b.qkv(layer.input_layernorm(h)).split([b.q_size, b.kv_size, b.kv_size], dim=-1)
-        shape = (*h.shape[:-1], -1, self.head_dim)
-        q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rotary_pos_emb(q, k, *self._rope)
+        q, k, v = self._heads(*b.qkv(layer.input_layernorm(h)).split([b.q_size, b.kv_size, b.kv_size], dim=-1))
         h = h + b.o(attend(q, k, v, self.scale))
         gate, up = b.gate_up(layer.post_attention_layernorm(h)).split(b.intermediate, dim=-1)
         return h + b.down(b.act(gate) * up)
@@ -259,14 +265,13 @@ class _Head:
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of the last position of ``h`` [rows, positions, hidden] (the head's hooks see that position)."""
         h = h[:, -1:]
-        if self.int8 is not None:
-            for hook in self.module._forward_pre_hooks.values():
-                hook(self.module, (h,))
-            return self.int8(h[:, 0])
-        if self.packed is None or h.dtype != torch.float32 or torch.is_autocast_enabled(h.device.type):
+        packed = self.packed is not None and h.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type)
+        if self.int8 is None and not packed:
             return self.module(h)[:, 0]
-        for hook in self.module._forward_pre_hooks.values():
+        for hook in self.module._forward_pre_hooks.values():  # what the module's own call would run
             hook(self.module, (h,))
+        if self.int8 is not None:
+            return self.int8(h[:, 0])
         return torch.ops.mkldnn._linear_pointwise(h[:, 0], self.packed, self.module.bias, "none", [], "")
 
 
