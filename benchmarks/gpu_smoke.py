@@ -116,7 +116,7 @@ def stage_ppo(base: Path, data: str, out: Path, steps: int, dtype: str, gc: bool
     from stackrlhf.rl.ppo import PPOTrainer
 
     prompts = (8 if tiny else 64) // (2 if algorithm == "rloo" else 1)  # RLOO: half the prompts, 2 answers each
-    cfg = PPOConfig(model=str(base), data=data, out=str(out), steps=steps, batch_size=prompts,
+    cfg = PPOConfig(model=str(base), data=data, out=str(out), steps=steps, prompts_per_step=prompts,
                     algorithm=algorithm,
                     mini_batch_size=4 if tiny else 16, ppo_epochs=2, min_new_tokens=16 if tiny else 64,
                     max_new_tokens=16 if tiny else 96, learning_rate=1e-4, num_layers_unfrozen=2, dtype=dtype,
@@ -160,14 +160,14 @@ def stage_ilql(base: Path, data: str, out: Path, steps: int, dtype: str, gc: boo
     from stackrlhf.rl.config import ILQLConfig
     from stackrlhf.rl.ilql import ILQLTrainer
 
-    cfg = ILQLConfig(model=str(base), data=data, out=str(out), steps=steps, batch_size=8 if tiny else 32,
+    cfg = ILQLConfig(model=str(base), data=data, out=str(out), steps=steps, per_device_train_batch_size=8 if tiny else 32,
                      max_samples=256, learning_rate=1e-4, warmup_steps=0, dtype=dtype, gradient_checkpointing=gc,
                      report_to="none", progress=False, save_every=0)
     trainer = ILQLTrainer(cfg)
     before = trainable_snapshot(trainer.model)
     m = trainer.train()
     tokens = sum(h["tokens"] for h in trainer.history)
-    seconds = sum(cfg.batch_size / h["time/samples_per_s"] for h in trainer.history)
+    seconds = sum(cfg.per_device_train_batch_size / h["time/samples_per_s"] for h in trainer.history)
     return {"throughput": tokens / max(seconds, 1e-9), "unit": "tokens/s",
             "changed": changed_share(before, dict(trainer.model.named_parameters())),
             "improved": m["loss_last"] < m["loss_first"],

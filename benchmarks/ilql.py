@@ -40,7 +40,7 @@ def main() -> None:
                                     f"beta={args.beta:g} sampled": [], f"beta={args.beta:g} greedy": []}
     for seed in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = ILQLConfig(model="randomwalks", out=str(Path(tmp) / "ilql"), steps=args.steps, batch_size=100,
+            cfg = ILQLConfig(model="randomwalks", out=str(Path(tmp) / "ilql"), steps=args.steps, per_device_train_batch_size=100,
                              learning_rate=1e-3, warmup_steps=10, num_layers_unfrozen=-1, tau=0.8, alpha=args.alpha,
                              steps_for_target_q_sync=args.sync_every, cql_scale=0.1, report_to="none", progress=False,
                              save_every=0, seed=seed)

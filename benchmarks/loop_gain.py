@@ -119,13 +119,13 @@ def loop_settings(args, data: str, out: Path) -> Path:
         # PPO, RLOO and RAFT compute-matched: --ppo-answers (16) answers and 2 optimiser steps an epoch per step
         # either way (RLOO and RAFT: 16 / k prompts, k answers each)
         "ppo": {"algorithm": args.algorithm, **({"rloo_k": args.rloo_k} if grouped else {}),
-                "steps": args.ppo_steps, "batch_size": args.ppo_answers // args.rloo_k if grouped else args.ppo_answers,
+                "steps": args.ppo_steps, "prompts_per_step": args.ppo_answers // args.rloo_k if grouped else args.ppo_answers,
                 "mini_batch_size": 8, "ppo_epochs": args.ppo_epochs, "min_new_tokens": 24, "max_new_tokens": 48,
                 "max_prompt_tokens": 128,
                 "temperature": args.temperature, "learning_rate": args.ppo_learning_rate, "save_every": 4,
                 "report_to": "none", "seed": args.seed},
         # 64 answers a batch (best-of-n: 4 questions x 16 samples): 1.3x the tokens/s of 16; the answers do not change
-        "eval": {"questions": args.eval_questions, "batch_size": 64, "max_new_tokens": 48, "max_prompt_tokens": 96,
+        "eval": {"questions": args.eval_questions, "generation_batch_size": 64, "max_new_tokens": 48, "max_prompt_tokens": 96,
                  "temperature": args.temperature, "seed": args.seed},
     }
     path = out / "loop.yaml"
@@ -236,7 +236,7 @@ def final_evaluation(args, out: Path, reg: dict) -> dict | None:
                                       *[f"bon{k}=bon:{k}@{v0}" for k in settings["best_of"]]],
         "baseline": "v0", "reference": v0, "data": settings["data"], "reward": last["rm"], "judge": args.judge,
         "judge_length_neutral": not args.no_length_neutral, "samples_per_question": args.final_samples,
-        "cache": str(out / "registry" / "eval-cache"), "out": str(out / "final")})
+        "answer_cache": str(out / "registry" / "eval-cache"), "out": str(out / "final")})
     done = out / "final" / "eval.json"
     kept = json.loads(done.read_text()) if done.is_file() else {}
     if kept.get("config") == json.loads(json.dumps(dataclasses.asdict(cfg))):

@@ -80,7 +80,7 @@ def worker_ours(root: Path, steps: int, k: int, algorithm: str = "ppo") -> dict:
 
     rm = RewardModel.from_pretrained(root / "rm")
     cfg = PPOConfig(model=str(root / "policy"), data=str(root / "data"), out=str(root / f"ours-{k}-{time.time()}"),
-                    steps=steps, batch_size=BATCH if algorithm == "ppo" else BATCH // 2, algorithm=algorithm,
+                    steps=steps, prompts_per_step=BATCH if algorithm == "ppo" else BATCH // 2, algorithm=algorithm,
                     rloo_k=2, mini_batch_size=MINI, ppo_epochs=EPOCHS, learning_rate=LR,
                     min_new_tokens=NEW_TOKENS, max_new_tokens=NEW_TOKENS, num_layers_unfrozen=k, report_to="none",
                     progress=False, sample_every=0, save_every=0, temperature=1.0)

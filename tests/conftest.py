@@ -1,5 +1,5 @@
-"""Shared fixtures: builds of the real dumps in ../shared/data/stackexchange, a tiny LM, feedback-store URLs;
-without the dumps, the tests that need them are skipped with the reason."""
+"""Shared fixtures: builds of the dumps in ../shared/data/stackexchange (or, without them, of a synthetic site of
+the same size), a tiny LM, feedback-store URLs. Without the dumps, only the tests that read them are skipped."""
 
 from __future__ import annotations
 
@@ -8,20 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from helpers import DUMPS_MISSING, SITES, save_tiny_lm
+from helpers import DUMPS_MISSING, SITES, save_tiny_lm, site_dump
 
-DUMP_FIXTURES = {"built_all", "beer_data", "tiny_lm"}
+DUMP_FIXTURES = {"built_all"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Without the shared dumps, skip (with the reason) every test that reads them: through a fixture that builds
-    from them, or in a module that opens them itself; the rest of the suite still runs."""
+    """Without the shared dumps, skip (with the reason) every test that reads them: through the fixture that builds
+    all four, or marked ``needs_dumps``; the rest of the suite runs on a synthetic site."""
     if DUMPS_MISSING is None:
         return
     skip = pytest.mark.skip(reason=DUMPS_MISSING)
     for item in items:
-        module_needs_dumps = getattr(getattr(item, "module", None), "SHARED", None) is not None
-        if DUMP_FIXTURES & set(getattr(item, "fixturenames", ())) or module_needs_dumps:
+        if DUMP_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("needs_dumps"):
             item.add_marker(skip)
 
 
@@ -48,22 +47,23 @@ def built_all(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def beer_data(tmp_path_factory) -> Path:
-    """``data build`` of the beer dump alone, once per session (the training stages' tests use it)."""
+def site_data(tmp_path_factory) -> Path:
+    """``data build`` of one site-sized dump (beer, or a synthetic site without ../shared), once per session: the
+    training stages' tests use it."""
     from stackrlhf.data.build import build_dataset
     from stackrlhf.data.config import DataConfig
 
-    out = tmp_path_factory.mktemp("beer") / "data"
-    build_dataset(DataConfig(dump=["beer"], out=str(out), progress=False))
+    out = tmp_path_factory.mktemp("site") / "data"
+    build_dataset(DataConfig(dump=[str(site_dump())], out=str(out), progress=False))
     return out
 
 
 @pytest.fixture(scope="session")
-def tiny_lm(beer_data, tmp_path_factory) -> Path:
-    """A tiny untrained LM whose vocabulary comes from beer answers (ILQL, eval, feedback tests)."""
+def tiny_lm(site_data, tmp_path_factory) -> Path:
+    """A tiny untrained LM whose vocabulary comes from the site's answers (ILQL, eval, feedback tests)."""
     from stackrlhf.data.load import load_split
 
-    texts = list(load_split(beer_data, "finetune", "train")["completion"])[:300]
+    texts = list(load_split(site_data, "finetune", "train")["completion"])[:300]
     return save_tiny_lm(texts, tmp_path_factory.mktemp("tiny-lm") / "tiny")
 
 

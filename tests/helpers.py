@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -12,13 +13,29 @@ import httpx
 
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data" / "stackexchange"
+SHARED = Path(os.environ.get("STACKRLHF_TEST_SHARED", REPO.parent / "shared" / "data" / "stackexchange"))
 TINY_DUMP = REPO / "tests" / "data" / "tea.example.com"  # a made-up dump (CC0): tests that need any dump, not ../shared
 SITES = ("beer.stackexchange.com", "cardano.stackexchange.com", "quantumcomputing.stackexchange.com",
          "matheducators.stackexchange.com")
 
 DUMPS_MISSING = (None if all((SHARED / site / "Posts.xml").is_file() for site in SITES) else
                  f"the shared Stack Exchange dumps are not in {SHARED}: clone this repository beside ../shared")
+_SITE_DUMP: list[Path] = []
+
+
+def site_dump() -> Path:
+    """A site-sized dump: beer from ../shared, or without it a synthetic site of the same size (written once per
+    process into a temporary folder named ``synthetic.example.com``)."""
+    if DUMPS_MISSING is None:
+        return SHARED / SITES[0]
+    if not _SITE_DUMP:
+        import tempfile
+
+        from synthdump import write_synthetic_dump
+
+        _SITE_DUMP.append(write_synthetic_dump(Path(tempfile.mkdtemp(prefix="stackrlhf-site-")) /
+                                               "synthetic.example.com"))
+    return _SITE_DUMP[0]
 
 
 def read_parquet_rows(root: Path, dataset: str, split: str) -> list[dict]:

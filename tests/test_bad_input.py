@@ -7,11 +7,11 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from helpers import SHARED
+from helpers import site_dump
 from http_server import FileServer
 from stackrlhf.cli import cli
 
-SITE = "beer.stackexchange.com"
+SITE = site_dump().name
 
 
 def run_build(dump: str, out: Path, *extra: str):
@@ -40,7 +40,7 @@ def dump_with_posts(tmp_path: Path, data: bytes) -> Path:
 
 
 def test_truncated_xml(tmp_path):
-    data = (SHARED / SITE / "Posts.xml").read_bytes()
+    data = (site_dump() / "Posts.xml").read_bytes()
     folder = dump_with_posts(tmp_path, data[: len(data) * 2 // 3])
     msg = assert_clean_failure(run_build(str(folder), tmp_path / "out"), tmp_path / "out",
                                str(folder / "Posts.xml"), "line ", "truncated")
@@ -48,7 +48,7 @@ def test_truncated_xml(tmp_path):
 
 
 def test_malformed_xml(tmp_path):
-    lines = (SHARED / SITE / "Posts.xml").read_bytes().splitlines(keepends=True)
+    lines = (site_dump() / "Posts.xml").read_bytes().splitlines(keepends=True)
     lines[100] = b'  <row Id="99999" PostTypeId="1" Body=oops />\n'
     folder = dump_with_posts(tmp_path, b"".join(lines))
     assert_clean_failure(run_build(str(folder), tmp_path / "out"), tmp_path / "out",
@@ -65,8 +65,8 @@ def test_entities_are_refused_with_the_reason(tmp_path):
 
 
 def test_non_utf8_bytes(tmp_path):
-    lines = (SHARED / SITE / "Posts.xml").read_bytes().splitlines(keepends=True)
-    lines[50] = lines[50].replace(b"beer", b"b\xff\xfeer", 1)
+    lines = (site_dump() / "Posts.xml").read_bytes().splitlines(keepends=True)
+    lines[50] = lines[50].replace(b'Body="', b'Body="b\xff\xfe', 1)
     assert b"\xff" in lines[50]
     folder = dump_with_posts(tmp_path, b"".join(lines))
     assert_clean_failure(run_build(str(folder), tmp_path / "out"), tmp_path / "out",
@@ -76,7 +76,7 @@ def test_non_utf8_bytes(tmp_path):
 def test_missing_posts_xml(tmp_path):
     folder = tmp_path / SITE
     folder.mkdir()
-    shutil.copy(SHARED / SITE / "Votes.xml", folder / "Votes.xml")
+    shutil.copy(site_dump() / "Votes.xml", folder / "Votes.xml")
     assert_clean_failure(run_build(str(folder), tmp_path / "out"), tmp_path / "out", str(folder), "no Posts.xml")
 
 
@@ -102,15 +102,15 @@ def test_url_404(tmp_path):
 def test_nonexistent_path_and_bad_settings(tmp_path):
     assert_clean_failure(run_build(str(tmp_path / "nope" / "x.7z"), tmp_path / "out"), tmp_path / "out",
                          "no such file")
-    assert_clean_failure(run_build("beer", tmp_path / "out", "--rl-fraction", "0.9"), tmp_path / "out",
+    assert_clean_failure(run_build(str(site_dump()), tmp_path / "out", "--rl-fraction", "0.9"), tmp_path / "out",
                          "sum to 1")
 
 
 def test_failed_rebuild_keeps_the_previous_output(tmp_path):
     out = tmp_path / "out"
-    assert run_build("matheducators", out).exit_code == 0
+    assert run_build(str(site_dump()), out).exit_code == 0
     before = (out / "stats.json").read_text()
-    data = (SHARED / SITE / "Posts.xml").read_bytes()
+    data = (site_dump() / "Posts.xml").read_bytes()
     folder = dump_with_posts(tmp_path, data[: len(data) // 2])
     result = run_build(str(folder), out)
     assert result.exit_code != 0
@@ -121,7 +121,7 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path):
     out = tmp_path / "precious"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    result = run_build("matheducators", out)
+    result = run_build(str(site_dump()), out)
     assert result.exit_code != 0 and "--overwrite" in result.output
     assert (out / "notes.txt").read_text() == "mine"
 

@@ -7,8 +7,9 @@ import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
 
 import datasets
+import pytest
 
-from helpers import SHARED, SITES, read_parquet_rows
+from helpers import SHARED, SITES, read_parquet_rows, site_dump
 from stackrlhf.data.build import build_dataset
 from stackrlhf.data.config import DataConfig
 from stackrlhf.data.load import load_split
@@ -187,17 +188,19 @@ def test_adding_a_site_moves_no_question(tmp_path, built_all):
 
 def test_unchanged_build_is_skipped_and_changed_one_rebuilt(tmp_path):
     out = tmp_path / "d"
-    cfg = DataConfig(dump=["matheducators"], out=str(out), progress=False)
+    cfg = DataConfig(dump=[str(site_dump())], out=str(out), progress=False)
     first = build_dataset(cfg)
     mtime = (out / "stats.json").stat().st_mtime_ns
     assert build_dataset(cfg) == first
     assert (out / "stats.json").stat().st_mtime_ns == mtime
-    changed = build_dataset(DataConfig(dump=["matheducators"], out=str(out), progress=False, max_pairs_per_question=2))
+    changed = build_dataset(DataConfig(dump=[str(site_dump())], out=str(out), progress=False,
+                                       max_pairs_per_question=2))
     assert changed["build_key"] != first["build_key"]
     assert changed["totals"]["pairs"] < first["totals"]["pairs"]
     assert not list(tmp_path.glob(".d.*"))
 
 
+@pytest.mark.needs_dumps
 def test_filters(tmp_path):
     out = tmp_path / "hops"
     stats = build_dataset(DataConfig(dump=["beer"], out=str(out), progress=False, tags=["hops"],
@@ -210,11 +213,10 @@ def test_filters(tmp_path):
 
 
 def test_upvotes_from_votes_counts_votes_xml(tmp_path):
-    site = "beer.stackexchange.com"
-    upvotes = Counter(r.get("PostId") for r in ET.parse(SHARED / site / "Votes.xml").getroot()
+    upvotes = Counter(r.get("PostId") for r in ET.parse(site_dump() / "Votes.xml").getroot()
                       if r.get("VoteTypeId") == "2")
     out = tmp_path / "votes"
-    build_dataset(DataConfig(dump=[site], out=str(out), progress=False, upvotes_from="votes"))
+    build_dataset(DataConfig(dump=[str(site_dump())], out=str(out), progress=False, upvotes_from="votes"))
     rows = read_parquet_rows(out, "evaluation", "test")
     assert rows
     for r in rows:

@@ -122,6 +122,35 @@ def test_old_option_names_still_work_with_a_warning_and_are_hidden(tmp_path, cap
         assert old not in invoke(command, "--help").output  # hidden: one name per concept in --help
 
 
+def test_one_meaning_per_option_name():
+    """Across every command, an option name in --help has one meaning: the batch sizes say what they count, and
+    `--cache` is the download cache wherever it appears. The old names still parse, with a warning."""
+    import re
+
+    meanings: dict[str, set[str]] = {}
+    for path in every_command():
+        text = CliRunner().invoke(cli, [*path, "--help"], terminal_width=300).output
+        for name in re.findall(r"^\s+(--[a-z0-9-]+)", text, re.M):
+            meanings.setdefault(name, set()).add(" ".join(path))
+    assert "--batch-size" not in meanings
+    assert {"--generation-batch-size", "--prompts-per-step", "--per-device-train-batch-size",
+            "--answer-cache"} <= set(meanings)
+    assert meanings["--answer-cache"] == {"eval"}
+    assert meanings["--prompts-per-step"] == {"ppo"}
+    for path in meanings["--cache"]:
+        text = CliRunner().invoke(cli, [*path.split(), "--help"], terminal_width=300).output
+        line = next(line for line in text.splitlines() if line.strip().startswith("--cache"))
+        assert re.search("download|fetch|unpack|cache dir|models", line, re.I), (path, line)
+    from stackrlhf.config import load_config
+    from stackrlhf.evaluate.config import EvalConfig
+    from stackrlhf.rl.config import ILQLConfig, PPOConfig
+
+    assert load_config(PPOConfig, model="m", data="d", batch_size=4, mini_batch_size=4).prompts_per_step == 4
+    assert load_config(ILQLConfig, model="m", batch_size=4).per_device_train_batch_size == 4
+    old = load_config(EvalConfig, model=("a=b",), data="d", judge="reference", batch_size=4, cache="c")
+    assert (old.generation_batch_size, old.answer_cache) == (4, "c")
+
+
 # the phrases, split so that this file does not spell them itself
 DEVELOPMENT_WORDING = re.compile("|".join(["issue [0-9]+", "this" + " session", "no gpu" + " was lent",
                                            r"\bI (stopped|restored|had)\b", "outside" + " review",

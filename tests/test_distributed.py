@@ -60,12 +60,12 @@ FSDP_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_fil
                "-m", "stackrlhf.cli"]
 
 
-def test_sft_with_two_processes_matches_one_under_ddp_and_fsdp(no_dropout_lm, beer_data, tmp_path):
+def test_sft_with_two_processes_matches_one_under_ddp_and_fsdp(no_dropout_lm, site_data, tmp_path):
     """DDP (cpu-2proc.yaml) and FSDP (configs/accelerate/fsdp.yaml: FSDP2, sharded checkpoints) on 2 CPU processes
     against one process. accelerate alone would run fsdp.yaml as DDP on CPUs (see cli._fsdp_on_cpu). The FSDP run
     stops after step 2 and resumes from its sharded checkpoint. Tolerances: DDP 1e-5; FSDP 1e-4 (it reduces
     gradients in shards; the gap seen is 4e-5), while training moves the weights by about 4e-3."""
-    common = SFT_COMMON + ["--model", str(no_dropout_lm), "--data", str(beer_data)]
+    common = SFT_COMMON + ["--model", str(no_dropout_lm), "--data", str(site_data)]
     run(common + ["--out", str(tmp_path / "one"), "--per-device-train-batch-size", "8", "--max-steps", "4"], 1)
     run(common + ["--out", str(tmp_path / "two"), "--per-device-train-batch-size", "4", "--max-steps", "4"], 2)
     one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
@@ -90,16 +90,16 @@ def test_sft_with_two_processes_matches_one_under_ddp_and_fsdp(no_dropout_lm, be
     assert resumed["eval_loss"] == pytest.approx(one["eval_loss"], abs=1e-4)
     assert weights_gap(tmp_path / "one", tmp_path / "fsdp") < 1e-4
     # the reward model under FSDP on CPU processes is refused (runs hung), before anything is written
-    rm = subprocess.run(FSDP_LAUNCH + ["rm", "--data", str(beer_data), "--out", str(tmp_path / "rm"), "--max-steps", "1"],
+    rm = subprocess.run(FSDP_LAUNCH + ["rm", "--data", str(site_data), "--out", str(tmp_path / "rm"), "--max-steps", "1"],
                         capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert rm.returncode != 0 and "not supported on CPU processes" in rm.stdout + rm.stderr
     assert not (tmp_path / "rm").exists()
 
 
-def test_dpo_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path):
+def test_dpo_with_two_processes_matches_one(no_dropout_lm, site_data, tmp_path):
     """DPO measures the pairs before training (an evaluation before `train()`): without the fix in
     `train/common.py` each process would then train alone on its half of the pairs."""
-    common = ["dpo", "--model", str(no_dropout_lm), "--data", str(beer_data), "--max-steps", "2",
+    common = ["dpo", "--model", str(no_dropout_lm), "--data", str(site_data), "--max-steps", "2",
               "--max-train-pairs", "32", "--max-eval-pairs", "8", "--max-length", "96", "--max-prompt-tokens", "32",
               "--report-to", "none", "--warmup-ratio", "0", "--lr-scheduler-type", "constant", "--learning-rate",
               "1e-3", "--no-shuffle", "--seed", "0", "--kl-prompts", "0", "--save-steps", "100"]
@@ -110,16 +110,16 @@ def test_dpo_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path):
     assert weights_gap(tmp_path / "one", tmp_path / "two") < 1e-5
 
 
-def test_ppo_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path):
+def test_ppo_with_two_processes_matches_one(no_dropout_lm, site_data, tmp_path):
     torch.manual_seed(0)
     model, tok = load_backbone(default_backbone())
     RewardModel(model, tok, max_length=48, max_question_tokens=16).save_pretrained(tmp_path / "rm")
-    common = ["ppo", "--policy", str(no_dropout_lm), "--reward", str(tmp_path / "rm"), "--data", str(beer_data),
+    common = ["ppo", "--policy", str(no_dropout_lm), "--reward", str(tmp_path / "rm"), "--data", str(site_data),
               "--steps", "3", "--min-new-tokens", "8", "--max-new-tokens", "8", "--top-k", "1", "--ppo-epochs", "1",
               "--no-whiten-advantages", "--num-layers-unfrozen", "1", "--learning-rate", "1e-3", "--report-to",
               "none", "--no-progress", "--save-every", "0", "--sample-every", "0", "--seed", "0"]
-    run(common + ["--out", str(tmp_path / "one"), "--batch-size", "8", "--mini-batch-size", "8"], 1)
-    run(common + ["--out", str(tmp_path / "two"), "--batch-size", "4", "--mini-batch-size", "4"], 2)
+    run(common + ["--out", str(tmp_path / "one"), "--prompts-per-step", "8", "--mini-batch-size", "8"], 1)
+    run(common + ["--out", str(tmp_path / "two"), "--prompts-per-step", "4", "--mini-batch-size", "4"], 2)
     one, two = ([json.loads(line) for line in (tmp_path / d / "history.jsonl").read_text().splitlines()]
                 for d in ("one", "two"))
     for a, b in zip(one, two):  # rewards and KL are means over every process's episodes
@@ -132,19 +132,19 @@ def test_ppo_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path):
     assert weights_gap(tmp_path / "one", tmp_path / "two", "value_head.safetensors") < 1e-5
 
 
-def test_rloo_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path):
+def test_rloo_with_two_processes_matches_one(no_dropout_lm, site_data, tmp_path):
     """Sampled (not greedy) answers, so the k answers of a prompt differ: the rollout's sampling seeds continue
     from one process to the next, so 2 processes x 2 prompts sample what 1 process x 4 prompts does."""
     torch.manual_seed(0)
     model, tok = load_backbone(default_backbone())
     RewardModel(model, tok, max_length=48, max_question_tokens=16).save_pretrained(tmp_path / "rm")
     common = ["ppo", "--algorithm", "rloo", "--rloo-k", "2", "--policy", str(no_dropout_lm), "--reward",
-              str(tmp_path / "rm"), "--data", str(beer_data), "--steps", "2", "--min-new-tokens", "8",
+              str(tmp_path / "rm"), "--data", str(site_data), "--steps", "2", "--min-new-tokens", "8",
               "--max-new-tokens", "8", "--temperature", "1", "--ppo-epochs", "1", "--no-whiten-advantages",
               "--num-layers-unfrozen", "1", "--learning-rate", "1e-3", "--report-to", "none", "--no-progress",
               "--save-every", "0", "--sample-every", "0", "--seed", "0", "--generation-batch-size", "4"]
-    run(common + ["--out", str(tmp_path / "one"), "--batch-size", "4", "--mini-batch-size", "8"], 1)
-    run(common + ["--out", str(tmp_path / "two"), "--batch-size", "2", "--mini-batch-size", "4"], 2)
+    run(common + ["--out", str(tmp_path / "one"), "--prompts-per-step", "4", "--mini-batch-size", "8"], 1)
+    run(common + ["--out", str(tmp_path / "two"), "--prompts-per-step", "2", "--mini-batch-size", "4"], 2)
     one, two = ([json.loads(line) for line in (tmp_path / d / "history.jsonl").read_text().splitlines()]
                 for d in ("one", "two"))
     for a, b in zip(one, two):
@@ -156,12 +156,12 @@ def test_rloo_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path)
     assert weights_gap(tmp_path / "one", tmp_path / "two") < 1e-5
 
 
-def test_ilql_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path):
-    common = ["ilql", "--model", str(no_dropout_lm), "--data", str(beer_data), "--steps", "3", "--max-samples", "64",
+def test_ilql_with_two_processes_matches_one(no_dropout_lm, site_data, tmp_path):
+    common = ["ilql", "--model", str(no_dropout_lm), "--data", str(site_data), "--steps", "3", "--max-samples", "64",
               "--max-answer-tokens", "32", "--max-prompt-tokens", "32", "--report-to", "none", "--no-progress",
               "--save-every", "0", "--seed", "0", "--warmup-steps", "0", "--learning-rate", "1e-3"]
-    run(common + ["--out", str(tmp_path / "one"), "--batch-size", "8"], 1)
-    run(common + ["--out", str(tmp_path / "two"), "--batch-size", "4"], 2)
+    run(common + ["--out", str(tmp_path / "one"), "--per-device-train-batch-size", "8"], 1)
+    run(common + ["--out", str(tmp_path / "two"), "--per-device-train-batch-size", "4"], 2)
     moved = weights_gap(tmp_path / "one", no_dropout_lm)
     assert moved > 1e-3  # training moved the weights
     # not bit-equal by design: each process takes its per-token loss means over its own tokens before DDP averages
@@ -171,7 +171,7 @@ def test_ilql_with_two_processes_matches_one(no_dropout_lm, beer_data, tmp_path)
     assert weights_gap(tmp_path / "one", tmp_path / "two", "ilql_heads.safetensors") < 0.1 * moved
 
 
-def test_ppo_resumed_on_two_processes_repeats_the_uninterrupted_run(no_dropout_lm, beer_data, tmp_path):
+def test_ppo_resumed_on_two_processes_repeats_the_uninterrupted_run(no_dropout_lm, site_data, tmp_path):
     """Each process shuffles its own minibatches with its own generator: a checkpoint keeps every process's
     generators (and both optimisers), so a 2-process run stopped after step 2 and resumed ends with the
     uninterrupted run's weights. With only process 0's generator saved, process 1 would resume with another
@@ -179,8 +179,8 @@ def test_ppo_resumed_on_two_processes_repeats_the_uninterrupted_run(no_dropout_l
     torch.manual_seed(0)
     model, tok = load_backbone(default_backbone())
     RewardModel(model, tok, max_length=48, max_question_tokens=16).save_pretrained(tmp_path / "rm")
-    common = ["ppo", "--policy", str(no_dropout_lm), "--reward", str(tmp_path / "rm"), "--data", str(beer_data),
-              "--min-new-tokens", "8", "--max-new-tokens", "8", "--ppo-epochs", "2", "--batch-size", "4",
+    common = ["ppo", "--policy", str(no_dropout_lm), "--reward", str(tmp_path / "rm"), "--data", str(site_data),
+              "--min-new-tokens", "8", "--max-new-tokens", "8", "--ppo-epochs", "2", "--prompts-per-step", "4",
               "--mini-batch-size", "2", "--num-layers-unfrozen", "1", "--learning-rate", "1e-3", "--report-to",
               "none", "--no-progress", "--save-every", "1", "--sample-every", "0", "--seed", "0",
               "--value-warmup-steps", "2"]

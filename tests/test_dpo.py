@@ -31,8 +31,8 @@ def sequence_logps(model, batch) -> torch.Tensor:
     return (logp * batch["completion_mask"][:, 1:]).sum(1)
 
 
-def make_trainer(tiny_lm, beer_data, tmp_path, loss="sigmoid", pairs=16, **extra):
-    cfg = DPOConfig(model=str(tiny_lm), data=[str(beer_data)], out=str(tmp_path / "dpo"), loss=loss,
+def make_trainer(tiny_lm, site_data, tmp_path, loss="sigmoid", pairs=16, **extra):
+    cfg = DPOConfig(model=str(tiny_lm), data=[str(site_data)], out=str(tmp_path / "dpo"), loss=loss,
                     max_train_pairs=pairs, precompute_ref_log_probs=False, **{**FAST, **extra})
     model, tok = load_causal_lm(str(tiny_lm), "float32")
     reference = copy.deepcopy(model).eval()
@@ -44,8 +44,8 @@ def make_trainer(tiny_lm, beer_data, tmp_path, loss="sigmoid", pairs=16, **extra
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo", "sigmoid_norm"])
-def test_loss_equals_the_formula(tiny_lm, beer_data, tmp_path, loss):
-    trainer, model, reference = make_trainer(tiny_lm, beer_data, tmp_path, loss, pairs=8)
+def test_loss_equals_the_formula(tiny_lm, site_data, tmp_path, loss):
+    trainer, model, reference = make_trainer(tiny_lm, site_data, tmp_path, loss, pairs=8)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     model.eval()
     with torch.no_grad():
@@ -64,8 +64,8 @@ def test_loss_equals_the_formula(tiny_lm, beer_data, tmp_path, loss):
     assert float(((pc - rc) - (pr - rr)).abs().max()) > 1e-3  # the check is not vacuous: the ratios differ
 
 
-def test_training_raises_the_margin_on_training_pairs(tiny_lm, beer_data, tmp_path):
-    trainer, model, reference = make_trainer(tiny_lm, beer_data, tmp_path, pairs=8, learning_rate=1e-3,
+def test_training_raises_the_margin_on_training_pairs(tiny_lm, site_data, tmp_path):
+    trainer, model, reference = make_trainer(tiny_lm, site_data, tmp_path, pairs=8, learning_rate=1e-3,
                                              max_steps=12, per_device_train_batch_size=8)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
 
@@ -81,9 +81,9 @@ def test_training_raises_the_margin_on_training_pairs(tiny_lm, beer_data, tmp_pa
     assert margin() > before + 1.0
 
 
-def test_cli_trains_resumes_and_reports(tiny_lm, beer_data, tmp_path):
+def test_cli_trains_resumes_and_reports(tiny_lm, site_data, tmp_path):
     out = tmp_path / "dpo"
-    args = ["dpo", "--model", str(tiny_lm), "--data", str(beer_data), "--out", str(out), "--max-train-pairs", "16",
+    args = ["dpo", "--model", str(tiny_lm), "--data", str(site_data), "--out", str(out), "--max-train-pairs", "16",
             "--max-eval-pairs", "8", "--max-length", "96", "--max-prompt-tokens", "32", "--report-to", "none",
             "--per-device-train-batch-size", "4", "--save-steps", "1", "--kl-prompts", "4"]
     first = CliRunner().invoke(cli, [*args, "--max-steps", "2"])
@@ -101,7 +101,7 @@ def test_cli_trains_resumes_and_reports(tiny_lm, beer_data, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "config.yaml").is_file()
 
 
-def test_bad_input(tiny_lm, beer_data, tmp_path):
+def test_bad_input(tiny_lm, site_data, tmp_path):
     empty = tmp_path / "export"
     (empty / "reward").mkdir(parents=True)  # an export without any pairs
     other_tok = tmp_path / "other"
@@ -109,10 +109,10 @@ def test_bad_input(tiny_lm, beer_data, tmp_path):
 
     save_tiny_lm(["completely different text " * 50, "another vocabulary entirely " * 50], other_tok)
     with pytest.raises(StackRLHFError, match="another tokenizer"):
-        dpo(DPOConfig(model=str(tiny_lm), reference=str(other_tok), data=[str(beer_data)], out=str(tmp_path / "o"),
+        dpo(DPOConfig(model=str(tiny_lm), reference=str(other_tok), data=[str(site_data)], out=str(tmp_path / "o"),
                       **FAST))
     result = CliRunner().invoke(cli, ["dpo", "--model", str(tiny_lm), "--data", str(empty), "--out",
                                       str(tmp_path / "o2")])
     assert result.exit_code != 0 and "reward/train" in result.output and "Traceback" not in result.output
-    result = CliRunner().invoke(cli, ["dpo", "--data", str(beer_data), "--out", str(tmp_path / "o3")])
+    result = CliRunner().invoke(cli, ["dpo", "--data", str(site_data), "--out", str(tmp_path / "o3")])
     assert result.exit_code != 0 and "--model is required" in result.output

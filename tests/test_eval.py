@@ -20,6 +20,7 @@ from stackrlhf.models.loading import load_causal_lm
 from stackrlhf.models.reward import RewardModel, default_backbone, load_backbone
 from stackrlhf.models.ilql import ILQLModel
 from stackrlhf.data.load import load_pairs, load_split
+from helpers import site_dump
 
 
 def test_small_metrics():
@@ -96,10 +97,10 @@ def test_best_of_n_keeps_the_scorers_best(tiny_lm, monkeypatch):
         assert text in many.texts[4 * i:4 * i + 2]
 
 
-def test_gold_and_proxy_halves_split_the_pairs_by_question(built_all):
-    every = load_pairs([str(built_all)], "train")
-    proxy = load_pairs([str(built_all)], "train", half="proxy")
-    gold = load_pairs([str(built_all)], "train", half="gold")
+def test_gold_and_proxy_halves_split_the_pairs_by_question(site_data):
+    every = load_pairs([str(site_data)], "train")
+    proxy = load_pairs([str(site_data)], "train", half="proxy")
+    gold = load_pairs([str(site_data)], "train", half="gold")
     assert len(proxy) + len(gold) == len(every) and len(proxy) > 0 and len(gold) > 0
     q_proxy = set(zip(proxy["site"], proxy["qid"]))
     q_gold = set(zip(gold["site"], gold["qid"]))
@@ -120,7 +121,7 @@ def judges(tmp_path_factory) -> tuple[Path, Path]:
     return dirs[0], dirs[1]
 
 
-def test_eval_judges_plain_and_ilql_models(tiny_lm, beer_data, judges, tmp_path):
+def test_eval_judges_plain_and_ilql_models(tiny_lm, site_data, judges, tmp_path):
     ilql_dir = tmp_path / "ilql"
     lm, tok = load_causal_lm(str(tiny_lm))
     torch.manual_seed(3)
@@ -131,7 +132,7 @@ def test_eval_judges_plain_and_ilql_models(tiny_lm, beer_data, judges, tmp_path)
     result = CliRunner().invoke(cli, [
         "eval", "--model", f"sft={tiny_lm}", "--model", f"ilql0={ilql_dir}@0", "--model", f"ilql={ilql_dir}@5",
         "--model", f"bon4=bon:4@{tiny_lm}",
-        "--reward", str(judges[0]), "--gold-reward", str(judges[1]), "--data", str(beer_data), "--out", str(out),
+        "--reward", str(judges[0]), "--gold-reward", str(judges[1]), "--data", str(site_data), "--out", str(out),
         "--questions", "6", "--max-new-tokens", "10", "--no-progress"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "eval.json").read_text())
@@ -151,11 +152,11 @@ def test_eval_judges_plain_and_ilql_models(tiny_lm, beer_data, judges, tmp_path)
     assert bon["reward_proxy"] >= sft["reward_proxy"] - 1e-6
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6
-    assert all(r["question_link"].startswith("https://beer.stackexchange.com/") and r["license"] for r in rows)
+    assert all(r["question_link"].startswith(f"https://{site_dump().name}/") and r["license"] for r in rows)
     assert set(rows[0]["answers"]) == {"sft", "ilql0", "ilql", "bon4"} and "proxy" in rows[0]["answers"]["ilql"]
 
 
-def test_eval_skips_the_passes_whose_answer_it_knows(tiny_lm, beer_data, judges, tmp_path, monkeypatch):
+def test_eval_skips_the_passes_whose_answer_it_knows(tiny_lm, site_data, judges, tmp_path, monkeypatch):
     """The reference and best-of-n from it have a log-ratio of 0 (no forward pass), and best-of-n shares its
     policy's perplexity of the human answers: 1 pass for sft and 0 for its best-of-n, against 3 for a copy of
     the same weights in another directory, whose full passes give the same figures."""
@@ -176,7 +177,7 @@ def test_eval_skips_the_passes_whose_answer_it_knows(tiny_lm, beer_data, judges,
     out = tmp_path / "eval"
     result = CliRunner().invoke(cli, [
         "eval", "--model", f"sft={tiny_lm}", "--model", f"bon4=bon:4@{tiny_lm}", "--model", f"bon2=bon:2@{tiny_lm}",
-        "--model", f"copy={copy}", "--reward", str(judges[0]), "--data", str(beer_data), "--out", str(out),
+        "--model", f"copy={copy}", "--reward", str(judges[0]), "--data", str(site_data), "--out", str(out),
         "--questions", "5", "--max-new-tokens", "8", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert sorted(passes) == ["copy", "copy", "reference", "sft"]
@@ -189,9 +190,9 @@ def test_eval_skips_the_passes_whose_answer_it_knows(tiny_lm, beer_data, judges,
                                                                         rel=1e-5)
 
 
-def test_eval_with_a_cache_samples_and_scores_each_model_once(tiny_lm, beer_data, judges, tmp_path, monkeypatch):
+def test_eval_with_a_cache_samples_and_scores_each_model_once(tiny_lm, site_data, judges, tmp_path, monkeypatch):
     """The loop evaluates v0, the parent and v0's best-of-n pool again in every turn, each turn in a new process.
-    With --cache a second evaluation reads their answers, KL and perplexity: no sampling, no log-prob pass, the
+    With --answer-cache a second evaluation reads their answers, KL and perplexity: no sampling, no log-prob pass, the
     same figures; best-of-n picks from its kept pool with the new reward model; a model whose weights were
     rewritten is sampled again."""
     import shutil
@@ -221,8 +222,8 @@ def test_eval_with_a_cache_samples_and_scores_each_model_once(tiny_lm, beer_data
         passes.clear()
         result = CliRunner().invoke(cli, [
             "eval", "--model", f"sft={tiny_lm}", "--model", f"copy={copy}", "--model", f"bon4=bon:4@{tiny_lm}",
-            "--reward", str(reward), "--data", str(beer_data), "--out", str(tmp_path / out), "--questions", "5",
-            "--max-new-tokens", "8", "--cache", str(tmp_path / "cache"), "--no-progress"])
+            "--reward", str(reward), "--data", str(site_data), "--out", str(tmp_path / out), "--questions", "5",
+            "--max-new-tokens", "8", "--answer-cache", str(tmp_path / "cache"), "--no-progress"])
         assert result.exit_code == 0, result.output
         models = json.loads((tmp_path / out / "eval.json").read_text())["models"]
         return {name: {k: v for k, v in m.items() if k != "generate_s"} for name, m in models.items()}
@@ -245,7 +246,7 @@ def test_eval_with_a_cache_samples_and_scores_each_model_once(tiny_lm, beer_data
 
 
 def test_eval_with_several_samples_per_question_averages_each_question_before_comparing(
-        tiny_lm, beer_data, judges, tmp_path):
+        tiny_lm, site_data, judges, tmp_path):
     """--samples-per-question 3: a model answers each question 3 times (its first answers are the ones of 1
     sample), best-of-n still picks once; gains, win rates and their SE compare the per-question means."""
     import shutil
@@ -258,7 +259,7 @@ def test_eval_with_several_samples_per_question_averages_each_question_before_co
     def evaluate(out: str, samples: int) -> tuple[dict, list[dict]]:
         result = CliRunner().invoke(cli, [
             "eval", "--model", f"sft={tiny_lm}", "--model", f"copy={copy}", "--model", f"bon4=bon:4@{tiny_lm}",
-            "--reward", str(judges[0]), "--gold-reward", str(judges[1]), "--data", str(beer_data),
+            "--reward", str(judges[0]), "--gold-reward", str(judges[1]), "--data", str(site_data),
             "--out", str(tmp_path / out), "--questions", "5", "--max-new-tokens", "8", "--temperature", "1.5",
             "--samples-per-question", str(samples), "--no-progress"])
         assert result.exit_code == 0, result.output
@@ -291,17 +292,17 @@ def test_eval_with_several_samples_per_question_averages_each_question_before_co
     assert bon["gain_proxy_vs_sft"] == pytest.approx(
         sum(r["answers"]["bon4"]["proxy"] for r in rows) / 5 - sum(means("sft", "proxy")) / 5, abs=1e-5)
     bad = CliRunner().invoke(cli, ["eval", "--model", f"sft={tiny_lm}", "--reward", str(judges[0]), "--data",
-                                   str(beer_data), "--samples-per-question", "0"])
+                                   str(site_data), "--samples-per-question", "0"])
     assert bad.exit_code != 0 and "--samples-per-question must be at least 1" in bad.output
 
 
-def test_eval_rejects_an_unknown_baseline(tiny_lm, beer_data, judges, tmp_path):
+def test_eval_rejects_an_unknown_baseline(tiny_lm, site_data, judges, tmp_path):
     result = CliRunner().invoke(cli, ["eval", "--model", f"sft={tiny_lm}", "--baseline", "ppo", "--reward",
-                                      str(judges[0]), "--data", str(beer_data), "--out", str(tmp_path / "e")])
+                                      str(judges[0]), "--data", str(site_data), "--out", str(tmp_path / "e")])
     assert result.exit_code == 1 and "--baseline ppo is not one of the models" in result.output
 
 
-def test_eval_with_a_judge_alone_samples_in_int8_and_weights_its_kl_back(beer_data, tmp_path):
+def test_eval_with_a_judge_alone_samples_in_int8_and_weights_its_kl_back(site_data, tmp_path):
     """No reward model: the `reference` judge scores. A Llama-layout model on a CPU samples with the int8 sampler by
     default; its KL to the baseline is importance-weighted back to float32 and the mismatch recorded;
     --sampler-precision float32 samples exactly. Best-of-n without a reward model to pick with is refused."""
@@ -311,7 +312,7 @@ def test_eval_with_a_judge_alone_samples_in_int8_and_weights_its_kl_back(beer_da
 
     if not quant.int8_available():
         pytest.skip("no int8 matrix kernel here")
-    texts = list(load_split(beer_data, "finetune", "train")["completion"])[:200]
+    texts = list(load_split(site_data, "finetune", "train")["completion"])[:200]
     paths = {}
     for name, seed in (("base", 0), ("other", 1)):
         model, tok = tiny_chat_llama(texts, vocab_size=400, seed=0)
@@ -324,7 +325,7 @@ def test_eval_with_a_judge_alone_samples_in_int8_and_weights_its_kl_back(beer_da
         model.save_pretrained(paths[name])
         tok.save_pretrained(paths[name])
     common = ["eval", "--model", f"base={paths['base']}", "--model", f"other={paths['other']}", "--judge",
-              "reference", "--data", str(beer_data), "--questions", "4", "--max-new-tokens", "8", "--no-progress"]
+              "reference", "--data", str(site_data), "--questions", "4", "--max-new-tokens", "8", "--no-progress"]
     fast = CliRunner().invoke(cli, common + ["--out", str(tmp_path / "int8")])
     assert fast.exit_code == 0, fast.output
     report = json.loads((tmp_path / "int8" / "eval.json").read_text())

@@ -20,7 +20,7 @@ from stackrlhf.feedback.store import FeedbackStore, Label, scoped_client_id
 from stackrlhf.data.load import load_split
 from stackrlhf.data.load import load_pairs
 
-from helpers import free_port, start_server
+from helpers import free_port, site_dump, start_server
 
 EVIL = "Is <script>window.__pwned = 1</script> safe? <img src=x onerror=alert(1)>"
 
@@ -153,7 +153,7 @@ def test_agreement_statistics_match_hand_computed_values():
     assert krippendorff_alpha([["0", "0"], ["1", "1", "1"], ["tie"]]) == pytest.approx(1.0)
 
 
-def test_export_pairs_train_beside_the_votes_and_stats_by_model(app_db, beer_data, tmp_path):
+def test_export_pairs_train_beside_the_votes_and_stats_by_model(app_db, site_data, tmp_path):
     db, tokens = app_db
     client = TestClient(create_app(db))
     for who, best in (("ann", 0), ("bob", 0), ("cat", 1)):
@@ -165,8 +165,8 @@ def test_export_pairs_train_beside_the_votes_and_stats_by_model(app_db, beer_dat
     out = tmp_path / "feedback"
     result = CliRunner().invoke(cli, ["feedback", "export", "--db", db, "--out", str(out)])
     assert result.exit_code == 0, result.output
-    pairs = load_pairs([str(beer_data), str(out)], "train")
-    votes = load_pairs([str(beer_data)], "train")
+    pairs = load_pairs([str(site_data), str(out)], "train")
+    votes = load_pairs([str(site_data)], "train")
     assert len(pairs) == len(votes) + 6
     mine = load_split(out, "reward", "train").to_list()
     assert all(r["site"] == "beer.stackexchange.com" and r["source"].startswith("feedback:") for r in mine)
@@ -214,40 +214,40 @@ def test_export_leaves_out_evaluation_questions_unless_asked(tmp_path):
     assert sorted(r["qid"] for r in load_split(tmp_path / "all", "reward", "train").to_list()) == [1000, 1001, 1002]
 
 
-def test_queue_generates_candidates_with_a_control(tiny_lm, beer_data, tmp_path):
+def test_queue_generates_candidates_with_a_control(tiny_lm, site_data, tmp_path):
     db = f"sqlite:///{tmp_path / 'q.db'}"
     result = CliRunner().invoke(cli, ["feedback", "queue", "--db", db, "--model", f"tiny={tiny_lm}", "--data",
-                                      str(beer_data), "--questions", "3", "--answers-per-question", "3", "--control",
+                                      str(site_data), "--questions", "3", "--answers-per-question", "3", "--control",
                                       "--split", "evaluation", "--max-new-tokens", "8"])
     assert result.exit_code == 0, result.output
     tasks = FeedbackStore(db).all_tasks()
     assert len(tasks) == 3 and {t.split for t in tasks} == {"evaluation"}
     refused = CliRunner().invoke(cli, ["feedback", "queue", "--db", db, "--model", f"tiny={tiny_lm}", "--data",
-                                       str(beer_data), "--control"])  # the default split, rl, has no answers
+                                       str(site_data), "--control"])  # the default split, rl, has no answers
     assert refused.exit_code != 0 and "--control needs --split evaluation" in refused.output
     for t in tasks:
         sources = sorted(c.source for c in t.candidates)
         assert sources == ["human", "model", "model"]
         assert all(c.sampling["path"] == str(tiny_lm) for c in t.candidates if c.source == "model")
-        assert t.question_link.startswith("https://beer.stackexchange.com/")
+        assert t.question_link.startswith(f"https://{site_dump().name}/")
 
 
-def test_queue_answers_do_not_depend_on_the_generation_batch(tiny_lm, beer_data, tmp_path):
-    """The queue answers many prompts together (--batch-size); row i's random numbers are its own, so the stored
+def test_queue_answers_do_not_depend_on_the_generation_batch(tiny_lm, site_data, tmp_path):
+    """The queue answers many prompts together (--generation-batch-size); row i's random numbers are its own, so the stored
     answers are those of one-at-a-time generation."""
     texts = {}
     for size in (1, 32):
         db = f"sqlite:///{tmp_path / f'b{size}.db'}"
         result = CliRunner().invoke(cli, ["feedback", "queue", "--db", db, "--model", f"tiny={tiny_lm}", "--data",
-                                          str(beer_data), "--questions", "5", "--answers-per-question", "2",
-                                          "--max-new-tokens", "8", "--batch-size", str(size)])
+                                          str(site_data), "--questions", "5", "--answers-per-question", "2",
+                                          "--max-new-tokens", "8", "--generation-batch-size", str(size)])
         assert result.exit_code == 0, result.output
         texts[size] = sorted((t.question_link, c.text) for t in FeedbackStore(db).all_tasks() for c in t.candidates)
     assert len(texts[1]) == 10 and len({text for _, text in texts[1]}) > 1
     assert texts[1] == texts[32]
     bad = CliRunner().invoke(cli, ["feedback", "queue", "--db", f"sqlite:///{tmp_path / 'z.db'}", "--model",
-                                   f"tiny={tiny_lm}", "--data", str(beer_data), "--batch-size", "0"])
-    assert bad.exit_code != 0 and "--batch-size" in bad.output
+                                   f"tiny={tiny_lm}", "--data", str(site_data), "--generation-batch-size", "0"])
+    assert bad.exit_code != 0 and "--generation-batch-size" in bad.output
 
 
 # ---------------------------------------------------------------- load test against a real server

@@ -10,23 +10,23 @@ import py7zr
 import pytest
 from click.testing import CliRunner
 
-from helpers import SHARED
+from helpers import SHARED, site_dump
 from http_server import FileServer
 from stackrlhf.cli import cli
 from stackrlhf.data.dumps import resolve_dump
 from stackrlhf.data.fetch import download, fetch_site
 from stackrlhf.errors import DumpError
 
-SITE = "beer.stackexchange.com"
+SITE = site_dump().name
 
 
 @pytest.fixture(scope="module")
 def archive_dir(tmp_path_factory) -> Path:
-    """A real `<site>.7z` in the official layout, built from the shared beer dump."""
+    """A real `<site>.7z` in the official layout, built from a site-sized dump."""
     root = tmp_path_factory.mktemp("served")
     with py7zr.SevenZipFile(root / f"{SITE}.7z", "w") as z:
         for name in ("Posts.xml", "Votes.xml", "Users.xml"):
-            z.write(SHARED / SITE / name, arcname=name)
+            z.write(site_dump() / name, arcname=name)
     return root
 
 
@@ -36,12 +36,12 @@ def sha(path: Path) -> str:
 
 def test_fetch_site_downloads_and_unpacks(tmp_path, archive_dir):
     with FileServer(archive_dir) as srv:
-        result = CliRunner().invoke(cli, ["data", "fetch", "--site", "beer", "--cache", str(tmp_path),
+        result = CliRunner().invoke(cli, ["data", "fetch", "--site", SITE, "--cache", str(tmp_path),
                                           "--base-url", srv.url, "--no-progress"])
     assert result.exit_code == 0, result.output
     folder = Path(result.output.strip().splitlines()[-1])
     assert folder == tmp_path / SITE
-    assert sha(folder / "Posts.xml") == sha(SHARED / SITE / "Posts.xml")
+    assert sha(folder / "Posts.xml") == sha(site_dump() / "Posts.xml")
     assert srv.requests == [(f"/{SITE}.7z", None)]
     # already there: no second request
     with FileServer(archive_dir) as srv2:
@@ -66,12 +66,13 @@ def test_download_retries_server_errors_and_dropped_connections(tmp_path, archiv
     with FileServer(archive_dir, fail_first=2) as srv:
         download(f"{srv.url}/{SITE}.7z", tmp_path / "a.7z", backoff_s=0.01, progress=False)
     assert len(srv.requests) == 3 and sha(tmp_path / "a.7z") == sha(src)
-    assert src.stat().st_size > 300_000
-    with FileServer(archive_dir, cut_after=200_000) as srv:
-        download(f"{srv.url}/{SITE}.7z", tmp_path / "b.7z", backoff_s=0.01, chunk_bytes=1 << 14, progress=False)
+    cut = src.stat().st_size // 2  # the connection drops halfway
+    assert cut > 4 << 12
+    with FileServer(archive_dir, cut_after=cut) as srv:
+        download(f"{srv.url}/{SITE}.7z", tmp_path / "b.7z", backoff_s=0.01, chunk_bytes=1 << 12, progress=False)
     assert srv.requests[0][1] is None and len(srv.requests) == 2
     resumed_at = int(srv.requests[1][1].removeprefix("bytes=").rstrip("-"))
-    assert 200_000 - (1 << 14) <= resumed_at <= 200_000  # kept what arrived, asked only for the rest
+    assert cut - (1 << 12) <= resumed_at <= cut  # kept what arrived, asked only for the rest
     assert sha(tmp_path / "b.7z") == sha(src)
 
 
@@ -91,26 +92,33 @@ def test_build_from_a_url(tmp_path, archive_dir):
     import json
 
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
-    assert stats["sites"][SITE]["questions"] == 591 and stats["sites"][SITE]["answers"] == 1398
+    from xml.etree import ElementTree
+
+    kinds = [row.get("PostTypeId") for row in ElementTree.parse(site_dump() / "Posts.xml").getroot()]
+    assert stats["sites"][SITE]["questions"] == kinds.count("1")
+    assert stats["sites"][SITE]["answers"] == kinds.count("2")
 
 
 def test_lookup_order_explicit_then_env_then_shared(tmp_path, monkeypatch, archive_dir):
     # explicit folder
-    assert resolve_dump(SHARED / SITE).folder == SHARED / SITE
+    assert resolve_dump(site_dump()).folder == site_dump()
     # explicit .7z: unpacked to the cache
     d = resolve_dump(archive_dir / f"{SITE}.7z", cache_dir=tmp_path / "c")
     assert d.site == SITE and (d.folder / "Posts.xml").is_file() and tmp_path / "c" in d.folder.parents
     # by name: $STACKRLHF_DUMPS wins over the shared folder
     mine = tmp_path / "dumps" / SITE
     mine.mkdir(parents=True)
-    shutil.copy(SHARED / SITE / "Posts.xml", mine / "Posts.xml")
+    shutil.copy(site_dump() / "Posts.xml", mine / "Posts.xml")
     monkeypatch.setenv("STACKRLHF_DUMPS", str(tmp_path / "dumps"))
-    assert resolve_dump("beer").folder == mine
-    monkeypatch.delenv("STACKRLHF_DUMPS")
-    assert resolve_dump("beer").folder.resolve() == (SHARED / SITE).resolve()
+    assert resolve_dump(SITE).folder == mine
     # not anywhere and downloads off: a clear error
     with pytest.raises(DumpError, match="no dump found"):
         resolve_dump("nosuchsite", cache_dir=tmp_path / "c", download_missing=False)
+
+
+@pytest.mark.needs_dumps
+def test_a_short_name_finds_the_shared_folder():
+    assert resolve_dump("beer").folder.resolve() == (SHARED / "beer.stackexchange.com").resolve()
 
 
 def test_unknown_site_downloads_from_base_url(tmp_path, archive_dir):
@@ -120,6 +128,7 @@ def test_unknown_site_downloads_from_base_url(tmp_path, archive_dir):
     assert d.site == "other.stackexchange.com" and (d.folder / "Posts.xml").is_file()
 
 
+@pytest.mark.needs_dumps
 def test_demo_sites_download_on_a_clone_without_shared(tmp_path, monkeypatch):
     """A connected user's fresh clone (no ../shared, no $STACKRLHF_DUMPS): the demo's data section names its
     four sites, so the build downloads them (here from a local server standing in for archive.org)."""

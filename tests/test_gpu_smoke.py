@@ -12,11 +12,11 @@ from helpers import REPO
 
 
 @pytest.mark.slow  # every stage of the GPU check, on the CPU
-def test_gpu_smoke_runs_on_cpu(beer_data, tmp_path):
+def test_gpu_smoke_runs_on_cpu(site_data, tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_smoke", REPO / "benchmarks" / "gpu_smoke.py")
     smoke = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(smoke)
-    code = smoke.main(["--tiny", "--steps", "2", "--data", str(beer_data), "--out", str(tmp_path / "smoke")])
+    code = smoke.main(["--tiny", "--steps", "2", "--data", str(site_data), "--out", str(tmp_path / "smoke")])
     rows = json.loads((tmp_path / "smoke" / "smoke.json").read_text())["rows"]
     assert {(r["stage"], r["grad_ckpt"]) for r in rows} == {(s, g) for s in ("sft", "rm", "ppo", "rloo", "dpo", "ilql")
                                                             for g in (False, True)}

@@ -19,8 +19,8 @@ from randomwalks import evaluate, generate_random_walks, walk_model, walk_tokeni
 
 
 def walk_config(out: Path, **kw) -> ILQLConfig:
-    base = dict(model="randomwalks", out=str(out), steps=300, batch_size=100, learning_rate=1e-3, warmup_steps=10,
-                num_layers_unfrozen=-1, tau=0.8, alpha=0.1, steps_for_target_q_sync=5, cql_scale=0.1,
+    base = dict(model="randomwalks", out=str(out), steps=300, per_device_train_batch_size=100, learning_rate=1e-3,
+                warmup_steps=10, num_layers_unfrozen=-1, tau=0.8, alpha=0.1, steps_for_target_q_sync=5, cql_scale=0.1,
                 report_to="none", progress=False, save_every=0, seed=0)
     base.update(kw)
     return ILQLConfig(**base)
@@ -62,7 +62,7 @@ def test_polyak_target_update_follows_the_rule():
 
 def test_trainer_syncs_targets_every_n_steps(walks, tmp_path):
     task, tok = walks
-    cfg = walk_config(tmp_path / "sync", steps=6, batch_size=16, steps_for_target_q_sync=3, alpha=0.5)
+    cfg = walk_config(tmp_path / "sync", steps=6, per_device_train_batch_size=16, steps_for_target_q_sync=3, alpha=0.5)
     trainer = ILQLTrainer(cfg, task.samples(tok), walk_model(tok), tok)
     heads = trainer.model.heads
     targets = lambda: [p.detach().clone() for p in heads.target_q_heads.parameters()]  # noqa: E731
@@ -90,13 +90,13 @@ def test_collate_marks_answer_states_and_terminal_reward():
 def test_resume_gives_the_same_next_steps(walks, tmp_path):
     task, tok = walks
     samples = task.samples(tok)
-    full = ILQLTrainer(walk_config(tmp_path / "full", steps=4, batch_size=16, save_every=2), samples,
+    full = ILQLTrainer(walk_config(tmp_path / "full", steps=4, per_device_train_batch_size=16, save_every=2), samples,
                        walk_model(tok), tok)
     full.train()
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step-2", resumed_dir / "checkpoints" / "step-2")
-    resumed = ILQLTrainer(walk_config(resumed_dir, steps=4, batch_size=16, save_every=2), samples,
+    resumed = ILQLTrainer(walk_config(resumed_dir, steps=4, per_device_train_batch_size=16, save_every=2), samples,
                           walk_model(tok, seed=123), tok)  # other initial weights: the checkpoint must restore them
     resumed.train()
     for a, b in zip(full.history[2:], resumed.history[2:]):
@@ -108,16 +108,16 @@ def test_nan_reward_stops_with_a_clear_message(walks, tmp_path):
     task, tok = walks
     samples = task.samples(tok)[:32]
     samples[3] = ScoredSample(samples[3].prompt_ids, samples[3].response_ids, float("nan"))
-    trainer = ILQLTrainer(walk_config(tmp_path / "nan", steps=5, batch_size=32), samples, walk_model(tok), tok)
+    trainer = ILQLTrainer(walk_config(tmp_path / "nan", steps=5, per_device_train_batch_size=32), samples, walk_model(tok), tok)
     with pytest.raises(StackRLHFError, match="NaN"):
         trainer.train()
 
 
-def test_cli_ilql_on_the_dump_then_ask_with_beta(tiny_lm, beer_data, tmp_path):
+def test_cli_ilql_on_the_dump_then_ask_with_beta(tiny_lm, site_data, tmp_path):
     out = tmp_path / "ilql"
     runner = CliRunner()
-    result = runner.invoke(cli, ["ilql", "--model", str(tiny_lm), "--data", str(beer_data), "--out", str(out),
-                                 "--steps", "3", "--batch-size", "4", "--max-samples", "40",
+    result = runner.invoke(cli, ["ilql", "--model", str(tiny_lm), "--data", str(site_data), "--out", str(out),
+                                 "--steps", "3", "--per-device-train-batch-size", "4", "--max-samples", "40",
                                  "--num-layers-unfrozen", "1", "--report-to", "none", "--no-progress",
                                  "--beta", "2.0"])
     assert result.exit_code == 0, result.output

@@ -28,7 +28,7 @@ STAGES = {
             "per_device_train_batch_size": 2, "warmup_ratio": 0.0},
     "rm": {"max_steps": 4, "save_steps": 1, "max_length": 48, "max_prompt_tokens": 16, "report_to": "none",
            "per_device_train_batch_size": 2},
-    "ppo": {"steps": 4, "save_every": 1, "batch_size": 2, "mini_batch_size": 2, "min_new_tokens": 4,
+    "ppo": {"steps": 4, "save_every": 1, "prompts_per_step": 2, "mini_batch_size": 2, "min_new_tokens": 4,
             "max_new_tokens": 6, "num_layers_unfrozen": 1, "report_to": "none", "progress": False, "sample_every": 0},
     "eval": {"questions": 2, "max_new_tokens": 6, "progress": False},
     "report": {"samples": 2},

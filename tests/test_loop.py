@@ -22,7 +22,7 @@ from stackrlhf.models.reward import RewardModel, default_backbone, load_backbone
 SMALL = {
     "rm": {"max_steps": 2, "max_train_pairs": 24, "max_eval_pairs": 12, "max_length": 48, "max_prompt_tokens": 16,
            "report_to": "none"},
-    "ppo": {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "min_new_tokens": 4, "max_new_tokens": 8,
+    "ppo": {"steps": 2, "prompts_per_step": 4, "mini_batch_size": 2, "min_new_tokens": 4, "max_new_tokens": 8,
             "num_layers_unfrozen": 1, "report_to": "none", "progress": False},
     "eval": {"questions": 3, "max_new_tokens": 8, "progress": False},
 }
@@ -40,7 +40,7 @@ def label_tasks(db: str, batch: str, n: int) -> None:
 
 
 @pytest.mark.slow
-def test_a_loop_turn_queues_waits_then_retrains_and_registers(tiny_lm, beer_data, tmp_path):
+def test_a_loop_turn_queues_waits_then_retrains_and_registers(tiny_lm, site_data, tmp_path):
     torch.manual_seed(0)
     model, tok = load_backbone(default_backbone())
     rm0 = tmp_path / "rm0"
@@ -53,7 +53,7 @@ def test_a_loop_turn_queues_waits_then_retrains_and_registers(tiny_lm, beer_data
     with pytest.raises(StackRLHFError, match="holds no version"):
         loop_turn(registry)
     first = loop_turn(registry, policy=str(tiny_lm), reward=str(rm0), config_file=str(settings),
-                      data=str(beer_data), db=db, min_labels=3)
+                      data=str(site_data), db=db, min_labels=3)
     assert first == {"action": "queued", "batch": "v0", "tasks": 4}
     tasks = FeedbackStore(db).all_tasks()
     assert len(tasks) == 4 and {c.model for t in tasks for c in t.candidates} == {"v0"}
@@ -66,7 +66,7 @@ def test_a_loop_turn_queues_waits_then_retrains_and_registers(tiny_lm, beer_data
     reg = json.loads((registry / "registry.json").read_text())
     v1 = reg["versions"][1]
     assert (v1["parent"], v1["labels"], v1["feedback_pairs"]) == (0, 3, 3) and reg["pending"] is None
-    assert v1["data"] == [str(beer_data), str(registry / "v1" / "feedback")]
+    assert v1["data"] == [str(site_data), str(registry / "v1" / "feedback")]
     rm_cfg = yaml.safe_load((registry / "v1" / "rm" / "config.yaml").read_text())
     assert rm_cfg["data"] == v1["data"]  # the RM learned from votes and the human labels
     algorithm = yaml.safe_load((registry / "v1" / "rloo" / "config.yaml").read_text())  # named by what ran
@@ -86,11 +86,13 @@ def test_a_loop_turn_queues_waits_then_retrains_and_registers(tiny_lm, beer_data
     assert result.exit_code != 0 and "already has versions" in result.output
 
     # turn 2: simulated annotators label the batch through the app; this RM learns from the labels alone
-    made = simulate(SimulateConfig(db=db, judge="reference", data=str(beer_data), annotators=2, replication=1,
+    made = simulate(SimulateConfig(db=db, judge="reference", data=str(site_data), annotators=2, replication=1,
                                    noise=0.0, seed=1))
-    # every task once (replication 1): the person's labels above were stored without the app's assignments
-    assert made["labels"] == 8
+    # every task once (replication 1): the person's labels above were stored without the app's assignments; a
+    # task skipped (an unanswered question, nothing to judge by) is offered to the other annotator, who skips it too
     store = FeedbackStore(db)
+    skipped = {label.task_id for label in store.all_labels() if label.skipped}
+    assert made["labels"] == 8 + len(skipped)
     v1_tasks = {t.id for t in store.all_tasks() if t.batch == "v1"}
     kept = [label for label in store.all_labels() if not label.skipped]  # unanswered questions are skipped
     assert 0 < sum(label.task_id in v1_tasks for label in kept) <= 4
@@ -137,7 +139,7 @@ def assert_judged(registry, version: dict, n: int) -> None:
 
 
 @pytest.mark.slow
-def test_a_loop_turn_killed_anywhere_resumes_to_what_an_uninterrupted_turn_registers(tiny_lm, beer_data, tmp_path):
+def test_a_loop_turn_killed_anywhere_resumes_to_what_an_uninterrupted_turn_registers(tiny_lm, site_data, tmp_path):
     """`stackrlhf loop` killed with SIGKILL inside a turn's RM, RL step and evaluation, and rerun each time, registers
     the version an uninterrupted turn registers: the same weights (within 1e-6) and the same evaluation."""
     import os
@@ -161,7 +163,7 @@ def test_a_loop_turn_killed_anywhere_resumes_to_what_an_uninterrupted_turn_regis
     for name in ("whole", "killed"):  # the same queue and the same labels in each
         db = f"sqlite:///{tmp_path / f'{name}.db'}"
         loop_turn(tmp_path / name, policy=str(tiny_lm), reward=str(rm0), config_file=str(settings),
-                  data=str(beer_data), db=db, min_labels=3)
+                  data=str(site_data), db=db, min_labels=3)
         label_tasks(db, "v0", 3)
 
     def turn(name: str, pattern: str | None = None) -> bool:

@@ -14,21 +14,21 @@ from stackrlhf import pipeline
 from stackrlhf.cli import cli
 from stackrlhf.errors import StackRLHFError
 
-from helpers import SHARED
+from helpers import site_dump
 
 TINY = {
-    "data": {"dump": [str(SHARED / "beer.stackexchange.com")], "progress": False},
+    "data": {"dump": [str(site_dump())], "progress": False},
     "sft": {"max_steps": 2, "max_train_samples": 32, "max_eval_samples": 8, "max_length": 64,
             "max_prompt_tokens": 32, "report_to": "none"},
     "rm": {"max_steps": 2, "max_train_pairs": 32, "max_eval_pairs": 16, "max_length": 48,
            "max_prompt_tokens": 16, "report_to": "none", "adjust": ["length", "time"]},
     "gold_rm": {"max_steps": 2, "max_train_pairs": 32, "max_eval_pairs": 16, "max_length": 48,
                 "max_prompt_tokens": 16, "report_to": "none"},
-    "ppo": {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "min_new_tokens": 4, "max_new_tokens": 8,
+    "ppo": {"steps": 2, "prompts_per_step": 4, "mini_batch_size": 2, "min_new_tokens": 4, "max_new_tokens": 8,
             "num_layers_unfrozen": 1, "save_every": 1, "report_to": "none", "progress": False},
-    "ilql": {"steps": 3, "batch_size": 4, "max_samples": 32, "max_answer_tokens": 32, "report_to": "none",
+    "ilql": {"steps": 3, "per_device_train_batch_size": 4, "max_samples": 32, "max_answer_tokens": 32, "report_to": "none",
              "progress": False},
-    "eval": {"questions": 4, "max_new_tokens": 8, "batch_size": 4, "ilql_betas": [0, 2], "progress": False},
+    "eval": {"questions": 4, "max_new_tokens": 8, "generation_batch_size": 4, "ilql_betas": [0, 2], "progress": False},
     "report": {"samples": 2},
 }
 
@@ -125,8 +125,8 @@ def test_dumps_copied_again_rebuild_the_data_but_keep_the_models_trained_on_it(t
     import os
     import shutil
 
-    dump = tmp_path / "beer.stackexchange.com"
-    shutil.copytree(SHARED / "beer.stackexchange.com", dump)
+    dump = tmp_path / site_dump().name
+    shutil.copytree(site_dump(), dump)
     run = tmp_path / "run"
     spec = {"out": str(run), "base": str(tiny_lm), "data": {"dump": [str(dump)], "progress": False},
             "sft": TINY["sft"], "rm": TINY["rm"]}
@@ -146,8 +146,7 @@ def test_dumps_copied_again_rebuild_the_data_but_keep_the_models_trained_on_it(t
     # a dump whose content changed is a new dataset: the model is trained again
     posts = dump / "Posts.xml"
     text = posts.read_text(encoding="utf-8")
-    assert "offered a beer" in text
-    posts.write_text(text.replace("offered a beer", "offered an ale", 1), encoding="utf-8")
+    posts.write_text(text.replace(' Body="', ' Body="Edited. '), encoding="utf-8")
     assert statuses(pipeline.run_pipeline(config, until="sft")) == {"data": "ran", "sft": "ran"}
 
 

@@ -22,9 +22,9 @@ TARGET = "e"
 
 
 @pytest.fixture(scope="module")
-def tiny_policy(beer_data, tmp_path_factory) -> Path:
+def tiny_policy(site_data, tmp_path_factory) -> Path:
     """A randomly initialised tiny GPT-2 (2 layers) with a small BPE vocabulary from the beer prompts."""
-    texts = list(load_split(beer_data, "rl", "train")["prompt"]) * 3
+    texts = list(load_split(site_data, "rl", "train")["prompt"]) * 3
     return save_tiny_lm(texts, tmp_path_factory.mktemp("policy") / "tiny")
 
 
@@ -37,8 +37,8 @@ def target_fraction(tok=None):
     return scorer
 
 
-def config(tiny_policy, beer_data, out, **kw) -> PPOConfig:
-    base = dict(model=str(tiny_policy), data=str(beer_data), out=str(out), batch_size=16, mini_batch_size=8,
+def config(tiny_policy, site_data, out, **kw) -> PPOConfig:
+    base = dict(model=str(tiny_policy), data=str(site_data), out=str(out), prompts_per_step=16, mini_batch_size=8,
                 ppo_epochs=2, min_new_tokens=12, max_new_tokens=12, learning_rate=3e-3, num_layers_unfrozen=1,
                 report_to="none", progress=False, sample_every=0, save_every=0, init_kl_coef=0.01,
                 adaptive_kl=False, seed=0, temperature=1.0)  # the thresholds below were measured at 1.0
@@ -95,9 +95,9 @@ def test_gae_and_kl_estimators():
     assert (kl_per_token(logp, ref, "k3") >= 0).all()
 
 
-def test_ppo_raises_a_synthetic_reward_and_keeps_kl_bounded(tiny_policy, beer_data, tmp_path):
+def test_ppo_raises_a_synthetic_reward_and_keeps_kl_bounded(tiny_policy, site_data, tmp_path):
     _, tok = load_causal_lm(str(tiny_policy))
-    metrics = train_ppo(config(tiny_policy, beer_data, tmp_path / "ppo", steps=30, learning_rate=1e-3),
+    metrics = train_ppo(config(tiny_policy, site_data, tmp_path / "ppo", steps=30, learning_rate=1e-3),
                         scorer=target_fraction(tok))
     history = [json.loads(line) for line in (tmp_path / "ppo" / "history.jsonl").read_text().splitlines()]
     start = sum(h["reward/score_mean"] for h in history[:3]) / 3
@@ -111,10 +111,10 @@ def test_ppo_raises_a_synthetic_reward_and_keeps_kl_bounded(tiny_policy, beer_da
         assert key in history[-1]
 
 
-def test_large_fixed_beta_keeps_the_policy_close(tiny_policy, beer_data, tmp_path):
+def test_large_fixed_beta_keeps_the_policy_close(tiny_policy, site_data, tmp_path):
     _, tok = load_causal_lm(str(tiny_policy))
     # At this learning rate the same run with beta=0.01 drifts to several nats; beta=5 holds it near the reference.
-    train_ppo(config(tiny_policy, beer_data, tmp_path / "leash", steps=14, init_kl_coef=5.0, learning_rate=3e-4),
+    train_ppo(config(tiny_policy, site_data, tmp_path / "leash", steps=14, init_kl_coef=5.0, learning_rate=3e-4),
               scorer=target_fraction(tok))
     history = [json.loads(line) for line in (tmp_path / "leash" / "history.jsonl").read_text().splitlines()]
     start = sum(h["reward/score_mean"] for h in history[:3]) / 3
@@ -129,13 +129,13 @@ def test_large_fixed_beta_keeps_the_policy_close(tiny_policy, beer_data, tmp_pat
     assert any(abs(h["loss/policy"]) > 0 for h in history)
 
 
-def test_resume_gives_the_same_next_step(tiny_policy, beer_data, tmp_path):
+def test_resume_gives_the_same_next_step(tiny_policy, site_data, tmp_path):
     _, tok = load_causal_lm(str(tiny_policy))
     scorer = target_fraction(tok)
-    straight = PPOTrainer(config(tiny_policy, beer_data, tmp_path / "a", steps=3), scorer).train()
+    straight = PPOTrainer(config(tiny_policy, site_data, tmp_path / "a", steps=3), scorer).train()
     assert straight["steps"] == 3
-    PPOTrainer(config(tiny_policy, beer_data, tmp_path / "b", steps=2, save_every=2), scorer).train()
-    resumed = PPOTrainer(config(tiny_policy, beer_data, tmp_path / "b", steps=3, save_every=2), scorer)
+    PPOTrainer(config(tiny_policy, site_data, tmp_path / "b", steps=2, save_every=2), scorer).train()
+    resumed = PPOTrainer(config(tiny_policy, site_data, tmp_path / "b", steps=3, save_every=2), scorer)
     resumed.maybe_resume()
     assert resumed.step_index == 2
     resumed.train()
@@ -147,7 +147,7 @@ def test_resume_gives_the_same_next_step(tiny_policy, beer_data, tmp_path):
             assert a[2][key] == pytest.approx(b[2][key], rel=1e-5, abs=1e-6), key
 
 
-def test_nan_reward_stops_with_a_clear_error(tiny_policy, beer_data, tmp_path):
+def test_nan_reward_stops_with_a_clear_error(tiny_policy, site_data, tmp_path):
     calls = {"n": 0}
 
     def scorer(questions, answers):
@@ -155,7 +155,7 @@ def test_nan_reward_stops_with_a_clear_error(tiny_policy, beer_data, tmp_path):
         return [float("nan") if calls["n"] > 2 else 0.1] * len(answers)
 
     with pytest.raises(StackRLHFError, match="NaN"):
-        train_ppo(config(tiny_policy, beer_data, tmp_path / "nan", steps=5, save_every=1), scorer=scorer)
+        train_ppo(config(tiny_policy, site_data, tmp_path / "nan", steps=5, save_every=1), scorer=scorer)
     assert (tmp_path / "nan" / "checkpoints" / "step-2" / "state.pt").is_file()
 
 
@@ -186,10 +186,10 @@ def test_rloo_advantages_are_leave_one_out():
         rloo_advantages(rewards, 1)
 
 
-def test_rloo_raises_a_synthetic_reward_without_a_value_head(tiny_policy, beer_data, tmp_path):
+def test_rloo_raises_a_synthetic_reward_without_a_value_head(tiny_policy, site_data, tmp_path):
     _, tok = load_causal_lm(str(tiny_policy))
-    metrics = train_ppo(config(tiny_policy, beer_data, tmp_path / "rloo", steps=30, learning_rate=1e-3,
-                               algorithm="rloo", rloo_k=2, batch_size=8), scorer=target_fraction(tok))
+    metrics = train_ppo(config(tiny_policy, site_data, tmp_path / "rloo", steps=30, learning_rate=1e-3,
+                               algorithm="rloo", rloo_k=2, prompts_per_step=8), scorer=target_fraction(tok))
     history = [json.loads(line) for line in (tmp_path / "rloo" / "history.jsonl").read_text().splitlines()]
     start = sum(h["reward/score_mean"] for h in history[:3]) / 3
     end = sum(h["reward/score_mean"] for h in history[-3:]) / 3
@@ -197,11 +197,11 @@ def test_rloo_raises_a_synthetic_reward_without_a_value_head(tiny_policy, beer_d
     assert metrics["algorithm"] == "rloo" and len(history[0]["reward/score_each"]) == 16  # 8 prompts x k = 2
     assert "loss/value" not in history[-1] and not (tmp_path / "rloo" / "value_head.safetensors").exists()
     with pytest.raises(ValueError, match="rloo-k"):
-        config(tiny_policy, beer_data, tmp_path / "x", algorithm="rloo", rloo_k=1)
+        config(tiny_policy, site_data, tmp_path / "x", algorithm="rloo", rloo_k=1)
 
 
-def test_raft_advantage_is_one_on_each_prompts_best_answer_only(tiny_policy, beer_data, tmp_path):
-    trainer = PPOTrainer(config(tiny_policy, beer_data, tmp_path / "r", algorithm="raft", rloo_k=3, batch_size=8),
+def test_raft_advantage_is_one_on_each_prompts_best_answer_only(tiny_policy, site_data, tmp_path):
+    trainer = PPOTrainer(config(tiny_policy, site_data, tmp_path / "r", algorithm="raft", rloo_k=3, prompts_per_step=8),
                          scorer=target_fraction())
     # two prompts, three answers each; prompt 1's best is short, and its KL penalty decides between equal scores
     lengths, scores = [4, 2, 5, 3, 6, 6], [0.2, 0.9, 0.1, 0.0, 0.5, 0.5]
@@ -213,13 +213,13 @@ def test_raft_advantage_is_one_on_each_prompts_best_answer_only(tiny_policy, bee
     advantages, _ = trainer.advantages(rewards, torch.zeros(6, 6), mask)
     assert torch.equal(advantages, torch.stack([mask[i] * float(i in (1, 4)) for i in range(6)]))
     with pytest.raises(ValueError, match="rloo-k"):
-        config(tiny_policy, beer_data, tmp_path / "x", algorithm="raft", rloo_k=1)
+        config(tiny_policy, site_data, tmp_path / "x", algorithm="raft", rloo_k=1)
 
 
-def test_raft_raises_a_synthetic_reward_without_a_value_head(tiny_policy, beer_data, tmp_path):
+def test_raft_raises_a_synthetic_reward_without_a_value_head(tiny_policy, site_data, tmp_path):
     _, tok = load_causal_lm(str(tiny_policy))
-    metrics = train_ppo(config(tiny_policy, beer_data, tmp_path / "raft", steps=16, learning_rate=1e-3,
-                               algorithm="raft", rloo_k=4, batch_size=4), scorer=target_fraction(tok))
+    metrics = train_ppo(config(tiny_policy, site_data, tmp_path / "raft", steps=16, learning_rate=1e-3,
+                               algorithm="raft", rloo_k=4, prompts_per_step=4), scorer=target_fraction(tok))
     history = [json.loads(line) for line in (tmp_path / "raft" / "history.jsonl").read_text().splitlines()]
     start = sum(h["reward/score_mean"] for h in history[:3]) / 3
     end = sum(h["reward/score_mean"] for h in history[-3:]) / 3
@@ -240,7 +240,7 @@ def test_each_algorithm_names_its_estimator_and_the_kl_stop_is_per_minibatch(tin
     assert {a: s.estimator for a, s in ALGORITHMS.items()} == {"ppo": "gae", "rloo": "rloo", "raft": "raft"}
     assert all(s.estimator in ESTIMATORS for s in ALGORITHMS.values())
     prompts = [f"Question: is beer number {i} hoppy?\n\nAnswer:" for i in range(6)]
-    cfg = PPOConfig(model=str(tiny_policy), out=str(tmp_path / "a"), algorithm="rloo", rloo_k=2, batch_size=4,
+    cfg = PPOConfig(model=str(tiny_policy), out=str(tmp_path / "a"), algorithm="rloo", rloo_k=2, prompts_per_step=4,
                     mini_batch_size=2, ppo_epochs=3, min_new_tokens=6, max_new_tokens=6, learning_rate=3e-3,
                     num_layers_unfrozen=1, report_to="none", progress=False, sample_every=0, save_every=0,
                     temperature=1.0, max_approx_kl=1e-9)

@@ -22,8 +22,8 @@ from helpers import save_tiny_lm
 
 
 @pytest.fixture(scope="module")
-def tiny(beer_data, tmp_path_factory) -> Path:
-    texts = list(load_split(beer_data, "rl", "train")["prompt"]) * 3
+def tiny(site_data, tmp_path_factory) -> Path:
+    texts = list(load_split(site_data, "rl", "train")["prompt"]) * 3
     return save_tiny_lm(texts, tmp_path_factory.mktemp("bf16") / "tiny")
 
 
@@ -46,8 +46,8 @@ def test_pure_bf16_adam_loses_small_updates():
     assert torch.equal(weight.detach(), torch.ones(64, dtype=torch.bfloat16))
 
 
-def test_ppo_bf16_trains_every_tensor_in_float32(tiny, beer_data, tmp_path):
-    cfg = PPOConfig(model=str(tiny), data=str(beer_data), out=str(tmp_path / "ppo"), batch_size=8, mini_batch_size=4,
+def test_ppo_bf16_trains_every_tensor_in_float32(tiny, site_data, tmp_path):
+    cfg = PPOConfig(model=str(tiny), data=str(site_data), out=str(tmp_path / "ppo"), batch_size=8, mini_batch_size=4,
                     ppo_epochs=1, min_new_tokens=8, max_new_tokens=8, learning_rate=1e-5, num_layers_unfrozen=1,
                     report_to="none", progress=False, sample_every=0, save_every=0, dtype="bfloat16", steps=2)
     trainer = PPOTrainer(cfg, scorer=lambda q, a: [len(x) / 50 for x in a])
@@ -84,7 +84,7 @@ def test_ilql_bf16_trains_every_tensor_in_float32(tiny, tmp_path):
     prompt = tok("Question: best yeast?\n\nAnswer:")["input_ids"]
     samples = [ScoredSample(prompt, tok(f" answer {i} with some words")["input_ids"] + [tok.eos_token_id],
                             float(i % 3 - 1)) for i in range(16)]
-    cfg = ILQLConfig(model=str(tiny), out=str(tmp_path / "ilql"), steps=3, batch_size=8, learning_rate=1e-5,
+    cfg = ILQLConfig(model=str(tiny), out=str(tmp_path / "ilql"), steps=3, per_device_train_batch_size=8, learning_rate=1e-5,
                      num_layers_unfrozen=1, dtype="bfloat16", report_to="none", progress=False, save_every=0,
                      warmup_steps=0)
     trainer = ILQLTrainer(cfg, samples, lm, tok)
@@ -95,8 +95,8 @@ def test_ilql_bf16_trains_every_tensor_in_float32(tiny, tmp_path):
     assert _unchanged(before, trainer.model) == []
 
 
-def test_sft_bf16_keeps_float32_weights_and_fp32_losses(tiny, beer_data, tmp_path):
-    common = dict(model=str(tiny), data=str(beer_data), max_steps=4, learning_rate=1e-5, report_to="none",
+def test_sft_bf16_keeps_float32_weights_and_fp32_losses(tiny, site_data, tmp_path):
+    common = dict(model=str(tiny), data=str(site_data), max_steps=4, learning_rate=1e-5, report_to="none",
                   max_train_samples=32, max_eval_samples=8, per_device_train_batch_size=8, max_length=128,
                   save_steps=100, warmup_ratio=0.0)
     m32 = sft(SFTConfig(out=str(tmp_path / "fp32"), dtype="float32", **common))

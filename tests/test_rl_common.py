@@ -124,7 +124,7 @@ def test_rl_trainers_do_not_inherit_an_earlier_stages_bf16_autocast(tmp_path):
     Accelerator(mixed_precision="bf16")  # the same state again, for the trainer
     task = generate_random_walks()
     tok = walk_tokenizer(task.n_nodes)
-    trainer = ILQLTrainer(ILQLConfig(model="randomwalks", out=str(tmp_path / "w"), steps=1, batch_size=8,
+    trainer = ILQLTrainer(ILQLConfig(model="randomwalks", out=str(tmp_path / "w"), steps=1, per_device_train_batch_size=8,
                                      report_to="none", progress=False, save_every=0),
                           task.samples(tok), walk_model(tok), tok)
     assert trainer.accelerator.mixed_precision == "no"

@@ -19,20 +19,20 @@ from test_ppo import config, target_fraction, tiny_policy  # noqa: F401 - the fi
 
 # ---------------------------------------------------------------- the critic
 
-def test_the_value_head_starts_at_zero_and_a_parent_critic_is_loaded(tiny_policy, beer_data, tmp_path):  # noqa: F811
-    trainer = PPOTrainer(config(tiny_policy, beer_data, tmp_path / "a"), scorer=target_fraction())
+def test_the_value_head_starts_at_zero_and_a_parent_critic_is_loaded(tiny_policy, site_data, tmp_path):  # noqa: F811
+    trainer = PPOTrainer(config(tiny_policy, site_data, tmp_path / "a"), scorer=target_fraction())
     assert trainer.policy.value_head.weight.abs().max() == 0 and trainer.policy.value_head.bias.abs().max() == 0
     parent = tmp_path / "parent"
     shutil.copytree(tiny_policy, parent)
     hidden = trainer.policy.value_head.in_features
     save_file({"weight": torch.full((1, hidden), 0.5), "bias": torch.tensor([0.25])}, str(parent / "value_head.safetensors"))
-    child = PPOTrainer(config(parent, beer_data, tmp_path / "b"), scorer=target_fraction())
+    child = PPOTrainer(config(parent, site_data, tmp_path / "b"), scorer=target_fraction())
     assert torch.all(child.policy.value_head.weight == 0.5) and float(child.policy.value_head.bias.detach()) == 0.25
     assert child.value_head_from.endswith("value_head.safetensors")
 
 
-def test_the_policy_waits_while_the_critic_warms_up(tiny_policy, beer_data, tmp_path):  # noqa: F811
-    trainer = PPOTrainer(config(tiny_policy, beer_data, tmp_path / "w", value_warmup_steps=1),
+def test_the_policy_waits_while_the_critic_warms_up(tiny_policy, site_data, tmp_path):  # noqa: F811
+    trainer = PPOTrainer(config(tiny_policy, site_data, tmp_path / "w", value_warmup_steps=1),
                          scorer=target_fraction())
     policy = trainer.policy
     lm_params = lambda: {n: p.detach().clone() for n, p in policy.lm.named_parameters() if p.requires_grad}  # noqa: E731
@@ -47,8 +47,8 @@ def test_the_policy_waits_while_the_critic_warms_up(tiny_policy, beer_data, tmp_
 
 # ---------------------------------------------------------------- RLOO's normalisation
 
-def test_rloo_advantages_keep_each_prompts_zero_sum_and_do_not_depend_on_length(tiny_policy, beer_data, tmp_path):  # noqa: F811
-    trainer = PPOTrainer(config(tiny_policy, beer_data, tmp_path / "r", algorithm="rloo", rloo_k=2, batch_size=8),
+def test_rloo_advantages_keep_each_prompts_zero_sum_and_do_not_depend_on_length(tiny_policy, site_data, tmp_path):  # noqa: F811
+    trainer = PPOTrainer(config(tiny_policy, site_data, tmp_path / "r", algorithm="rloo", rloo_k=2, prompts_per_step=8),
                          scorer=target_fraction())
     lengths, scores = [2, 6, 6, 2], [1.0, 0.0, 1.0, 0.0]  # two prompts; a short and a long loser
     mask = torch.zeros(4, 6)
@@ -67,8 +67,8 @@ def test_rloo_advantages_keep_each_prompts_zero_sum_and_do_not_depend_on_length(
 
 # ---------------------------------------------------------------- the KL controller
 
-def test_the_default_kl_horizon_holds_kl_near_the_target(tiny_policy, beer_data, tmp_path):  # noqa: F811
-    trainer = PPOTrainer(config(tiny_policy, beer_data, tmp_path / "k", adaptive_kl=True, init_kl_coef=0.05,
+def test_the_default_kl_horizon_holds_kl_near_the_target(tiny_policy, site_data, tmp_path):  # noqa: F811
+    trainer = PPOTrainer(config(tiny_policy, site_data, tmp_path / "k", adaptive_kl=True, init_kl_coef=0.05,
                                 target_kl=6.0), scorer=target_fraction())
     n = trainer.rollouts_per_step
     assert trainer.kl_ctl.horizon == n
@@ -86,7 +86,7 @@ def test_the_default_kl_horizon_holds_kl_near_the_target(tiny_policy, beer_data,
 
 # ---------------------------------------------------------------- the length premium of a summed KL penalty
 
-def test_the_default_kl_penalty_pays_no_answer_for_stopping_early(tiny_policy, beer_data, tmp_path):  # noqa: F811
+def test_the_default_kl_penalty_pays_no_answer_for_stopping_early(tiny_policy, site_data, tmp_path):  # noqa: F811
     lengths, per_token_kl, beta = [4, 12, 8], 0.5, 0.2
     mask = torch.zeros(3, 12)
     for i, n in enumerate(lengths):
@@ -99,7 +99,7 @@ def test_the_default_kl_penalty_pays_no_answer_for_stopping_early(tiny_policy, b
     assert kl_penalty(kl, mask, beta, "mean")[0, 4:].abs().sum() == 0  # nothing after an answer's end
     # the default, through the trainer: with GAE at lambda = gamma = 1 and V = 0 the first token's advantage is the
     # answer's whole return, so a short and a long answer with the same score and per-token KL start equal
-    cfg = config(tiny_policy, beer_data, tmp_path / "m", whiten_advantages=False, lam=1.0)
+    cfg = config(tiny_policy, site_data, tmp_path / "m", whiten_advantages=False, lam=1.0)
     assert cfg.kl_penalty == "mean"
     trainer = PPOTrainer(cfg, scorer=target_fraction())
     rewards = kl_penalty(kl, mask, beta, cfg.kl_penalty)
@@ -112,13 +112,13 @@ def test_the_default_kl_penalty_pays_no_answer_for_stopping_early(tiny_policy, b
 
 # ---------------------------------------------------------------- the loop's turns
 
-def test_each_loop_turn_draws_its_own_prompts_and_its_rm_keeps_the_gold_half_out(beer_data, tmp_path):
+def test_each_loop_turn_draws_its_own_prompts_and_its_rm_keeps_the_gold_half_out(site_data, tmp_path):
     from stackrlhf.loop import LoopConfig, turn_stages
 
     reg = {"versions": [{"model": str(tmp_path / "v0")}]}
     seeds, halves = [], []
     for gold in ("", str(tmp_path / "gold")):
-        cfg = LoopConfig(data=str(beer_data), gold_reward=gold)
+        cfg = LoopConfig(data=str(site_data), gold_reward=gold)
         for n in (1, 2, 3):
             current = {"model": str(tmp_path / f"v{n - 1}"), "version": n - 1}
             stages, _ = turn_stages(reg, cfg, current, n, tmp_path / f"v{n}", tmp_path / f"v{n}" / "feedback")
@@ -132,7 +132,7 @@ def test_each_loop_turn_draws_its_own_prompts_and_its_rm_keeps_the_gold_half_out
     assert halves == ["all"] * 3 + ["proxy"] * 3
 
 
-def test_the_loops_rl_step_is_rloo_unless_its_settings_name_an_algorithm(beer_data, tmp_path):
+def test_the_loops_rl_step_is_rloo_unless_its_settings_name_an_algorithm(site_data, tmp_path):
     """RLOO (k = 4) by default: measured ahead of PPO on the same answers; a named algorithm keeps its own
     settings (no RLOO batch forced on PPO)."""
     from stackrlhf.loop import LoopConfig, turn_stages
@@ -140,15 +140,15 @@ def test_the_loops_rl_step_is_rloo_unless_its_settings_name_an_algorithm(beer_da
     reg = {"versions": [{"model": str(tmp_path / "v0")}]}
     current = {"model": str(tmp_path / "v0"), "version": 0}
     chosen = []
-    for ppo in ({}, {"batch_size": 2}, {"algorithm": "ppo"}, {"algorithm": "raft", "rloo_k": 3}):
-        stages, _ = turn_stages(reg, LoopConfig(data=str(beer_data), ppo=ppo), current, 1, tmp_path / "v1",
+    for ppo in ({}, {"prompts_per_step": 2}, {"algorithm": "ppo"}, {"algorithm": "raft", "rloo_k": 3}):
+        stages, _ = turn_stages(reg, LoopConfig(data=str(site_data), ppo=ppo), current, 1, tmp_path / "v1",
                                 tmp_path / "v1" / "feedback")
         rl = {s.name: s.cfg for s in stages}["rl"]
-        chosen.append((rl.algorithm, rl.rloo_k, rl.batch_size))
+        chosen.append((rl.algorithm, rl.rloo_k, rl.prompts_per_step))
     assert chosen == [("rloo", 4, 8), ("rloo", 4, 2), ("ppo", 2, 32), ("raft", 3, 32)]
 
 
-def test_the_proxy_half_keeps_every_label_and_drops_the_gold_votes(beer_data, tmp_path):
+def test_the_proxy_half_keeps_every_label_and_drops_the_gold_votes(site_data, tmp_path):
     from test_feedback import candidates, question
 
     from stackrlhf.data.load import load_split
@@ -156,7 +156,7 @@ def test_the_proxy_half_keeps_every_label_and_drops_the_gold_votes(beer_data, tm
     from stackrlhf.feedback.store import FeedbackStore
     from stackrlhf.data.load import load_pairs
 
-    rows = load_split(beer_data, "reward", "train")
+    rows = load_split(site_data, "reward", "train")
     gold_qids = list(dict.fromkeys(q for s, q in zip(rows["site"], rows["qid"]) if pair_half(s, q) == "gold"))[:2]
     store = FeedbackStore(f"sqlite:///{tmp_path / 'fb.db'}")
     for qid in gold_qids:  # labels on gold-half questions: still labels, never the gold RM's data
@@ -168,13 +168,13 @@ def test_the_proxy_half_keeps_every_label_and_drops_the_gold_votes(beer_data, tm
         store.save_label(who.id, tid, f"client-{qid}", {c.id: {"usefulness": 4, "accuracy": 4} for c in task.candidates},
                          task.candidates[0].id, False, "")
     export_feedback(store, tmp_path / "export")
-    proxy = load_pairs([str(beer_data), str(tmp_path / "export")], "train", half="proxy")
+    proxy = load_pairs([str(site_data), str(tmp_path / "export")], "train", half="proxy")
     for site, qid in zip(proxy["site"], proxy["qid"]):
         assert qid in gold_qids or pair_half(site, qid) == "proxy"
     assert sorted(q for q in proxy["qid"] if q in gold_qids) == sorted(gold_qids)  # the two labels are kept
 
 
-def test_dpo_and_ilql_learn_only_from_the_proxy_half_when_a_gold_rm_exists(beer_data, tmp_path):
+def test_dpo_and_ilql_learn_only_from_the_proxy_half_when_a_gold_rm_exists(site_data, tmp_path):
     from stackrlhf.pipeline import plan
     from stackrlhf.rl.ilql import scored_answers
 
@@ -184,8 +184,8 @@ def test_dpo_and_ilql_learn_only_from_the_proxy_half_when_a_gold_rm_exists(beer_
                                               tmp_path / "run")}
         assert stages["dpo"].pairs_half == stages["ilql"].pairs_half == expected
         assert stages["rm"].pairs_half == ("proxy" if gold is not None else "all")
-    everything = scored_answers(str(beer_data))
-    proxy, gold = scored_answers(str(beer_data), "proxy"), scored_answers(str(beer_data), "gold")
+    everything = scored_answers(str(site_data))
+    proxy, gold = scored_answers(str(site_data), "proxy"), scored_answers(str(site_data), "gold")
     assert len(proxy) + len(gold) == len(everything) and proxy and gold
     assert not {p for p, *_ in proxy} & {p for p, *_ in gold}  # no question on both sides
 
@@ -214,7 +214,7 @@ def test_a_k_way_choice_is_one_pair(tmp_path):
     assert pairs[0]["chosen"] == "answer a" and pairs[0]["rejected"] == "answer c"  # against the lowest-rated
 
 
-def test_dpo_pairs_are_tokenized_exactly_as_sft_encodes_them(tiny_lm, beer_data, tmp_path):
+def test_dpo_pairs_are_tokenized_exactly_as_sft_encodes_them(tiny_lm, site_data, tmp_path):
     from test_dpo import FAST, make_trainer
 
     from stackrlhf.train.dpo import dpo_pairs
@@ -222,20 +222,20 @@ def test_dpo_pairs_are_tokenized_exactly_as_sft_encodes_them(tiny_lm, beer_data,
     from stackrlhf.train.sft import encode_example
 
     _, tok = load_causal_lm(str(tiny_lm))
-    pairs = load_pairs([str(beer_data)], "train", 8, 0)
+    pairs = load_pairs([str(site_data)], "train", 8, 0)
     rows = dpo_pairs(pairs, tok, 10_000)
     for row, prompt, chosen, rejected in zip(rows, pairs["prompt"], pairs["chosen"], pairs["rejected"]):
         for ids, answer in ((row["chosen_ids"], chosen), (row["rejected_ids"], rejected)):
             assert row["prompt_ids"] + ids == encode_example(tok, prompt, answer, 10**6, 10**6)["input_ids"]
     assert tok.decode(rows[0]["prompt_ids"]).endswith("Answer: ")  # the trailing space stays the prompt's
-    trainer, _, _ = make_trainer(tiny_lm, beer_data, tmp_path, pairs=8)  # TRL trains on these ids, untouched
+    trainer, _, _ = make_trainer(tiny_lm, site_data, tmp_path, pairs=8)  # TRL trains on these ids, untouched
     expected = dpo_pairs(pairs, tok, FAST["max_prompt_tokens"])
     assert [trainer.train_dataset[i] for i in range(8)] == [expected[i] for i in range(8)]
 
 
 # ---------------------------------------------------------------- KL to v0 when the policy is a later version
 
-def test_the_reference_can_be_another_version(tiny_policy, beer_data, tmp_path):  # noqa: F811
+def test_the_reference_can_be_another_version(tiny_policy, site_data, tmp_path):  # noqa: F811
     """v1 differs from v0 in its top block only: the hydra reference keeps the shared trunk and takes v0's top
     block, and its logits are v0's. A model whose bottom differs gets a full frozen copy, still v0's logits."""
     v0, _ = load_causal_lm(str(tiny_policy))
@@ -248,7 +248,7 @@ def test_the_reference_can_be_another_version(tiny_policy, beer_data, tmp_path):
         path = tmp_path / name
         changed.save_pretrained(str(path))
         tok.save_pretrained(str(path))
-        trainer = PPOTrainer(config(path, beer_data, tmp_path / f"ppo-{name}", reference=str(tiny_policy)),
+        trainer = PPOTrainer(config(path, site_data, tmp_path / f"ppo-{name}", reference=str(tiny_policy)),
                              scorer=target_fraction())
         assert trainer.reference_from.startswith(str(tiny_policy))
         assert ("shared trunk" in trainer.reference_from) == (name == "top")
@@ -264,7 +264,7 @@ def test_the_reference_can_be_another_version(tiny_policy, beer_data, tmp_path):
 
 # ---------------------------------------------------------------- the reference judge's relevance term
 
-def test_copying_the_question_pays_less_with_the_down_weighted_relevance(beer_data):
+def test_copying_the_question_pays_less_with_the_down_weighted_relevance(site_data):
     from stackrlhf.data.load import load_split
     from stackrlhf.stats import question_overlap
     from stackrlhf.models.judge import RELEVANCE_WEIGHT, load_judge
@@ -272,8 +272,8 @@ def test_copying_the_question_pays_less_with_the_down_weighted_relevance(beer_da
     # 3 of the answer's 7 word 3-grams are in the question ("a lager ferment?" keeps its question mark)
     assert question_overlap("how long should a lager ferment at 10 C", "How long should a lager ferment?") == 3 / 7
     assert question_overlap("two weeks", "How long should a lager ferment?") == 0.0
-    judge = load_judge("reference", str(beer_data))
-    rows = [r for r in load_split(beer_data, "evaluation", "test").to_list() if r["best_answer"]][:20]
+    judge = load_judge("reference", str(site_data))
+    rows = [r for r in load_split(site_data, "evaluation", "test").to_list() if r["best_answer"]][:20]
     copies = [r["question"] for r in rows]
     assert RELEVANCE_WEIGHT < 1 and judge.relevance_weight == RELEVANCE_WEIGHT
     down = judge._raw(rows, copies)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -26,25 +27,25 @@ QUIET = {"report_to": "none", "logging_steps": 5, "save_steps": 1000}
 
 
 @pytest.fixture(scope="module")
-def tiny_base(beer_data, tmp_path_factory) -> Path:
+def tiny_base(site_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("base") / "tiny"
-    pretrain(PretrainConfig(data=str(beer_data), out=str(out), size="tiny", block_size=128, max_steps=25,
+    pretrain(PretrainConfig(data=str(site_data), out=str(out), size="tiny", block_size=128, max_steps=25,
                             per_device_train_batch_size=8, **QUIET))
     return out
 
 
 @pytest.fixture(scope="module")
-def tiny_sft(beer_data, tiny_base, tmp_path_factory) -> tuple[Path, dict]:
+def tiny_sft(site_data, tiny_base, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("sft") / "sft"
-    metrics = sft(SFTConfig(model=str(tiny_base), data=str(beer_data), out=str(out), max_steps=30, max_length=192,
+    metrics = sft(SFTConfig(model=str(tiny_base), data=str(site_data), out=str(out), max_steps=30, max_length=192,
                             per_device_train_batch_size=8, learning_rate=1e-3, **QUIET))
     return out, metrics
 
 
 def test_pretrain_artifact(tiny_base):
     metrics = json.loads((tiny_base / "metrics.json").read_text())
-    assert metrics["steps"] == 25 and metrics["vocab_size"] == 8000
-    assert metrics["eval_loss"] < 8.9  # below log(8000) = 8.99: it learnt something from the dump text
+    assert metrics["steps"] == 25 and 256 < metrics["vocab_size"] <= 8000  # 8000, or all the dump's text has
+    assert metrics["eval_loss"] < math.log(metrics["vocab_size"]) - 0.1  # it learnt something from the dump text
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base))  # plain transformers loads it
     assert model.config.n_layer == 4 and model.config.n_embd == 256
     assert (tiny_base / "config.yaml").is_file()
@@ -59,9 +60,9 @@ def test_sft_lowers_heldout_answer_loss(tiny_sft):
     assert saved["train_tokens"] > 30 * 8 * 20
 
 
-def test_loss_mask_covers_exactly_the_answer(beer_data, tiny_base):
+def test_loss_mask_covers_exactly_the_answer(site_data, tiny_base):
     _, tok = load_causal_lm(str(tiny_base))
-    row = load_split(beer_data, "finetune", "train")[0]
+    row = load_split(site_data, "finetune", "train")[0]
     ex = encode_example(tok, row["prompt"], row["completion"], max_length=4096, max_prompt_length=4096)
     answer_ids = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE]
     prompt_ids = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab == IGNORE]
@@ -75,9 +76,9 @@ def test_loss_mask_covers_exactly_the_answer(beer_data, tiny_base):
     assert prompt_part.startswith("Question: ") and prompt_part.endswith("Answer: ")
 
 
-def test_num_layers_unfrozen_trains_only_top_block_and_head(beer_data, tiny_base, tmp_path):
+def test_num_layers_unfrozen_trains_only_top_block_and_head(site_data, tiny_base, tmp_path):
     out = tmp_path / "top1"
-    sft(SFTConfig(model=str(tiny_base), data=str(beer_data), out=str(out), max_steps=1, num_layers_unfrozen=1,
+    sft(SFTConfig(model=str(tiny_base), data=str(site_data), out=str(out), max_steps=1, num_layers_unfrozen=1,
                   learning_rate=1e-2, warmup_ratio=0.0, max_train_samples=16, max_eval_samples=8,
                   per_device_train_batch_size=4, **QUIET))
     before = AutoModelForCausalLM.from_pretrained(str(tiny_base)).state_dict()
@@ -110,9 +111,9 @@ def test_freeze_bottom_and_lora_select_parameters(tiny_base):
     assert changed and all("lora_" in n for n in changed)
 
 
-def test_lora_sft_saves_adapter_and_merged_model(beer_data, tiny_base, tmp_path):
+def test_lora_sft_saves_adapter_and_merged_model(site_data, tiny_base, tmp_path):
     out = tmp_path / "lora"
-    sft(SFTConfig(model=str(tiny_base), data=str(beer_data), out=str(out), max_steps=2, lora=True, lora_r=4,
+    sft(SFTConfig(model=str(tiny_base), data=str(site_data), out=str(out), max_steps=2, lora=True, lora_r=4,
                   max_train_samples=16, max_eval_samples=8, per_device_train_batch_size=4, **QUIET))
     assert (out / "adapter" / "adapter_config.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(str(out))
@@ -156,9 +157,9 @@ def test_ask_streams_a_reproducible_answer(tiny_sft):
     assert a.stdout.strip() and a.stdout == b.stdout
 
 
-def test_resume_from_last_checkpoint(beer_data, tiny_base, tmp_path):
+def test_resume_from_last_checkpoint(site_data, tiny_base, tmp_path):
     out = tmp_path / "resume"
-    common = dict(model=str(tiny_base), data=str(beer_data), out=str(out), max_train_samples=64, max_eval_samples=8,
+    common = dict(model=str(tiny_base), data=str(site_data), out=str(out), max_train_samples=64, max_eval_samples=8,
                   per_device_train_batch_size=4, report_to="none", save_steps=2)
     first = sft(SFTConfig(max_steps=2, **common))
     assert (out / "checkpoints" / "checkpoint-2").is_dir()
@@ -175,11 +176,11 @@ def test_resume_from_last_checkpoint(beer_data, tiny_base, tmp_path):
     assert (out / "checkpoints" / "checkpoint-4").is_dir()
 
 
-def test_resume_is_exact_with_the_default_length_grouping(beer_data, tiny_base, tmp_path):
+def test_resume_is_exact_with_the_default_length_grouping(site_data, tiny_base, tmp_path):
     """Killed after step 3 (of 4 per epoch) and resumed: steps 4-7 (into the second epoch) have the losses of an
     uninterrupted run, with --group-by-length on (the default)."""
     def run(out, steps):
-        return sft(SFTConfig(model=str(tiny_base), data=str(beer_data), out=str(out), max_train_samples=16,
+        return sft(SFTConfig(model=str(tiny_base), data=str(site_data), out=str(out), max_train_samples=16,
                              max_eval_samples=4, per_device_train_batch_size=4, report_to="none", save_steps=3,
                              logging_steps=1, max_steps=steps, lr_scheduler_type="constant", warmup_ratio=0.0))
 
@@ -211,17 +212,17 @@ def test_guard_stops_on_nan():
         guard.on_log(Args(), State(), None, logs={"loss": float("nan")})
 
 
-def test_bad_model_path_is_a_clear_error(beer_data, tmp_path, monkeypatch):
-    result = CliRunner().invoke(cli, ["sft", "--model", str(tmp_path / "nope"), "--data", str(beer_data),
+def test_bad_model_path_is_a_clear_error(site_data, tmp_path, monkeypatch):
+    result = CliRunner().invoke(cli, ["sft", "--model", str(tmp_path / "nope"), "--data", str(site_data),
                                       "--out", str(tmp_path / "o")])
     assert result.exit_code != 0 and "nope: does not exist" in result.output
     assert not (tmp_path / "o").exists()  # nothing written for a run that cannot start
     (tmp_path / "empty").mkdir()
-    result = CliRunner().invoke(cli, ["sft", "--model", str(tmp_path / "empty"), "--data", str(beer_data),
+    result = CliRunner().invoke(cli, ["sft", "--model", str(tmp_path / "empty"), "--data", str(site_data),
                                       "--out", str(tmp_path / "o")])
     assert result.exit_code != 0 and "not a model directory" in result.output
     monkeypatch.chdir(tmp_path)  # `outputs/sft` beside an outputs/ folder is a path, not a hub id: no hub call
     (tmp_path / "outputs").mkdir()
-    result = CliRunner().invoke(cli, ["sft", "--model", "outputs/sft", "--data", str(beer_data), "--out", "o"])
+    result = CliRunner().invoke(cli, ["sft", "--model", "outputs/sft", "--data", str(site_data), "--out", "o"])
     assert result.exit_code != 0 and "outputs/sft: does not exist" in result.output
     assert not (tmp_path / "o").exists()  # nothing written for a run that cannot start

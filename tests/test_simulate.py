@@ -130,7 +130,7 @@ def test_a_store_from_before_annotator_kinds_is_upgraded(tmp_path):
     assert {a.name: a.kind for a in store.annotators()} == {"carol": "human", "bot:sim-1": "simulated"}
 
 
-def test_the_reference_judge_prefers_the_questions_own_human_answer(beer_data):
+def test_the_reference_judge_prefers_the_questions_own_human_answer(site_data):
     """The reference judge (MiniLM similarity to the best human answer + relevance) ranks a question's own best
     answer above another question's, is on the scale of held-out human answers, and its length-neutral form has
     no linear trend in length on them."""
@@ -140,19 +140,19 @@ def test_the_reference_judge_prefers_the_questions_own_human_answer(beer_data):
     from stackrlhf.stats import words
     from stackrlhf.models.judge import ReferenceJudge, load_judge
 
-    rows = [r for r in load_split(beer_data, "rl", "train").to_list() if r["reference_answer"]][:20]
-    judge = load_judge("reference", str(beer_data))
-    assert load_judge("reference", str(beer_data)) is judge  # one calibration per process
+    rows = [r for r in load_split(site_data, "rl", "train").to_list() if r["reference_answer"]][:20]
+    judge = load_judge("reference", str(site_data))
+    assert load_judge("reference", str(site_data)) is judge  # one calibration per process
     own = judge.score(rows, [r["reference_answer"] for r in rows])
     other = judge.score(rows, [rows[(i + 1) % len(rows)]["reference_answer"] for i in range(len(rows))])
     assert sum(a > b for a, b in zip(own, other)) >= 0.8 * len(rows)
     assert np.mean(own) > np.mean(other) + 1.0  # in standard deviations of human answers
 
-    evaluation = [r for r in load_split(beer_data, "evaluation", "test").to_list() if len(r["answers"]) > 1]
+    evaluation = [r for r in load_split(site_data, "evaluation", "test").to_list() if len(r["answers"]) > 1]
     qs = [r for r in evaluation for _ in r["answers"][1:]]
     texts = [a["text"] for r in evaluation for a in r["answers"][1:]]
     logw = np.log1p([words(t) for t in texts])
-    neutral = ReferenceJudge(str(beer_data), length_neutral=True)
+    neutral = ReferenceJudge(str(site_data), length_neutral=True)
     assert abs(np.corrcoef(neutral.score(qs, texts), logw)[0, 1]) < 0.05
     raw = np.asarray(judge.score(qs, texts))
     assert abs(raw.mean()) < 0.05 and abs(raw.std() - 1) < 0.05  # calibrated on exactly these answers
@@ -160,12 +160,12 @@ def test_the_reference_judge_prefers_the_questions_own_human_answer(beer_data):
         judge.score([{"site": "beer.stackexchange.com", "qid": -1, "prompt": "?"}], ["a"])
 
 
-def test_simulated_annotators_label_with_the_reference_judge(beer_data, tmp_path):
+def test_simulated_annotators_label_with_the_reference_judge(site_data, tmp_path):
     """Through the app: with noise 0 each preference is the question's own human answer over another question's;
     a question without a human answer is skipped, with the reason."""
     from stackrlhf.data.load import load_split
 
-    rl = load_split(beer_data, "rl", "train").to_list()
+    rl = load_split(site_data, "rl", "train").to_list()
     answered = [r for r in rl if r["reference_answer"]][:4]
     unanswered = [r for r in rl if not r["reference_answer"]][:1]
     db = f"sqlite:///{tmp_path / 'ref.db'}"
@@ -175,7 +175,7 @@ def test_simulated_annotators_label_with_the_reference_judge(beer_data, tmp_path
                            {"text": q["reference_answer"], "model": "own"}])
     for q in unanswered:
         store.add_task(q, [{"text": "Use more hops.", "model": "a"}, {"text": "Use less.", "model": "b"}])
-    made = simulate(SimulateConfig(db=db, judge="reference", data=str(beer_data), annotators=2, replication=1,
+    made = simulate(SimulateConfig(db=db, judge="reference", data=str(site_data), annotators=2, replication=1,
                                    noise=0.0, seed=3))
     labels = store.all_labels()
     tasks = {t.id: t for t in store.all_tasks()}

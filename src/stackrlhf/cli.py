@@ -238,15 +238,22 @@ def rm_cmd(config_file, **options) -> None:
               help="Pair datasets: the training answers set the normalisation, the held-out pairs the report.")
 @click.option("--combine", type=click.Choice(["mean", "min"]), default="mean", show_default=True,
               help="Combine the members' normalised scores by their mean or, more cautiously, their minimum.")
-@click.option("--batch-size", default=32, show_default=True, help="Answers per scoring batch.")
+@click.option("--score-batch-size", "batch_size", default=32, show_default=True, help="Answers per scoring batch.")
+@click.option("--batch-size", "old_batch_size", type=int, default=None, hidden=True,
+              help="The old name of --score-batch-size.")
 @user_errors
-def rm_ensemble_cmd(members, out, data, combine, batch_size) -> None:
+def rm_ensemble_cmd(members, out, data, combine, batch_size, old_batch_size) -> None:
     """Combine two or more trained reward models (MEMBERS) into one ensemble reward model.
 
     Example: stackrlhf rm-ensemble outputs/rm-a outputs/rm-b --data outputs/data --out outputs/rm-ensemble
     """
     from stackrlhf.train.ensemble import build_reward_ensemble
 
+    if old_batch_size is not None:
+        from stackrlhf.console import warn
+
+        warn("--batch-size is the old name of --score-batch-size")
+        batch_size = old_batch_size
     build_reward_ensemble(list(members), out, list(data), combine, batch_size)
 
 
@@ -362,7 +369,9 @@ def loop_cmd(ctx, registry, policy, old_policy, reward, config_file, **settings)
     from stackrlhf.loop import loop_turn
 
     if old_policy:
-        click.echo("warning: --policy is the old name of --model; use that", err=True)
+        from stackrlhf.console import warn
+
+        warn("--policy is the old name of --model; use that")
         policy = policy or old_policy
     result = loop_turn(registry, policy, reward, config_file, **settings)
     click.echo(json.dumps(result))
@@ -409,7 +418,7 @@ def feedback_queue(config_file, **options) -> None:
     sampling = pop_sampling(options)
     cfg = load_config(QueueConfig, config_file, section="queue", **options)
     result = queue_tasks(cfg.db, cfg.model, cfg.split, cfg.questions, cfg.answers_per_question, cfg.control,
-                         sampling, cfg.data, cfg.seed, cfg.batch, batch_size=cfg.batch_size)
+                         sampling, cfg.data, cfg.seed, cfg.batch, batch_size=cfg.generation_batch_size)
     click.echo(f"queued {result['tasks']} tasks of {cfg.answers_per_question} answers in {cfg.db}")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import tempfile
 import types
 import typing
@@ -118,8 +117,10 @@ def rename_aliases(cls: type, values: dict, where: str) -> dict:
             continue  # a hidden CLI alias that was not given
         if out.get(new) not in (None, (), ""):
             raise StackRLHFError(f"{where}: {new} is given twice, also under its old name {old}; keep {new}")
-        print(f"warning: {where}: `{old}` (--{old.replace('_', '-')}) is the old name of `{new}` "
-              f"(--{new.replace('_', '-')}); use that", file=sys.stderr)
+        from stackrlhf.console import warn
+
+        warn(f"{where}: `{old}` (--{old.replace('_', '-')}) is the old name of `{new}` (--{new.replace('_', '-')}); "
+             "use that")
         out[new] = value
     return out
 

@@ -18,7 +18,7 @@ _always = Console(stderr=True)  # warnings: shown even with --quiet
 
 def warn(message: str) -> None:
     """A warning on stderr (shown even with --quiet)."""
-    _always.print(f"[yellow]warning:[/] {message}", highlight=False)
+    _always.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True, markup=True)
 
 
 def configure(quiet: bool = False, verbose: bool = False) -> None:

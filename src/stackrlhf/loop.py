@@ -36,7 +36,7 @@ REGISTRY_FILE = "registry.json"
 # The loop's RL step unless its `ppo` section names an algorithm. RLOO, not PPO: from the same turn-1 RM and the
 # same 192 answers, PPO's cold critic gained +0.04 proxy reward in two seeds, RLOO +0.10 and +0.20 (docs/results-archive.md,
 # 2026-12-02). 8 prompts x 4 answers keeps PPOConfig's 32 answers a step.
-LOOP_RL_DEFAULTS = {"algorithm": "rloo", "rloo_k": 4, "batch_size": 8}
+LOOP_RL_DEFAULTS = {"algorithm": "rloo", "rloo_k": 4, "prompts_per_step": 8}
 SETTINGS_FILE = "loop.yaml"
 
 
@@ -192,7 +192,7 @@ def turn_stages(reg: dict, cfg: LoopConfig, current: dict, n: int, vdir: Path, f
                                                  "data": cfg.data, "out": str(policy)}, "loop ppo settings"),
               ["data", "rm"], policy, [current["model"]]),
         # every version is compared with v0 (win rates, KL), beside best-of-n from v0 under this turn's RM
-        Stage("eval", config_from_dict(EvalConfig, {"cache": str(vdir.parent / "eval-cache"), **cfg.eval,
+        Stage("eval", config_from_dict(EvalConfig, {"answer_cache": str(vdir.parent / "eval-cache"), **cfg.eval,
                                                     "model": models, "baseline": "v0", "reference": v0,
                                                     "data": cfg.data, "reward": str(vdir / "rm"),
                                                     "gold_reward": cfg.gold_reward, "judge": cfg.judge,

@@ -35,7 +35,8 @@ class EvalConfig:
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1: off)."})
     sampler_precision: str = field(default="auto", metadata={"help": SAMPLER_PRECISION_HELP})
-    batch_size: int = field(default=16, metadata={"help": "Answers generated / scored per batch."})
+    generation_batch_size: int = field(default=16, metadata={"aliases": ("batch_size",),
+                                                             "help": "Answers generated / scored per batch."})
     seed: int = field(default=0, metadata={"help": "Random seed (same questions and sampling noise for every model)."})
     samples_per_question: int = field(default=1, metadata={
         "help": "Answers each model samples per question (best-of-n: still one pick). A model's scores, KL and "
@@ -43,7 +44,7 @@ class EvalConfig:
                 "sampling noise that dominates a one-answer comparison shrinks as 1/N, for N times the answers. The "
                 "first answer of each question is the one N = 1 samples."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
-    cache: str = field(default="", metadata={
+    answer_cache: str = field(default="", metadata={"aliases": ("cache",),
         "help": "A folder that keeps each model's answers, their KL and its perplexity of the human answers (and "
                 "best-of-n's sample pool), keyed by the model's weight files, the questions, the sampling settings "
                 "and the seed: evaluating the same model again reads them instead of sampling again (the loop keeps "

@@ -78,7 +78,7 @@ def evaluate_models(cfg: EvalConfig) -> dict:
     human_nll: dict[tuple, float] = {}  # per distribution: best-of-n of v0 shares v0's perplexity of the human answers
     for spec in tqdm(specs, desc="models", disable=not cfg.progress):
         answers[spec.name], per_answer[spec.name], results[spec.name] = answer_and_score(
-            Answerer(spec, device, scorer=pick_best, cache=cfg.cache or None), questions, sampling, judges, reference,
+            Answerer(spec, device, scorer=pick_best, cache=cfg.answer_cache or None), questions, sampling, judges, reference,
             cfg, human_nll)
     per_question = {name: {k: question_means(v, len(questions)) for k, v in values.items()}
                     for name, values in per_answer.items()}
@@ -152,13 +152,13 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
     m = 1 if model.spec.best_of > 1 else cfg.samples_per_question
     asked, asked_questions = prompts * m, questions * m
     t0 = time.perf_counter()
-    cache = Path(cfg.cache) if cfg.cache else None
+    cache = Path(cfg.answer_cache) if cfg.answer_cache else None
     # best-of-n's picks (and so its answers and their KL) follow this evaluation's reward model: only its pool is kept
     answers_cache = None if model.spec.best_of > 1 else cache
     identity = (distribution_key(model), weights_stamp(model.spec.path), tuple(prompts), repr(sampling), cfg.seed)
     more = (m,) if m > 1 else ()  # m = 1 keeps the key it had before samples_per_question existed
     gen = cached(answers_cache, ("answers", *identity, *more),
-                 lambda: model.generate(asked, sampling, cfg.batch_size, cfg.seed))
+                 lambda: model.generate(asked, sampling, cfg.generation_batch_size, cfg.seed))
     t_gen = time.perf_counter() - t0
     # KL between the tempered distributions the models sample from (the temperature is part of the policy). The
     # reference itself and best-of-n from it need no forward pass: their policy's log-ratio is 0 on every token.
@@ -173,10 +173,10 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
                 """Per answer, log p_model - log p_ref; for int8 samples also log w, the answer's importance
                 weight back to the float32 model's sampling distribution (its log-prob under the sampling rule
                 minus the int8 sampler's)."""
-                got = model.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature,
+                got = model.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.generation_batch_size, cfg.temperature,
                                         sampling if int8 else None)
                 logp, rule = got if int8 else (got, None)
-                ref = reference.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.batch_size, cfg.temperature)
+                ref = reference.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.generation_batch_size, cfg.temperature)
                 out = {"kl": [float((a - b).sum()) for a, b in zip(logp, ref)]}
                 if rule is not None:
                     gaps = [torch.tensor(s) - r for r, s in zip(rule, gen.sampler_logprobs)]  # log q - log p a token
@@ -203,7 +203,7 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
             human = [model.tok(q["best_answer"], add_special_tokens=False)["input_ids"][: cfg.max_new_tokens]
                      + [model.tok.eos_token_id] for q in questions]
             prompt_ids = gen.prompt_ids[:len(questions)]
-            return -float(torch.cat(model.logprobs_of(prompt_ids, human, cfg.batch_size)).mean())
+            return -float(torch.cat(model.logprobs_of(prompt_ids, human, cfg.generation_batch_size)).mean())
 
         human_nll[key] = cached(cache, ("human_nll", *identity[:-1], cfg.max_new_tokens), nll_of_human_answers)
     nll = human_nll[key]

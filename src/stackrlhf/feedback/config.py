@@ -65,7 +65,7 @@ class QueueConfig:
         "help": "Mix in the dump's best answer as one of the K (needs --split evaluation)."})
     seed: int = field(default=0, metadata={"help": "Seed of the questions' choice and of the sampling."})
     batch: str = field(default="", metadata={"help": "A name for this batch of tasks (recorded with each)."})
-    batch_size: int = field(default=32, metadata={
+    generation_batch_size: int = field(default=32, metadata={"aliases": ("batch_size",),
         "help": "Answers generated together (more is faster up to memory; the answers do not depend on it)."})
 
     def __post_init__(self) -> None:

@@ -72,7 +72,9 @@ def models_cache_dir(cache_dir: str | Path | None = None) -> Path:
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    from stackrlhf.console import console
+
+    console.print(message, highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------- GGUF -> model directory

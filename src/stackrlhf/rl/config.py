@@ -39,8 +39,8 @@ class PPOConfig:
         "update raises the likelihood of the best one (reward-ranked fine-tuning, no value head)."})
     rloo_k: int = field(default=2, metadata={"help": "RLOO and RAFT: answers sampled per prompt (>= 2)."})
     steps: int = field(default=100, metadata={"help": "PPO iterations (rollout + update)."})
-    batch_size: int = field(default=32, metadata={"help": "Prompts per rollout (per process); RLOO and RAFT "
-                                                          "answer each rloo_k times."})
+    prompts_per_step: int = field(default=32, metadata={"aliases": ("batch_size",), "help":
+        "Prompts per rollout (per process); RLOO and RAFT answer each rloo_k times."})
     mini_batch_size: int = field(default=8, metadata={"help": "Sequences per gradient step."})
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout."})
     learning_rate: float = field(default=1e-5, metadata={"help": "Adam learning rate (constant)."})
@@ -114,9 +114,9 @@ class PPOConfig:
         if not self.model:
             raise ValueError("--model is required")
         grouped = ALGORITHMS[self.algorithm].grouped
-        rollouts = self.batch_size * (self.rloo_k if grouped else 1)
+        rollouts = self.prompts_per_step * (self.rloo_k if grouped else 1)
         if rollouts % self.mini_batch_size:
-            raise ValueError(f"the {rollouts} answers of a rollout (batch_size, x rloo_k with RLOO/RAFT) must be a "
+            raise ValueError(f"the {rollouts} answers of a rollout (prompts_per_step, x rloo_k with RLOO/RAFT) must be a "
                              "multiple of mini_batch_size")
         if grouped and self.rloo_k < 2:
             raise ValueError(f"--rloo-k must be at least 2 with {self.algorithm}: it compares each prompt's answers")
@@ -145,7 +145,8 @@ class ILQLConfig:
     max_answer_tokens: int = field(default=128, metadata={"help": "Longer answers are cut (their reward kept)."})
     # optimisation
     steps: int = field(default=1000, metadata={"help": "Optimizer steps."})
-    batch_size: int = field(default=16, metadata={"help": "Sequences per step (per process)."})
+    per_device_train_batch_size: int = field(default=16, metadata={"aliases": ("batch_size",),
+                                                                   "help": "Sequences per step (per process)."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak AdamW learning rate (warm-up, then cosine)."})
     warmup_steps: int = field(default=20, metadata={"help": "Linear warm-up steps."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})

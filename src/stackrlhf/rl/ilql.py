@@ -220,8 +220,9 @@ class ILQLTrainer:
                 raise StackRLHFError("--data is required: a `stackrlhf data build` output")
             samples, self.data_info = samples_from_data(cfg, tok, self._rm_scorer() if cfg.reward_source == "rm"
                                                         else None)
-        if len(samples) < cfg.batch_size:
-            raise StackRLHFError(f"only {len(samples)} scored answers, fewer than batch_size={cfg.batch_size}")
+        if len(samples) < cfg.per_device_train_batch_size:
+            raise StackRLHFError(f"only {len(samples)} scored answers, fewer than "
+                                 f"per_device_train_batch_size={cfg.per_device_train_batch_size}")
         self.samples = samples
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -239,7 +240,7 @@ class ILQLTrainer:
 
     def batch(self, step: int) -> list[ScoredSample]:
         """A seeded permutation per pass over the data, each process its own slice: resumable exactly."""
-        return [self.samples[i] for i in pass_batch(len(self.samples), step, self.cfg.batch_size,
+        return [self.samples[i] for i in pass_batch(len(self.samples), step, self.cfg.per_device_train_batch_size,
                                                     self.accelerator.num_processes, self.accelerator.process_index,
                                                     self.cfg.seed)]
 
@@ -263,7 +264,7 @@ class ILQLTrainer:
             self.model.heads.sync_target(cfg.alpha)
         seconds = time.perf_counter() - t0
         return {"step": self.step_index, **stats, "grad_norm": float(grad_norm),
-                "lr": self.scheduler.get_last_lr()[0], "time/samples_per_s": cfg.batch_size / seconds,
+                "lr": self.scheduler.get_last_lr()[0], "time/samples_per_s": cfg.per_device_train_batch_size / seconds,
                 "time/tokens_per_s": stats["tokens"] / seconds}
 
     # ------------------------------------------------------------ checkpoints (same layout as PPO's)
@@ -295,7 +296,7 @@ class ILQLTrainer:
         start, samples_seen = time.perf_counter(), 0
         while self.step_index < cfg.steps:
             metrics = self.step()
-            samples_seen += cfg.batch_size
+            samples_seen += cfg.per_device_train_batch_size
             self.history.append(metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss/total']:.3f}", q=f"{metrics['values/q_mean']:.2f}",

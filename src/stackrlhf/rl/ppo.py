@@ -167,7 +167,7 @@ class PPOTrainer:
         if not self.algorithm.critic:  # the value head is not trained (nor, under DDP, expected to get gradients)
             self.policy.value_head.requires_grad_(False)
         self.answers_per_prompt = cfg.rloo_k if self.algorithm.grouped else 1
-        self.rollouts_per_step = cfg.batch_size * self.answers_per_prompt
+        self.rollouts_per_step = cfg.prompts_per_step * self.answers_per_prompt
         console.print(f"PPO policy ({self.policy.mode} reference{': ' + self.reference_from if self.reference_from else ''}): "
                       f"{describe_trainable(self.policy)}; value head: "
                       + (self.value_head_from or "zero (no parent critic)" if self.algorithm.critic
@@ -182,9 +182,9 @@ class PPOTrainer:
         if prompts is None:
             prompts = load_split(cfg.data, "rl", "train")
         self.prompts = list(prompts["prompt"] if hasattr(prompts, "column_names") else prompts)
-        if len(self.prompts) < cfg.batch_size:
+        if len(self.prompts) < cfg.prompts_per_step:
             raise StackRLHFError(f"{cfg.data or 'the prompts given'}: {len(self.prompts)} prompts, fewer than "
-                                 f"batch_size={cfg.batch_size}")
+                                 f"prompts_per_step={cfg.prompts_per_step}")
         self.step_index = 0
         self.history: list[dict] = []
         self.warned_negative_kl = False
@@ -202,7 +202,7 @@ class PPOTrainer:
 
     def batch_prompts(self, step: int) -> list[str]:
         """Prompts of a step: a seeded permutation per pass over the rl split, each process its own slice."""
-        return [self.prompts[i] for i in pass_batch(len(self.prompts), step, self.cfg.batch_size,
+        return [self.prompts[i] for i in pass_batch(len(self.prompts), step, self.cfg.prompts_per_step,
                                                     self.accelerator.num_processes, self.accelerator.process_index,
                                                     self.cfg.seed)]
 
