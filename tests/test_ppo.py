@@ -83,6 +83,31 @@ def test_hydra_reference_stays_frozen_after_updates(tiny_policy):
     assert torch.equal(ref_before, ref_after) and not torch.equal(logits, ref_after)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_fused_token_log_prob_matches_log_softmax_and_its_gradient(temperature):
+    """logprobs_of's one-pass forward and backward equal log_softmax + gather and autograd's gradient."""
+    from stackrlhf.rl.ppo import logprobs_of
+
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 5, 101) * 4).requires_grad_()
+    tokens = torch.randint(0, 101, (3, 5))
+    weights = torch.randn(3, 5)
+    ours = logprobs_of(logits, tokens, temperature)
+    (ours * weights).sum().backward()
+    grad = logits.grad.clone()
+    logits.grad = None
+    theirs = torch.log_softmax(logits / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    (theirs * weights).sum().backward()
+    assert ours.detach() == pytest.approx(theirs.detach(), abs=1e-5)
+    assert grad == pytest.approx(logits.grad, rel=1e-5, abs=1e-6)
+    from stackrlhf.rl.ppo import logprobs_and_entropy
+
+    same, entropy = logprobs_and_entropy(logits, tokens, temperature)  # the rollout's: bit for bit the update's
+    assert torch.equal(same, ours.detach())
+    p = torch.softmax(logits.detach() / temperature, -1)
+    assert entropy == pytest.approx(-(p * p.log()).sum(-1), abs=1e-4)
+
+
 def test_gae_and_kl_estimators():
     rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
     values = torch.tensor([[0.5, 0.5, 0.5, 9.0]])

@@ -27,7 +27,7 @@ def queue_tasks(db: str, models: list[str], split: str = "rl", questions: int = 
     if not models:
         raise StackRLHFError("--model is required (repeatable)")
     if batch_size < 1:
-        raise StackRLHFError(f"--batch-size {batch_size}: answers are generated at least one at a time (use >= 1)")
+        raise StackRLHFError(f"--generation-batch-size {batch_size}: answers are generated at least one at a time (use >= 1)")
     n_generated = answers_per_question - (1 if control else 0)
     if n_generated < 1:
         raise StackRLHFError("--answers-per-question must leave room for at least one model answer")

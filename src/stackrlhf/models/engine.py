@@ -199,7 +199,7 @@ class _Llama:
 
     def block(self, i, h, attend):
         layer = self.blocks[i]
-        if self.int8 is not None:
+        if self.int8 is not None and self.int8.blocks[i] is not None:
             return self._int8_block(i, layer, h, attend)
         q, k, v = self.qkv(i, layer.input_layernorm(h))
         h = h + layer.self_attn.o_proj(attend(q, k, v, self.scale))

@@ -53,9 +53,12 @@ def load_tokenizer(path_or_id: str, padding_side: str = "left") -> PreTrainedTok
     return tok
 
 
-def load_causal_lm(path_or_id: str, dtype: str | None = "auto", device: str | torch.device | None = None
-                   ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer from a local ``save_pretrained`` directory or a hub id."""
+def load_causal_lm(path_or_id: str, dtype: str | None = "auto", device: str | torch.device | None = None,
+                   int8_trunk: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer from a local ``save_pretrained`` directory or a hub id. A model trained with
+    an int8 trunk (``int8_trunk_blocks`` in its config.json, :func:`stackrlhf.models.quant.quantize_trunk`) runs
+    it again; ``int8_trunk=False`` (a stage that trains the lower blocks) loads it all in float32 and drops the
+    record, so what it saves is a float32 model."""
     tok = load_tokenizer(path_or_id)
     try:
         model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=resolve_dtype(dtype))
@@ -69,4 +72,10 @@ def load_causal_lm(path_or_id: str, dtype: str | None = "auto", device: str | to
         model.generation_config.pad_token_id = tok.pad_token_id
     if device is not None:
         model.to(device)
+    from stackrlhf.models.quant import quantize_trunk, trunk_blocks
+
+    if trunk_blocks(model) and not int8_trunk:
+        model.config.int8_trunk_blocks = 0
+    elif trunk_blocks(model):  # trained with an int8 trunk (config.json says how many blocks): run it the same way
+        quantize_trunk(model, tok, trunk_blocks(model))
     return model, tok

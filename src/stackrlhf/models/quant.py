@@ -115,8 +115,10 @@ class Int8Linear:
         self.outliers = None
         if act_max is not None and outliers:
             self.outliers = (act_max / smooth).topk(min(outliers, in_features)).indices.sort().values
-            self.outlier_weight = weight[:, self.outliers].t().contiguous()  # [c, out]
+            # their columns read the raw input (the divisor folded in) and leave the int8 product (a 0 divisor)
+            self.outlier_weight = (weight[:, self.outliers] * self.inv_smooth[self.outliers]).t().contiguous()
             weight[:, self.outliers] = 0
+            self.inv_smooth[self.outliers] = 0.0
         q, scale = quantize_rows(weight)
         self.weight = q.t().contiguous()  # [in, out]: _int_mm's right operand
         self.scale = scale.squeeze(1).contiguous()
@@ -130,13 +132,11 @@ class Int8Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1]).float()
+        kept = x[:, self.outliers] if self.outliers is not None else None
         x = self._rotate(x) if self.rotation is not None else x * self.inv_smooth
-        if self.outliers is not None:
-            kept = x[:, self.outliers]
-            x = x.index_fill(1, self.outliers, 0.0)
         q, scale = quantize_rows(x)
         y = torch._int_mm(q, self.weight).mul(scale).mul_(self.scale)  # int32 x float32 -> float32
-        if self.outliers is not None:
+        if kept is not None:
             y.addmm_(kept, self.outlier_weight)
         if self.bias is not None:
             y.add_(self.bias)
@@ -157,9 +157,10 @@ class Int8Block:
 
 @dataclass
 class Int8Model:
-    """The quantised products of a Llama-layout model, in block order, and its head."""
-    blocks: list[Int8Block]
-    head: Int8Linear
+    """The quantised products of a Llama-layout model, in block order, and its head; None where a block (or the
+    head) runs in float32."""
+    blocks: list[Int8Block | None]
+    head: Int8Linear | None
     alpha: float
     outliers: int
 
@@ -201,12 +202,20 @@ def _fused(linears: list[torch.nn.Linear], maxima: dict, alpha: float, outliers:
 
 
 @torch.no_grad()
-def quantize_llama(model, tok, alpha: float = ALPHA, outliers: int = OUTLIERS) -> Int8Model:
-    maxima = calibration_maxima(model, tok)
-    blocks = []
-    for layer in model.model.layers:
+def quantize_llama(model, tok, alpha: float = ALPHA, outliers: int = OUTLIERS, blocks: range | None = None,
+                   head: bool = True, maxima: dict | None = None) -> Int8Model:
+    """The int8 copy of ``blocks`` (default: all) and of the head. A block whose products already run in int8 (a
+    quantised trunk, :func:`quantize_trunk`) keeps that copy, so every reader of the trunk reads the same one.
+    ``maxima``: :func:`calibration_maxima` of the float32 model, when the caller keeps them."""
+    maxima = calibration_maxima(model, tok) if maxima is None else maxima
+    chosen = range(len(model.model.layers)) if blocks is None else blocks
+    out: list[Int8Block | None] = []
+    for i, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        blocks.append(Int8Block(
+        if getattr(layer, "int8_block", None) is not None or i not in chosen:
+            out.append(getattr(layer, "int8_block", None))
+            continue
+        out.append(Int8Block(
             qkv=_fused([attn.q_proj, attn.k_proj, attn.v_proj], maxima, alpha, outliers),
             q_size=attn.q_proj.out_features, kv_size=attn.k_proj.out_features,
             o=Int8Linear(attn.o_proj.weight, attn.o_proj.bias, maxima.get(attn.o_proj), alpha, outliers),
@@ -215,8 +224,99 @@ def quantize_llama(model, tok, alpha: float = ALPHA, outliers: int = OUTLIERS) -
             down=Int8Linear(mlp.down_proj.weight, mlp.down_proj.bias, maxima.get(mlp.down_proj), alpha, outliers,
                             rotate=ROTATION_BLOCK),
             act=mlp.act_fn))
-    head = model.get_output_embeddings()
-    return Int8Model(blocks, Int8Linear(head.weight, head.bias, maxima.get(head), alpha, outliers), alpha, outliers)
+    lm_head = model.get_output_embeddings()
+    return Int8Model(out, Int8Linear(lm_head.weight, lm_head.bias, maxima.get(lm_head), alpha, outliers) if head
+                     else None, alpha, outliers)
+
+
+def trunk_blocks(model) -> int:
+    """How many bottom blocks of ``model`` run in int8 as part of the model (0: none)."""
+    return int(getattr(model.config, "int8_trunk_blocks", 0) or 0)
+
+
+@torch.no_grad()
+def quantize_trunk(model, tok, n_blocks: int, alpha: float = ALPHA, outliers: int = OUTLIERS) -> bool:
+    """Make the bottom ``n_blocks`` blocks of a Llama-layout float32 CPU model run in int8 for every reader: the
+    model's own forward, the decode engine, a hydra reference that shares the trunk. Their Linear layers keep
+    their float32 weights (``save_pretrained`` writes those) and get an int8 ``forward``; the copy is a pure
+    function of the weights (calibrated on the float32 model), and ``config.int8_trunk_blocks`` records it, so
+    :func:`stackrlhf.models.loading.load_causal_lm` rebuilds the same trunk when the model is loaded again.
+    Returns False (with one warning, the model left in float32) where no int8 kernel runs."""
+    from stackrlhf.models.engine import _layout, _Llama
+
+    if n_blocks <= 0:
+        return False
+    weight = next(model.parameters())
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not isinstance(_layout(model), _Llama):
+        _warn_once(f"an int8 trunk needs a Llama-layout float32 model on a CPU ({type(model).__name__} on "
+                   f"{weight.device.type}, {weight.dtype}): its trunk stays float32")
+        return False
+    if not int8_available():
+        _warn_once("no int8 matrix kernel on this machine (torch._int_mm): the model's trunk runs in float32, so its "
+                   "outputs differ slightly from the int8 trunk it was trained with")
+        return False
+    layers = model.model.layers
+    n_blocks = min(n_blocks, len(layers))
+    if trunk_blocks(model) == n_blocks and all(getattr(layers[i], "int8_block", None) for i in range(n_blocks)):
+        return True
+    copy = quantize_llama(model, tok, alpha, outliers, blocks=range(n_blocks), head=False)
+    for i in range(n_blocks):
+        _run_in_int8(layers[i], copy.blocks[i])
+    model.config.int8_trunk_blocks = n_blocks
+    return True
+
+
+def _run_in_int8(layer, block: Int8Block) -> None:
+    """The layer's Linear layers compute through ``block``: q/k/v as one product (q_proj computes it, k_proj and
+    v_proj read their parts when called on the same input, the last one read lets it go), gate/up likewise."""
+    attn, mlp = layer.self_attn, layer.mlp
+    last: dict[str, tuple] = {}
+
+    def fused(name, product, sizes):
+        def part(index):
+            def forward(x):
+                seen = last.get(name)
+                if seen is None or seen[0] is not x:
+                    seen = last[name] = (x, product(x).split(sizes, dim=-1))
+                if index == len(sizes) - 1:
+                    del last[name]
+                return seen[1][index]
+            return forward
+        return part
+
+    qkv = fused("qkv", block.qkv, [block.q_size, block.kv_size, block.kv_size])
+    attn.q_proj.forward, attn.k_proj.forward, attn.v_proj.forward = qkv(0), qkv(1), qkv(2)
+    attn.o_proj.forward = block.o
+    gate_up = fused("gate_up", block.gate_up, [block.intermediate, block.intermediate])
+    mlp.gate_proj.forward, mlp.up_proj.forward = gate_up(0), gate_up(1)
+    mlp.down_proj.forward = block.down
+    layer.int8_block = block
+
+
+def _warn_once(message: str) -> None:
+    global _warned
+    if not _warned:
+        warnings.warn(message, stacklevel=3)
+        _warned = True
+
+
+def int8_usable(model, precision: str = "auto") -> bool:
+    """Whether ``precision`` means int8 products for ``model`` here: it resolves to int8, the model is of the
+    Llama layout in float32 on a CPU, and this machine has an int8 kernel (where it has none: False, with one
+    warning)."""
+    from stackrlhf.models.engine import _layout, _Llama
+
+    device = next(model.parameters()).device
+    if resolve_precision(precision, device) != "int8":
+        return False
+    if device.type != "cpu" or next(model.parameters()).dtype != torch.float32:
+        return False
+    if not isinstance(_layout(model), _Llama):
+        return False
+    if not int8_available():
+        _warn_once("no int8 matrix kernel on this machine (torch._int_mm): sampling in float32")
+        return False
+    return True
 
 
 def quantize_for_sampling(model, tok, precision: str = "auto", alpha: float = ALPHA,
@@ -224,19 +324,4 @@ def quantize_for_sampling(model, tok, precision: str = "auto", alpha: float = AL
     """The int8 copy the engine samples with, or None to sample in float32: when ``precision`` resolves to
     float32, when the model is not on a CPU in float32 or not of the Llama layout, or when this machine has no
     int8 kernel (then with one warning)."""
-    global _warned
-    from stackrlhf.models.engine import _layout, _Llama
-
-    device = next(model.parameters()).device
-    if resolve_precision(precision, device) != "int8":
-        return None
-    if device.type != "cpu" or next(model.parameters()).dtype != torch.float32:
-        return None
-    if not isinstance(_layout(model), _Llama):
-        return None
-    if not int8_available():
-        if not _warned:
-            warnings.warn("no int8 matrix kernel on this machine (torch._int_mm): sampling in float32", stacklevel=2)
-            _warned = True
-        return None
-    return quantize_llama(model, tok, alpha, outliers)
+    return quantize_llama(model, tok, alpha, outliers) if int8_usable(model, precision) else None

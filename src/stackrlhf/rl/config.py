@@ -92,6 +92,19 @@ class PPOConfig:
                 "full frozen copy as reference)."})
     value_grad_to_trunk: bool = field(default=False, metadata={
         "help": "Let the value loss also train the policy's unfrozen blocks (shared critic, as trlx)."})
+    trunk_precision: str = field(default="auto", metadata={"choices": ("auto", "int8", "float32"), "help":
+        "The frozen trunk (the blocks below the trained ones) as part of the policy. int8: quantised once when the "
+        "run starts (per-channel weights, per-token activations), so the sampler, the update, the hydra reference "
+        "and the trunk reuse all read the same int8 trunk and the RL math stays exact; recorded in the saved "
+        "model's config.json (int8_trunk_blocks), so eval, ask and the next turn load it the same way. auto: int8 "
+        "on a CPU (float32 where no int8 kernel runs, with a warning), float32 on a GPU."})
+    sampler_precision: str = field(default="auto", metadata={"choices": ("auto", "int8", "float32"), "help":
+        "The rollout sampler's copy of the trained top blocks and head. int8: re-quantised each step; each token's "
+        "policy loss is then weighted by min(pi_old / pi_sampler, is_cap) (truncated importance sampling), and the "
+        "mismatch is logged (sampler/k1, sampler/k3, sampler/capped). float32: the policy samples itself (weights "
+        "exactly 1). auto: int8 on a CPU, float32 on a GPU."})
+    is_cap: float = field(default=2.0, metadata={"help": "Truncated importance sampling: the largest weight "
+                                                 "pi_old / pi_sampler of a token's policy loss (int8 sampler)."})
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters; the reference is adapters-off."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
@@ -122,6 +135,8 @@ class PPOConfig:
             raise ValueError(f"--rloo-k must be at least 2 with {self.algorithm}: it compares each prompt's answers")
         if not 0 < self.min_new_tokens <= self.max_new_tokens:
             raise ValueError("need 0 < min_new_tokens <= max_new_tokens")
+        if self.is_cap < 1:
+            raise ValueError("--is-cap must be at least 1 (a cap below 1 would down-weight every token)")
         if self.lora and self.num_layers_unfrozen >= 0:
             self.num_layers_unfrozen = -1  # LoRA decides what trains
 

@@ -204,7 +204,7 @@ class ILQLTrainer:
         seed_everything(cfg.seed, self.accelerator.process_index)
         self.dtype = resolve_dtype(cfg.dtype)
         if model is None:
-            model, tok = load_causal_lm(cfg.model, dtype=cfg.dtype, device=self.accelerator.device)
+            model, tok = load_causal_lm(cfg.model, dtype=cfg.dtype, device=self.accelerator.device, int8_trunk=False)
         self.tok = tok
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

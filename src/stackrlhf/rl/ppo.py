@@ -2,7 +2,8 @@
 2023), on torch + transformers + accelerate.
 
 One iteration, top to bottom (:meth:`PPOTrainer.step`):
-  1. rollout: sample answers to a batch of prompts (KV cache, a length limit drawn per rollout, stop at EOS)
+  1. rollout: sample answers to a batch of prompts (KV cache, a length limit drawn per rollout, stop at EOS); with
+     an int8 sampler, the sampler's own log-prob of each token is kept for truncated importance sampling
   2. score: the reward model reads the decoded text with its own tokenizer; normalised with its saved stats
   3. forward once, no grad: log-probs and values of the policy, log-probs of the frozen reference
   4. rewards: -beta * KL_t on every response token (``--kl-penalty mean``, the default: scaled by the step's mean
@@ -10,8 +11,10 @@ One iteration, top to bottom (:meth:`PPOTrainer.step`):
   5. advantages: the estimator the algorithm names (:mod:`stackrlhf.rl.estimators`): PPO's GAE(gamma, lambda),
      whitened, returns = advantages + values; RLOO's leave-one-out advantage over k answers a prompt; RAFT's 1 for
      each prompt's best answer, 0 for the rest
-  6. ppo_epochs x minibatches: clipped policy loss + vf_coef * clipped value loss, gradient clipping,
-     early stop after the first minibatch whose approximate KL to the rollout policy exceeds max_approx_kl
+  6. ppo_epochs x minibatches: clipped policy loss (each token's weighted by min(pi_old / pi_sampler, is_cap)
+     when the sampler is an int8 copy: Yao et al. 2025's truncated importance sampling) + vf_coef * clipped value
+     loss, gradient clipping, early stop after the first minibatch whose approximate KL to the rollout policy
+     exceeds max_approx_kl
   7. adapt beta (Ziegler's proportional controller), log, checkpoint
 """
 
@@ -25,17 +28,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.table import Table
 from tqdm.auto import tqdm
 
 from stackrlhf.data.load import load_split
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.stats import history_length_analysis, words
-from stackrlhf.models.engine import supports
+from stackrlhf.models.engine import sampling_logprobs, supports
 from stackrlhf.models.freezing import apply_lora, describe_trainable, transformer_blocks
 from stackrlhf.models.answerer import same_vocabulary
 from stackrlhf.models.generation import SamplingConfig, generate, pack_sequences
+from stackrlhf.models.quant import calibration_maxima, int8_usable, quantize_llama, quantize_trunk, trunk_blocks
 from stackrlhf.models.policy import PolicyWithValue, select_rows, trunk_from_rollout
 from stackrlhf.models.loading import load_causal_lm, resolve_dtype
 from stackrlhf.models.precision import autocast, upcast_trainable
@@ -53,15 +56,38 @@ SAMPLING_SEED_STRIDE, STEP_SEED_STRIDE = 1_000_003, 10_007  # its sampling seed:
 
 # ---------------------------------------------------------------- small helpers, each one idea
 
+class _TokenLogProb(torch.autograd.Function):
+    """log softmax(logits / T)[token] with its gradient (onehot - softmax) / T. The backward turns the saved
+    log-softmax into the gradient in place, where autograd's log_softmax, gather and division backwards would
+    each read and write a vocabulary-wide tensor again."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature):
+        logp = torch.log_softmax(logits.float() * (1.0 / temperature) if temperature != 1 else logits.float(), -1)
+        ctx.logp, ctx.dtype, ctx.temperature = logp, logits.dtype, temperature
+        ctx.save_for_backward(tokens)
+        return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (tokens,) = ctx.saved_tensors
+        grad = (grad.float() * (1.0 / ctx.temperature)).unsqueeze(-1)
+        out, ctx.logp = ctx.logp.exp_().mul_(-grad), None  # -softmax * grad, in the saved tensor's memory
+        out.scatter_add_(-1, tokens.unsqueeze(-1), grad)
+        return out.to(ctx.dtype), None, None
+
+
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """log p(token) under softmax(logits / temperature), the distribution the tokens were sampled from."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return _TokenLogProb.apply(logits, tokens, temperature)
 
 
-def entropy_of(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+@torch.no_grad()
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float):
+    """:func:`logprobs_of` (exactly: the same operations) and the entropy of softmax(logits / temperature), from
+    one log-softmax; no gradient."""
+    logp = torch.log_softmax(logits.float() * (1.0 / temperature) if temperature != 1 else logits.float(), -1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -147,6 +173,7 @@ class PPOTrainer:
         seed_everything(cfg.seed, self.accelerator.process_index)
         self.dtype = resolve_dtype(cfg.dtype)
         lm, self.tok = load_causal_lm(cfg.model, dtype=cfg.dtype, device=self.accelerator.device)
+        self.int8_trunk_blocks = self._quantize_trunk(lm)
         if cfg.gradient_checkpointing:  # active in the update's forward (train mode), not in the rollout's
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora:
@@ -166,6 +193,10 @@ class PPOTrainer:
             self.reference_from = f"{cfg.reference} ({shared})"
         if not self.algorithm.critic:  # the value head is not trained (nor, under DDP, expected to get gradients)
             self.policy.value_head.requires_grad_(False)
+        # the rollout sampler's int8 copy of the trained top blocks and head: calibrated once, re-quantised a step
+        self.sampler_maxima = (calibration_maxima(lm, self.tok) if not cfg.lora and cfg.num_layers_unfrozen >= 0
+                               and int8_usable(lm, cfg.sampler_precision) else None)
+        self._int8_head = None
         self.answers_per_prompt = cfg.rloo_k if self.algorithm.grouped else 1
         self.rollouts_per_step = cfg.prompts_per_step * self.answers_per_prompt
         console.print(f"PPO policy ({self.policy.mode} reference{': ' + self.reference_from if self.reference_from else ''}): "
@@ -189,6 +220,37 @@ class PPOTrainer:
         self.history: list[dict] = []
         self.warned_negative_kl = False
         self.writer = MetricsWriter(self.out, cfg.report_to, self.accelerator.is_main_process, cfg)
+
+    def _quantize_trunk(self, lm) -> int:
+        """Quantise the frozen trunk as --trunk-precision says; returns how many blocks run in int8 (a model trained
+        so, loaded with its trunk in int8 already, keeps it)."""
+        cfg = self.cfg
+        total = len(transformer_blocks(lm))
+        frozen = total - cfg.num_layers_unfrozen if cfg.num_layers_unfrozen >= 0 and not cfg.lora else 0
+        already = trunk_blocks(lm)
+        if already > frozen:
+            raise StackRLHFError(f"{cfg.model} runs its bottom {already} blocks in int8 (it was trained so): train at "
+                                 f"most its top {total - already} blocks (--num-layers-unfrozen, or -1 with LoRA "
+                                 "excluded)")
+        if frozen > already and int8_usable(lm, cfg.trunk_precision):
+            quantize_trunk(lm, self.tok, frozen)
+        return trunk_blocks(lm) if any(getattr(b, "int8_block", None) for b in transformer_blocks(lm)) else 0
+
+    def sampler_copy(self, policy):
+        """The int8 copy the rollout samples with (None: the policy samples itself in float32): the trunk as the
+        policy runs it, the trained top blocks and the head quantised from their current weights."""
+        if self.sampler_maxima is None:
+            return None
+        lm = policy.lm
+        total = len(transformer_blocks(lm))
+        head_frozen = not any(p.requires_grad for p in lm.get_output_embeddings().parameters())
+        if head_frozen and self._int8_head is None:
+            self._int8_head = quantize_llama(lm, self.tok, blocks=range(0), maxima=self.sampler_maxima).head
+        copy = quantize_llama(lm, self.tok, blocks=range(total - self.cfg.num_layers_unfrozen, total),
+                              head=not head_frozen, maxima=self.sampler_maxima)
+        if head_frozen:
+            copy.head = self._int8_head
+        return copy
 
     def _load_rm(self):
         from stackrlhf.models.reward import RewardModel
@@ -222,13 +284,15 @@ class PPOTrainer:
         limit = random.Random(cfg.seed * LENGTH_SEED_STRIDE + self.step_index).randint(cfg.min_new_tokens,
                                                                                       cfg.max_new_tokens)
         seed = cfg.seed * SAMPLING_SEED_STRIDE + self.step_index * STEP_SEED_STRIDE
-        # the policy being trained samples in float32: its log-probs are the ratio's denominator
+        # float32: the policy samples itself, its log-probs are the ratio's denominator; int8: a copy samples, and
+        # its own log-probs weight the loss back to the policy (step 3)
+        int8 = self.sampler_copy(policy)
         sampling = SamplingConfig(max_new_tokens=limit, temperature=cfg.temperature, top_k=cfg.top_k,
                                   top_p=cfg.top_p, max_prompt_tokens=cfg.max_prompt_tokens,
-                                  sampler_precision="float32")
+                                  sampler_precision="float32" if int8 is None else "int8")
         rollout = generate(policy.lm, self.tok, prompts, sampling, batch_size=cfg.generation_batch_size or len(prompts),
                            seed=seed, capture_layer=self.trunk_layer(policy),
-                           first_row=self.accelerator.process_index * len(prompts))
+                           first_row=self.accelerator.process_index * len(prompts), int8=int8)
         t_gen = time.perf_counter() - t0
 
         # 2. score the decoded text (the RM has its own tokenizer)
@@ -253,11 +317,15 @@ class PPOTrainer:
                 logits, values, ref_logits = policy(batch["input_ids"], batch["attention_mask"],
                                                     batch["position_ids"], with_reference=True, keep=batch["keep"])
                 trunk = policy.frozen_trunk()
-            old_logp = logprobs_of(self.response_part(logits, batch), batch["responses"], cfg.temperature)
+            old_logp, entropy = logprobs_and_entropy(self.response_part(logits, batch), batch["responses"],
+                                                     cfg.temperature)  # and the rollout policy's entropy
             ref_logp = logprobs_of(self.response_part(ref_logits, batch), batch["responses"], cfg.temperature)
             old_values = self.response_part(values, batch)
+            mask = batch["response_mask"]
+            # truncated importance sampling: the int8 sampler's draws, weighted back to the policy's distribution
+            is_weights, mismatch = (self.importance_weights(self.response_part(logits, batch), old_logp, batch,
+                                                            rollout, sampling, mask) if int8 is not None else (None, {}))
         # the frozen trunk's output is reused by every epoch: they run only the trained top blocks on it
-        mask = batch["response_mask"]
 
         # 4. per-token rewards: -beta * KL_t everywhere (--kl-penalty mean: scaled so no answer pays for its
         # length), + the score on the last response token
@@ -274,7 +342,7 @@ class PPOTrainer:
         advantages, returns = self.advantages(rewards, old_values, mask)
 
         # 6. PPO epochs over minibatches
-        stats = self.update(batch, old_logp, old_values, advantages, returns, mask, trunk)
+        stats = self.update(batch, old_logp, old_values, advantages, returns, mask, trunk, is_weights)
 
         # 7. KL controller, bookkeeping: means over every process, so beta stays the same on all of them
         episodes = self.gather_episodes({
@@ -300,7 +368,9 @@ class PPOTrainer:
             "reward/score_each": episodes["score"].tolist(), "response/words_each": episodes["words"].tolist(),
             "time/tokens_per_s": n_tokens / seconds,
             "time/episodes_per_s": len(prompts) * self.accelerator.num_processes / seconds,
-            "time/generate_s": t_gen, "time/step_s": seconds, **stats,
+            "time/generate_s": t_gen, "time/step_s": seconds, **stats, **mismatch,
+            "policy/entropy": float(self.gather_episodes({"e": (entropy * mask).sum(1) / mask.sum(1).clamp(min=1)})[
+                "e"].mean()),
         }
         self.step_index += 1
         return metrics | {"_samples": list(zip(prompts, rollout.texts, scores.tolist()))}
@@ -310,6 +380,27 @@ class PPOTrainer:
         names = list(per_episode)
         stacked = self.accelerator.gather(torch.stack([per_episode[k].float() for k in names], 1))
         return dict(zip(names, stacked.unbind(1)))
+
+    def importance_weights(self, logits, old_logp, batch, rollout, sampling, mask):
+        """Each response token's min(pi_old(t) / pi_sampler(t), is_cap), detached, with pi_old the policy's
+        probability under the sampling rule (temperature, top-k, top-p) and pi_sampler the int8 sampler's; and the
+        mismatch, means over every process: k1 and k3 estimates of KL(sampler || policy) per token, and the share of
+        weights the cap cut."""
+        rows, width = batch["responses"].shape
+        sampler = torch.zeros(rows, width, device=mask.device)
+        for r, values in enumerate(rollout.sampler_logprobs):
+            sampler[r, :len(values)] = torch.as_tensor(values, dtype=torch.float)[:width]
+        policy = old_logp if not sampling.top_k and sampling.top_p >= 1 else sampling_logprobs(  # else: truncated
+            logits.reshape(rows * width, -1).float(), batch["responses"].reshape(-1), sampling).view(rows, width)
+        log_ratio = torch.where(mask.bool(), policy - sampler, torch.zeros_like(sampler))
+        ratio = log_ratio.exp()
+        weights = ratio.clamp(max=self.cfg.is_cap)
+        finite = log_ratio.clamp(min=-30.0)  # a token the policy's top-k/top-p would not draw: weight 0, finite k3
+        tokens = self.accelerator.gather(mask.sum()[None]).sum().clamp(min=1)
+        sums = self.accelerator.gather(torch.stack([(-finite * mask).sum(), ((finite.exp() - 1 - finite) * mask).sum(),
+                                                    ((ratio > self.cfg.is_cap).float() * mask).sum()])[None]).sum(0)
+        k1, k3, capped = (sums / tokens).tolist()
+        return weights.detach(), {"sampler/k1": k1, "sampler/k3": k3, "sampler/capped": capped}
 
     @staticmethod
     def trunk_layer(policy) -> int | None:
@@ -329,14 +420,16 @@ class PPOTrainer:
         """Of the last R+1 positions the model kept (P-1 .. P+R-1), the R that predict (or value) the response."""
         return x[:, :batch["responses"].shape[1]]
 
-    def update(self, batch, old_logp, old_values, advantages, returns, mask, trunk: tuple | None = None) -> dict:
+    def update(self, batch, old_logp, old_values, advantages, returns, mask, trunk: tuple | None = None,
+               is_weights: torch.Tensor | None = None) -> dict:
         """PPO epochs over minibatches. With ``trunk`` (the frozen bottom blocks' output for the rollout, hydra
         mode) each minibatch runs only the trained top blocks and the heads: the same losses and gradients as a
-        full forward, without recomputing the blocks that do not change."""
+        full forward, without recomputing the blocks that do not change. ``is_weights`` (int8 sampler): each
+        token's truncated importance weight multiplies its policy loss."""
         cfg = self.cfg
         n = len(old_logp)
         totals: dict[str, list[float]] = {k: [] for k in ("loss/policy", "loss/value", "policy/clipfrac",
-                                                           "policy/approx_kl", "policy/entropy", "value/clipfrac")}
+                                                           "policy/approx_kl", "value/clipfrac")}
         critic = self.algorithm.critic
         epochs_done, minibatches, stop = 0, 0, False
         for _ in range(cfg.ppo_epochs):
@@ -367,6 +460,8 @@ class PPOTrainer:
                 log_ratio = logp - old_logp[idx]
                 ratio = log_ratio.exp()
                 pg_losses, clipped = clipped_policy_loss(advantages[idx], ratio, cfg.cliprange)
+                if is_weights is not None:
+                    pg_losses = pg_losses * is_weights[idx]
                 pg_loss = (pg_losses * m).sum() / tokens
                 warming = critic and self.step_index < cfg.value_warmup_steps  # the critic learns first
                 if not critic:
@@ -394,7 +489,6 @@ class PPOTrainer:
                         totals["loss/value"].append(float(vf_loss))
                     totals["policy/clipfrac"].append(float(masked_mean(clipped.float(), m)))
                     totals["policy/approx_kl"].append(float(approx_kl))
-                    totals["policy/entropy"].append(float(masked_mean(entropy_of(logits, cfg.temperature), m)))
                     if critic:
                         totals["value/clipfrac"].append(float(masked_mean(((vpred - old_values[idx]).abs()
                                                                            > cfg.cliprange_value).float(), m)))
@@ -482,6 +576,8 @@ class PPOTrainer:
                    "reward_last": history[-1]["reward/score_mean"] if history else None,
                    "kl_last": history[-1]["kl/mean"] if history else None,
                    "beta_last": self.kl_ctl.value, "reference": self.policy.mode, "algorithm": self.cfg.algorithm,
+                   "int8_trunk_blocks": self.int8_trunk_blocks,
+                   "sampler_precision": "float32" if self.sampler_maxima is None else "int8",
                    "length": history_length_analysis(history)}
         self.save_checkpoint()  # every process: their random generators are gathered
         if self.accelerator.is_main_process:

@@ -139,7 +139,7 @@ def dpo(cfg: DPOConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model, tok = load_causal_lm(cfg.model, "float32")  # fp32 master weights; bf16 runs under autocast
+    model, tok = load_causal_lm(cfg.model, "float32", int8_trunk=False)  # fp32 master weights; bf16 runs under autocast
     reference = None
     if cfg.reference and cfg.reference != cfg.model:
         reference, ref_tok = load_causal_lm(cfg.reference, "float32")

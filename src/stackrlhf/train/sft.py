@@ -123,7 +123,7 @@ def sft(cfg: SFTConfig) -> dict:
     torch.manual_seed(cfg.seed)
     # float32 weights whatever --dtype says: they are the optimizer's master copy; with bfloat16 the Trainer
     # runs the forward under autocast (TrainingArguments.bf16)
-    model, tok = load_causal_lm(cfg.model, "float32")
+    model, tok = load_causal_lm(cfg.model, "float32", int8_trunk=False)
     train_rows = load_split(data, "finetune", "train")
     eval_rows = load_split(data, "finetune", "eval")
     out.mkdir(parents=True, exist_ok=True)  # only once the model and data are there: a bad input leaves nothing
