@@ -47,7 +47,7 @@ def test_pure_bf16_adam_loses_small_updates():
 
 
 def test_ppo_bf16_trains_every_tensor_in_float32(tiny, site_data, tmp_path):
-    cfg = PPOConfig(model=str(tiny), data=str(site_data), out=str(tmp_path / "ppo"), batch_size=8, mini_batch_size=4,
+    cfg = PPOConfig(model=str(tiny), data=str(site_data), out=str(tmp_path / "ppo"), prompts_per_step=8, mini_batch_size=4,
                     ppo_epochs=1, min_new_tokens=8, max_new_tokens=8, learning_rate=1e-5, num_layers_unfrozen=1,
                     report_to="none", progress=False, sample_every=0, save_every=0, dtype="bfloat16", steps=2)
     trainer = PPOTrainer(cfg, scorer=lambda q, a: [len(x) / 50 for x in a])
