@@ -59,17 +59,22 @@ class ILQLObjective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict, cfg: ILQLConfig) -> tuple[torch.Tensor, dict]:
-        return ilql_loss(self.model, batch, cfg)
+    def forward(self, batch: dict, cfg: ILQLConfig, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        return ilql_loss(self.model, batch, cfg, tokens)
 
 
-def ilql_loss(model: ILQLModel, batch: dict, cfg: ILQLConfig) -> tuple[torch.Tensor, dict]:
+def ilql_loss(model: ILQLModel, batch: dict, cfg: ILQLConfig,
+              tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The ILQL objective on one batch. ``batch``: right-padded ``input_ids`` / ``attention_mask``,
-    ``state_mask`` (t where x_{t+1} is an answer token), ``rewards`` (per sample)."""
+    ``state_mask`` (t where x_{t+1} is an answer token), ``rewards`` (per sample). Each term is a sum over the
+    batch's tokens divided by ``tokens`` (default: their number, a token mean); under DDP, which averages the
+    processes' gradients, the mean of the processes' token counts, so the update is the token mean over every
+    process's tokens whatever each one's share."""
     hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
     states = batch["state_mask"][:, :-1]
     h = hidden[:, :-1][states]                                   # s_t, flattened in order: [N, H]
     actions = batch["input_ids"][:, 1:][states]                   # a_t: [N]
+    tokens = torch.tensor(float(len(actions)), device=h.device) if tokens is None else tokens.clamp(min=1)
     # the last state of each sample is terminal; its reward is the answer's
     counts = states.sum(1)
     ends = counts.cumsum(0) - 1
@@ -88,20 +93,20 @@ def ilql_loss(model: ILQLModel, batch: dict, cfg: ILQLConfig) -> tuple[torch.Ten
 
     # 2. TD loss toward r + gamma * V(next)
     td_target = rewards + cfg.gamma * v_next.detach()
-    loss_q = sum(F.mse_loss(q, td_target) for q in qs)
+    loss_q = sum(((q - td_target) ** 2).sum() / tokens for q in qs)
     # 3. expectile regression of V toward the target Q
     u = target_q - v
     weight = torch.where(u < 0, 1 - cfg.tau, cfg.tau)
-    loss_v = (weight * u ** 2).mean()
+    loss_v = (weight * u ** 2).sum() / tokens
     # 4. CQL: push down the Q of actions the data did not take
-    loss_cql = sum(F.cross_entropy(q, actions) for q in q_logits)
+    loss_cql = sum(F.cross_entropy(q, actions, reduction="sum") / tokens for q in q_logits)
     # 5. AWAC-weighted language-model loss
     lm_logits = model.lm.get_output_embeddings()(h).float()
     nll = F.cross_entropy(lm_logits, actions, reduction="none")
     advantage = (target_q - v).detach()
     awac_w = (torch.exp(cfg.awac_beta * advantage).clamp(max=cfg.awac_max_weight) if cfg.awac_beta
               else torch.ones_like(nll))
-    loss_awac = (awac_w * nll).mean()
+    loss_awac = (awac_w * nll).sum() / tokens
 
     loss = loss_q + loss_v + cfg.cql_scale * loss_cql + cfg.awac_scale * loss_awac
     stats = {"loss/total": loss.item(), "loss/q": loss_q.item(), "loss/v": loss_v.item(),
@@ -248,8 +253,11 @@ class ILQLTrainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         batch = collate(self.batch(self.step_index), self.tok.pad_token_id, self.accelerator.device)
+        tokens = batch["state_mask"][:, :-1].sum().float()
+        if self.accelerator.num_processes > 1:  # the processes' mean token count: see ilql_loss
+            tokens = self.accelerator.reduce(tokens.detach().clone(), reduction="mean")
         with autocast(self.accelerator.device, self.dtype):
-            loss, stats = self.wrapped(batch, cfg)
+            loss, stats = self.wrapped(batch, cfg, tokens)
         if not torch.isfinite(loss):
             raise StackRLHFError(f"step {self.step_index}: the ILQL loss is NaN/inf; stopping (the last checkpoint "
                                  f"in {self.out / 'checkpoints'} is good). Lower the learning rate.")
