@@ -151,6 +151,19 @@ def test_the_float32_sampler_gives_weights_of_exactly_one_and_today_s_losses(tmp
     assert halved["loss/policy"] == pytest.approx(plain["loss/policy"] * 0.5, rel=1e-5)
 
 
+def test_an_update_without_signal_leaves_the_policy_where_it_is(tmp_path):
+    """Zero advantages: no gradient, and no weight decay pulling the trained blocks toward zero either."""
+    base = four_layer_llama(tmp_path)
+    t = PPOTrainer(ppo_config(base, tmp_path / "z", algorithm="rloo", trunk_precision="float32",
+                              sampler_precision="float32"), length_reward, QUESTIONS)
+    before = [p.detach().clone() for p in t.policy.trainable_parameters()]
+    batch = pack_sequences([[7, 8, 9], [7, 8], [10, 11, 12], [13]], [[20, 21, 22]] * 4, 0)
+    mask = batch["response_mask"]
+    zeros = torch.zeros(mask.shape)
+    t.update(batch, torch.full(mask.shape, -2.0), zeros, zeros, zeros, mask)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, t.policy.trainable_parameters()))
+
+
 def test_the_importance_weights_are_capped_and_the_mismatch_counted(tmp_path):
     base = four_layer_llama(tmp_path)
     trainer = PPOTrainer(ppo_config(base, tmp_path / "w", is_cap=2.0), length_reward, QUESTIONS)

@@ -203,9 +203,12 @@ class PPOTrainer:
                       f"{describe_trainable(self.policy)}; value head: "
                       + (self.value_head_from or "zero (no parent critic)" if self.algorithm.critic
                          else f"unused ({cfg.algorithm.upper()})"))
-        self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.learning_rate, eps=1e-5)
+        # no weight decay: it would pull the trained blocks toward zero, not toward the reference (the KL's job)
+        self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=cfg.learning_rate, eps=1e-5,
+                                           weight_decay=0.0)
         self.model, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
-        self.value_optimizer = torch.optim.AdamW(self.policy.value_head.parameters(), lr=cfg.learning_rate, eps=1e-5)
+        self.value_optimizer = torch.optim.AdamW(self.policy.value_head.parameters(), lr=cfg.learning_rate, eps=1e-5,
+                                                 weight_decay=0.0)
         self.scorer = scorer if scorer is not None else self._load_rm()
         horizon = cfg.kl_horizon or self.rollouts_per_step * self.accelerator.num_processes
         self.kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, horizon) if cfg.adaptive_kl
