@@ -195,3 +195,14 @@ def test_auto_precision_leaves_a_model_without_an_int8_path_in_float32(tmp_path)
         trainer = PPOTrainer(ppo_config(tiny, tmp_path / "g"), length_reward, QUESTIONS)
     assert trainer.int8_trunk_blocks == 0 and trainer.sampler_copy(trainer.policy) is None
     assert generate(trainer.policy.lm, trainer.tok, QUESTIONS[:2], SamplingConfig(max_new_tokens=3), seed=1).texts
+
+
+def test_select_rows_keeps_what_is_not_per_row():
+    """A captured block input's per-row tensors are indexed; a 1-d cache_position as long as the batch is not."""
+    from stackrlhf.models.policy import select_rows
+
+    hidden, positions, cache = torch.randn(4, 4, 8), torch.arange(16).view(4, 4), torch.arange(4)
+    idx = torch.tensor([2, 0])
+    (h,), kwargs = select_rows(((hidden,), {"position_ids": positions, "cache_position": cache, "scale": 0.5}), idx, 4)
+    assert torch.equal(h, hidden[idx]) and torch.equal(kwargs["position_ids"], positions[idx])
+    assert torch.equal(kwargs["cache_position"], cache) and kwargs["scale"] == 0.5

@@ -23,10 +23,11 @@ def _hidden(out):
 
 
 def select_rows(captured: tuple, idx: torch.Tensor, n: int) -> tuple:
-    """Rows ``idx`` of a captured block input (args, kwargs): every tensor whose first dimension is the batch's
-    ``n`` (hidden state, attention mask, rotary cos/sin, position ids) is indexed; anything else is kept."""
+    """Rows ``idx`` of a captured block input (args, kwargs): every tensor of two or more dimensions whose first is
+    the batch's ``n`` (hidden state, attention mask, rotary cos/sin, position ids) is indexed; anything else is
+    kept, a one-dimensional ``cache_position`` too (its length is the sequence's, which may equal ``n``)."""
     def pick(x):
-        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n:
+        if isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[0] == n:
             return x[idx]
         if isinstance(x, tuple):
             return tuple(pick(y) for y in x)
