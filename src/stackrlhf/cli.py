@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import os
@@ -70,6 +71,15 @@ def cli(debug: bool, quiet: bool, verbose: bool) -> None:
     if debug:
         os.environ["STACKRLHF_DEBUG"] = "1"  # also seen by the processes a command starts
     configure(quiet=quiet, verbose=verbose)
+    atexit.register(_close_process_group)
+
+
+def _close_process_group() -> None:
+    """Under ``accelerate launch``: take the process group down before the interpreter does, so its threads are
+    joined (left to the interpreter's teardown, a process could abort after its work was written)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 @cli.group()
