@@ -56,6 +56,12 @@ SAMPLING_SEED_STRIDE, STEP_SEED_STRIDE = 1_000_003, 10_007  # its sampling seed:
 
 # ---------------------------------------------------------------- small helpers, each one idea
 
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature) in float32: the one computation of the rollout's and the update's log-probs,
+    so the two are bit for bit the same."""
+    return torch.log_softmax(logits.float() * (1.0 / temperature) if temperature != 1 else logits.float(), -1)
+
+
 class _TokenLogProb(torch.autograd.Function):
     """log softmax(logits / T)[token] with its gradient (onehot - softmax) / T. The backward turns the saved
     log-softmax into the gradient in place, where autograd's log_softmax, gather and division backwards would
@@ -63,7 +69,7 @@ class _TokenLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, tokens, temperature):
-        logp = torch.log_softmax(logits.float() * (1.0 / temperature) if temperature != 1 else logits.float(), -1)
+        logp = _log_softmax(logits, temperature)
         ctx.logp, ctx.dtype, ctx.temperature = logp, logits.dtype, temperature
         ctx.save_for_backward(tokens)
         return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -86,7 +92,7 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) 
 def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, temperature: float):
     """:func:`logprobs_of` (exactly: the same operations) and the entropy of softmax(logits / temperature), from
     one log-softmax; no gradient."""
-    logp = torch.log_softmax(logits.float() * (1.0 / temperature) if temperature != 1 else logits.float(), -1)
+    logp = _log_softmax(logits, temperature)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
