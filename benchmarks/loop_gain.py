@@ -60,17 +60,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--judge", default="reference", help="reference or rm:DIR.")
     p.add_argument("--no-length-neutral", action="store_true", help="Keep the judge's trend in length.")
     p.add_argument("--rm-votes", action="store_true", help="Train each turn's RM on the vote pairs too.")
-    p.add_argument("--eval-questions", type=int, default=128, help="Held-out questions each version answers.")
+    p.add_argument("--eval-questions", type=int, default=64, help="Held-out questions each turn's evaluation answers "
+                                                                 "(no perplexity).")
+    p.add_argument("--final-questions", type=int, default=128, help="Held-out questions of the final evaluation.")
     p.add_argument("--best-of", default="4,16", help="Best-of-n from v0 under each turn's RM (comma-separated).")
     p.add_argument("--final-samples", type=int, default=4, help="Answers per question of v0 and v_T in the final "
                                                                 "evaluation (0: none; the last line from turn T's).")
-    p.add_argument("--algorithm", default="rloo", choices=("ppo", "rloo", "raft"), help="The RL step of each turn.")
-    p.add_argument("--rloo-k", type=int, default=4, help="Answers per prompt with --algorithm rloo or raft.")
+    p.add_argument("--algorithm", default="rloo", choices=("ppo", "rloo", "raft", "vbon", "bonbon"),
+                   help="The RL step of each turn.")
+    p.add_argument("--rloo-k", type=int, default=4, help="Answers per prompt with every --algorithm but ppo.")
     p.add_argument("--ppo-steps", type=int, default=12, help="PPO steps per turn.")
     p.add_argument("--ppo-learning-rate", type=float, default=5e-5, help="PPO learning rate.")
-    p.add_argument("--ppo-answers", type=int, default=16, help="Answers per RL step (RLOO and RAFT: this / k prompts "
-                                                               "x k answers; PPO: this many prompts).")
-    p.add_argument("--ppo-epochs", type=int, default=4, help="Passes of the clipped update over each step's answers.")
+    p.add_argument("--ppo-answers", type=int, default=64, help="Answers per RL step (every --algorithm but ppo: this "
+                                                               "/ k prompts x k answers; PPO: this many prompts).")
+    p.add_argument("--ppo-epochs", type=int, default=1, help="Passes of the update over each step's answers.")
+    p.add_argument("--ppo-mini-batch-size", type=int, default=16, help="Answers per optimiser step.")
+    p.add_argument("--bonbon-alpha", type=float, default=0.05, help="bonbon: weight of the SFT term.")
     # a turn's RM learns from about 100 labels: 2 epochs at 5e-5 (12 steps) left it a coin (train loss 0.692, agreement
     # with the judge 0.55); 6 at 1e-4 learns them (0.641, 0.60), measured on turn 1's labels of 2026-12-02
     p.add_argument("--rm-epochs", type=float, default=6.0, help="RM epochs per turn.")
@@ -107,25 +112,25 @@ def setup(args, out: Path) -> tuple[str, str]:
 
 def loop_settings(args, data: str, out: Path) -> Path:
     best_of = [int(n) for n in args.best_of.split(",") if n.strip()]
-    grouped = args.algorithm in ("rloo", "raft")  # k answers per prompt
+    grouped = args.algorithm != "ppo"  # k answers per prompt
     settings = {
         "data": data, "db": f"sqlite:///{out / 'feedback.db'}", "judge": args.judge,
         "judge_length_neutral": not args.no_length_neutral, "rm_votes": args.rm_votes, "best_of": best_of,
         "questions": args.questions, "answers_per_question": args.answers_per_question,
-        "min_labels": max(1, args.questions * args.replication // 2), "max_new_tokens": 48,
+        # the queue, the RL step and the evaluation see the same inputs: 48-token answers to prompts cut at 128
+        "min_labels": max(1, args.questions * args.replication // 2), "max_new_tokens": 48, "max_prompt_tokens": 128,
         "temperature": args.temperature, "top_p": 1.0,
-        "rm": {"num_train_epochs": args.rm_epochs, "max_length": 128, "max_prompt_tokens": 32,
+        "rm": {"num_train_epochs": args.rm_epochs, "max_length": 160, "max_prompt_tokens": 64,
                "learning_rate": args.rm_learning_rate, "report_to": "none", "seed": args.seed},
-        # PPO, RLOO and RAFT compute-matched: --ppo-answers (16) answers and 2 optimiser steps an epoch per step
-        # either way (RLOO and RAFT: 16 / k prompts, k answers each)
+        # the methods sampling-matched: --ppo-answers (64) answers a step (grouped: 64 / k prompts, k answers each)
         "ppo": {"algorithm": args.algorithm, **({"rloo_k": args.rloo_k} if grouped else {}),
                 "steps": args.ppo_steps, "prompts_per_step": args.ppo_answers // args.rloo_k if grouped else args.ppo_answers,
-                "mini_batch_size": 8, "ppo_epochs": args.ppo_epochs, "min_new_tokens": 24, "max_new_tokens": 48,
-                "max_prompt_tokens": 128,
+                "mini_batch_size": args.ppo_mini_batch_size, "ppo_epochs": args.ppo_epochs,
+                **({"bonbon_alpha": args.bonbon_alpha} if args.algorithm == "bonbon" else {}),
                 "temperature": args.temperature, "learning_rate": args.ppo_learning_rate, "save_every": 4,
                 "report_to": "none", "seed": args.seed},
         # 64 answers a batch (best-of-n: 4 questions x 16 samples): 1.3x the tokens/s of 16; the answers do not change
-        "eval": {"questions": args.eval_questions, "generation_batch_size": 64, "max_new_tokens": 48, "max_prompt_tokens": 96,
+        "eval": {"questions": args.eval_questions, "generation_batch_size": 64, "perplexity": False,
                  "temperature": args.temperature, "seed": args.seed},
     }
     path = out / "loop.yaml"
@@ -232,7 +237,8 @@ def final_evaluation(args, out: Path, reg: dict) -> dict | None:
     settings = yaml.safe_load((out / "loop.yaml").read_text())
     v0, last = reg["versions"][0]["model"], reg["versions"][args.turns]
     cfg = EvalConfig(**{
-        **settings["eval"], "model": [f"v0={v0}", f"v{args.turns}={last['model']}",
+        **settings["eval"], "questions": args.final_questions, "max_new_tokens": settings["max_new_tokens"],
+        "max_prompt_tokens": settings["max_prompt_tokens"], "model": [f"v0={v0}", f"v{args.turns}={last['model']}",
                                       *[f"bon{k}=bon:{k}@{v0}" for k in settings["best_of"]]],
         "baseline": "v0", "reference": v0, "data": settings["data"], "reward": last["rm"], "judge": args.judge,
         "judge_length_neutral": not args.no_length_neutral, "samples_per_question": args.final_samples,
@@ -285,8 +291,12 @@ def main(argv=None) -> None:
         print(f"\nfinal evaluation ({final['questions']} questions; v0 and v{args.turns}: {args.final_samples} answers "
               "each, best-of-n: one pick)\n")
         print_table(finals)
+    models = (final or json.loads((out / "registry" / f"v{args.turns}" / "eval" / "eval.json").read_text()))["models"]
+    bon4 = next((r for r in (finals or rows) if r["name"] == "bon4"), None)
+    overlap = models[last["name"]]["question_overlap"] - models["v0"]["question_overlap"]
     print(f"judge_gain={last['gain']:.4f} judge_gain_se={last['gain_se']:.4f} kl={last['kl']:.4f} "
-          f"length_ratio={last['words'] / max(v0['words'], 1e-9):.4f}")
+          f"length_ratio={last['words'] / max(v0['words'], 1e-9):.4f} "
+          f"bon4_judge_gain={math.nan if bon4 is None else bon4['gain']:.4f} overlap_delta={overlap:.4f}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -253,6 +254,118 @@ def test_raft_raises_a_synthetic_reward_without_a_value_head(tiny_policy, site_d
     assert "loss/value" not in history[-1] and not (tmp_path / "raft" / "value_head.safetensors").exists()
 
 
+# ---------------------------------------------------------------- best-of-n methods: vbon (quantile RLOO), bonbon
+
+def test_quantile_rewards_read_only_the_order_of_a_prompts_scores():
+    from stackrlhf.rl.rloo import quantile_rewards
+
+    scores = torch.tensor([0.3, 2.0, -1.0, 0.5, 7.0, 7.0, 7.0, 1.0])
+    got = quantile_rewards(scores, 4)
+    # prompt 0: ranks 2, 4, 1, 3 of 4; prompt 1: three tied at the top share ranks 2..4 (mean 3), one lowest
+    assert torch.allclose(got, torch.log(torch.tensor([2, 4, 1, 3, 3, 3, 3, 1]) / 4.0))
+    assert torch.equal(quantile_rewards(10 * scores.exp() + 3, 4), got)  # any increasing map of the scores
+    with pytest.raises(ValueError):
+        quantile_rewards(scores, 1)
+
+
+def test_bonbon_gap_is_best_of_ks_own_log_ratio_gap():
+    """Under best-of-k of p the log-ratio log p_bon(y)/p(y) is log k + (k - 1) log F(r(y)); drawn by Monte Carlo
+    (F uniform), the best of k exceeds the worst by (k - 1) H_{k-1} on average, the IPO target."""
+    from stackrlhf.rl.bonbon import best_of_n_kl, bonbon_gap
+
+    for k in (2, 4, 8):
+        u = torch.rand(200_000, k, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+        log_ratio = lambda x: math.log(k) + (k - 1) * torch.log(x)  # noqa: E731
+        measured = float((log_ratio(u.max(1).values) - log_ratio(u.min(1).values)).mean())
+        assert measured == pytest.approx(bonbon_gap(k), rel=0.02)
+        # and best-of-k's KL to p is the mean log-ratio of its own draws
+        assert float(log_ratio(u.max(1).values).mean()) == pytest.approx(best_of_n_kl(k), abs=0.01)
+
+
+def test_bonbon_roles_rank_by_score_and_the_ipo_term_rests_at_the_gap():
+    from stackrlhf.rl.bonbon import best_and_worst, bonbon_gap, bonbon_loss
+    from stackrlhf.rl.estimators import ESTIMATORS, Step
+
+    scores = torch.tensor([0.2, 0.9, 0.1, 0.4, 0.5, 0.5, 0.5, 0.5])
+    assert best_and_worst(scores, 4).tolist() == [0, 1, -1, 0, 1, 0, 0, -1]  # ties: the first best, the last worst
+    mask = torch.ones(8, 3)
+    rewards = torch.zeros(8, 3)
+    rewards[2, 2] = 5.0  # the KL-penalised reward would rank answer 2 first: bonbon ranks by the RM's score
+    roles, _ = ESTIMATORS["bonbon"](Step(rewards, torch.zeros(8, 3), mask, k=4, scores=scores))
+    assert roles[:, 0].tolist() == [0, 1, -1, 0, 1, 0, 0, -1]
+    # IPO term: zero when best exceeds worst by the target gap (relative to the reference), positive otherwise
+    ref = torch.zeros(2, 3)
+    at_gap = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0 - bonbon_gap(4)]])
+    _, ipo, _, gap = bonbon_loss(at_gap, ref, torch.ones(2, 3), 4, 0.5)
+    assert float(ipo) == pytest.approx(0.0, abs=1e-9) and float(gap) == pytest.approx(bonbon_gap(4))
+    logp = torch.full((2, 3), -1.0, requires_grad=True)
+    loss, ipo, sft, _ = bonbon_loss(logp, ref, torch.ones(2, 3), 4, 0.5)
+    loss.backward()
+    assert float(ipo.detach()) == pytest.approx(bonbon_gap(4) ** 2) and float(sft.detach()) == pytest.approx(1.0)
+    assert (logp.grad[0] < 0).all() and (logp.grad[1] > 0).all()  # descent raises the best, lowers the worst
+
+
+def test_bonbon_raises_a_synthetic_reward_and_updates_only_on_best_and_worst(tiny_policy, site_data, tmp_path):
+    _, tok = load_causal_lm(str(tiny_policy))
+    metrics = train_ppo(config(tiny_policy, site_data, tmp_path / "bonbon", steps=16, learning_rate=1e-3,
+                               algorithm="bonbon", rloo_k=4, prompts_per_step=4, bonbon_alpha=0.5),
+                        scorer=target_fraction(tok))
+    history = [json.loads(line) for line in (tmp_path / "bonbon" / "history.jsonl").read_text().splitlines()]
+    start = sum(h["reward/score_mean"] for h in history[:3]) / 3
+    end = sum(h["reward/score_mean"] for h in history[-3:]) / 3
+    assert end > 2 * start and end > start + 0.1, (start, end)
+    assert metrics["algorithm"] == "bonbon" and len(history[0]["reward/score_each"]) == 16
+    # 4 prompts: 4 (best, worst) pairs = 8 of the 16 answers, one minibatch of 8 rows an epoch, 2 epochs
+    assert history[0]["policy/minibatches"] == 2 and "loss/ipo" in history[0]
+    # the best answers of a step are likelier, relative to the reference, than the worst
+    assert sum(h["bonbon/gap"] for h in history) / len(history) > 1.0
+
+
+def test_vbon_is_rloo_on_rank_quantiles_so_the_scores_scale_does_not_matter(tiny_policy, tmp_path):
+    prompts = [f"Question: is beer number {i} hoppy?\n\nAnswer:" for i in range(6)]
+
+    def trained(name, scorer):
+        cfg = PPOConfig(model=str(tiny_policy), out=str(tmp_path / name), algorithm="vbon", rloo_k=4,
+                        prompts_per_step=2, mini_batch_size=4, ppo_epochs=1, min_new_tokens=6, max_new_tokens=6,
+                        learning_rate=3e-3, num_layers_unfrozen=1, report_to="none", progress=False,
+                        sample_every=0, save_every=0, temperature=1.0, init_kl_coef=0.0, adaptive_kl=False)
+        trainer = PPOTrainer(cfg, scorer, prompts)
+        trainer.step()
+        return {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}
+
+    plain = target_fraction()
+    scaled = lambda q, a: [100 * s - 7 for s in plain(q, a)]  # noqa: E731
+    a, b = trained("a", plain), trained("b", scaled)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    rloo = PPOTrainer(PPOConfig(model=str(tiny_policy), out=str(tmp_path / "r"), algorithm="rloo", rloo_k=4,
+                                prompts_per_step=2, mini_batch_size=4, min_new_tokens=6, max_new_tokens=6,
+                                report_to="none", progress=False), plain, prompts)
+    assert rloo.algorithm.reward == "score"
+
+
+def test_the_kl_budget_stops_a_run_without_updating_on_the_step_over_it(tiny_policy, site_data, tmp_path):
+    cfg = config(tiny_policy, site_data, tmp_path / "budget", steps=6, algorithm="rloo", rloo_k=2,
+                 prompts_per_step=4, learning_rate=3e-3, kl_budget=1e-6)
+    metrics = train_ppo(cfg, scorer=target_fraction())
+    history = [json.loads(line) for line in (tmp_path / "budget" / "history.jsonl").read_text().splitlines()]
+    # step 1 samples the reference itself (KL 0) and updates; step 2's KL is over the budget: no update, the end
+    assert len(history) == 2 and metrics["stopped_at_kl_budget"] and metrics["steps"] == 2
+    assert history[0]["policy/minibatches"] > 0 and history[1]["policy/minibatches"] == 0
+    assert abs(history[0]["kl/mean"]) < 1e-6 < history[1]["kl/mean"]
+
+
+def test_the_adaptive_beta_has_a_floor():
+    from stackrlhf.rl.ppo import AdaptiveKLController
+
+    ctl = AdaptiveKLController(0.05, target=6.0, horizon=16, floor=0.01)
+    for _ in range(50):  # KL far below target: beta falls 20 % a step, to the floor and no lower
+        ctl.update(0.1, 16)
+    assert ctl.value == 0.01
+    ctl.update(60.0, 16)
+    assert ctl.value == pytest.approx(0.012)
+    assert PPOConfig(model="m").min_kl_coef > 0
+
+
 def test_each_algorithm_names_its_estimator_and_the_kl_stop_is_per_minibatch(tiny_policy, tmp_path):
     """The trainer as a library: prompts and a reward function passed in, no data build. Each algorithm's
     advantage estimator comes from one table; with --max-approx-kl the update stops after the first minibatch
@@ -262,7 +375,8 @@ def test_each_algorithm_names_its_estimator_and_the_kl_stop_is_per_minibatch(tin
     from stackrlhf.rl.config import ALGORITHMS
     from stackrlhf.rl.estimators import ESTIMATORS
 
-    assert {a: s.estimator for a, s in ALGORITHMS.items()} == {"ppo": "gae", "rloo": "rloo", "raft": "raft"}
+    assert {a: s.estimator for a, s in ALGORITHMS.items()} == {"ppo": "gae", "rloo": "rloo", "raft": "raft",
+                                                                "vbon": "rloo", "bonbon": "bonbon"}
     assert all(s.estimator in ESTIMATORS for s in ALGORITHMS.values())
     prompts = [f"Question: is beer number {i} hoppy?\n\nAnswer:" for i in range(6)]
     cfg = PPOConfig(model=str(tiny_policy), out=str(tmp_path / "a"), algorithm="rloo", rloo_k=2, prompts_per_step=4,

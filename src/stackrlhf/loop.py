@@ -35,8 +35,9 @@ from stackrlhf.console import console
 REGISTRY_FILE = "registry.json"
 # The loop's RL step unless its `ppo` section names an algorithm. RLOO, not PPO: from the same turn-1 RM and the
 # same 192 answers, PPO's cold critic gained +0.04 proxy reward in two seeds, RLOO +0.10 and +0.20 (docs/results-archive.md,
-# 2026-12-02). 8 prompts x 4 answers keeps PPOConfig's 32 answers a step.
-LOOP_RL_DEFAULTS = {"algorithm": "rloo", "rloo_k": 4, "prompts_per_step": 8}
+# 2026-12-02). 16 prompts x 4 answers, one pass in minibatches of 16: Adam moves each trained weight about the
+# learning rate a step whatever the gradient's noise, so a step averages many answers and takes few optimiser steps.
+LOOP_RL_DEFAULTS = {"algorithm": "rloo", "rloo_k": 4, "prompts_per_step": 16, "ppo_epochs": 1, "mini_batch_size": 16}
 SETTINGS_FILE = "loop.yaml"
 
 
@@ -58,7 +59,12 @@ class LoopConfig:
     min_labels: int = field(default=20, metadata={"help": "Labels of the queued batch needed before a turn trains."})
     questions: int = field(default=20, metadata={"help": "Questions queued per turn (from the rl split)."})
     answers_per_question: int = field(default=2, metadata={"help": "Candidate answers per queued question (K)."})
-    max_new_tokens: int = field(default=96, metadata={"help": "Most tokens per queued answer."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Most tokens per answer: the queued ones, the RL "
+                                                      "step's (every rollout this long, unless its `ppo` section "
+                                                      "says otherwise) and the evaluation's."})
+    max_prompt_tokens: int = field(default=128, metadata={"help": "Longer prompts are cut in the middle: the same "
+                                                          "cut for the queued answers, the RL step and the "
+                                                          "evaluation (unless their sections say otherwise)."})
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of the queued answers."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass of the queued answers."})
     rm: dict = field(default_factory=dict, metadata={"cli": False,  # sections of the --config file
@@ -141,7 +147,8 @@ def loop_turn(registry: str | Path, policy: str = "", reward: str = "", config_f
     n = current["version"]
     batch = f"v{n}"
     if reg["pending"] is None:
-        sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+        sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                  max_prompt_tokens=cfg.max_prompt_tokens)
         queued = queue_tasks(cfg.db, [f"{batch}={current['model']}"], "rl", cfg.questions, cfg.answers_per_question,
                              False, sampling, cfg.data, seed=n, batch=batch)
         reg["pending"] = {"batch": batch, "tasks": queued["tasks"], "queued": dt.datetime.now().isoformat()}
@@ -161,10 +168,19 @@ def _rm_metrics(rm: Path) -> dict:
     return {k: m[k] for k in ("accuracy", "baseline_longer_wins", "accuracy_shorter_better") if k in m}
 
 
-def rl_settings(cfg: LoopConfig) -> dict:
+def rl_settings(cfg: LoopConfig, turn: int = 1) -> dict:
     """The loop's RL step settings: its ``ppo`` section, over :data:`LOOP_RL_DEFAULTS` unless it names an
-    algorithm."""
-    return {**({} if "algorithm" in cfg.ppo else LOOP_RL_DEFAULTS), **cfg.ppo}
+    algorithm, over the answers' and prompts' budgets of the queue (training, labels and evaluation see the same
+    inputs: every rollout as long as a queued answer). bonbon stops at the KL of iterated best-of-k: turn n
+    distils best-of-k of turn n - 1, so it may be as far from v0 as best-of-k^n, log k^n - (k^n - 1) / k^n."""
+    rl = {"min_new_tokens": cfg.max_new_tokens, "max_new_tokens": cfg.max_new_tokens,
+          "max_prompt_tokens": cfg.max_prompt_tokens,
+          **({} if "algorithm" in cfg.ppo else LOOP_RL_DEFAULTS), **cfg.ppo}
+    if rl.get("algorithm") == "bonbon" and "kl_budget" not in rl:
+        from stackrlhf.rl.bonbon import best_of_n_kl
+
+        rl["kl_budget"] = best_of_n_kl(float(rl.get("rloo_k", PPOConfig.rloo_k)) ** turn)
+    return rl
 
 
 def turn_stages(reg: dict, cfg: LoopConfig, current: dict, n: int, vdir: Path, feedback: Path):
@@ -176,7 +192,7 @@ def turn_stages(reg: dict, cfg: LoopConfig, current: dict, n: int, vdir: Path, f
     from the parent. The registry's ``eval-cache`` keeps v0's and the parent's answers and v0's best-of-n pool: a
     turn samples only its new version."""
     v0 = reg["versions"][0]["model"]
-    rl = rl_settings(cfg)
+    rl = rl_settings(cfg, n)
     policy = vdir / rl.get("algorithm", "ppo")
     models = [f"v0={v0}"] + ([f"v{n - 1}={current['model']}"] if n > 1 else []) + [f"v{n}={policy}"]
     models += [f"bon{k}=bon:{k}@{v0}" for k in cfg.best_of]
@@ -192,7 +208,9 @@ def turn_stages(reg: dict, cfg: LoopConfig, current: dict, n: int, vdir: Path, f
                                                  "data": cfg.data, "out": str(policy)}, "loop ppo settings"),
               ["data", "rm"], policy, [current["model"]]),
         # every version is compared with v0 (win rates, KL), beside best-of-n from v0 under this turn's RM
-        Stage("eval", config_from_dict(EvalConfig, {"answer_cache": str(vdir.parent / "eval-cache"), **cfg.eval,
+        Stage("eval", config_from_dict(EvalConfig, {"answer_cache": str(vdir.parent / "eval-cache"),
+                                                    "max_new_tokens": cfg.max_new_tokens,
+                                                    "max_prompt_tokens": cfg.max_prompt_tokens, **cfg.eval,
                                                     "model": models, "baseline": "v0", "reference": v0,
                                                     "data": cfg.data, "reward": str(vdir / "rm"),
                                                     "gold_reward": cfg.gold_reward, "judge": cfg.judge,

@@ -43,6 +43,8 @@ class EvalConfig:
                 "length are averaged per question before its gains, win rates and their standard errors: the "
                 "sampling noise that dominates a one-answer comparison shrinks as 1/N, for N times the answers. The "
                 "first answer of each question is the one N = 1 samples."})
+    perplexity: bool = field(default=True, metadata={"help": "Score each model's perplexity of the held-out human "
+                                                     "answers (false: skip it, one forward pass per model less)."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
     answer_cache: str = field(default="", metadata={"aliases": ("cache",),
         "help": "A folder that keeps each model's answers, their KL and its perplexity of the human answers (and "

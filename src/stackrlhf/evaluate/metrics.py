@@ -198,7 +198,7 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
     # perplexity of the held-out human answers (the best one per question), once per distribution
     key = distribution_key(model)
     human_nll = {} if human_nll is None else human_nll
-    if key not in human_nll:
+    if key not in human_nll and cfg.perplexity:
         def nll_of_human_answers() -> float:
             human = [model.tok(q["best_answer"], add_special_tokens=False)["input_ids"][: cfg.max_new_tokens]
                      + [model.tok.eos_token_id] for q in questions]
@@ -206,7 +206,7 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
             return -float(torch.cat(model.logprobs_of(prompt_ids, human, cfg.generation_batch_size)).mean())
 
         human_nll[key] = cached(cache, ("human_nll", *identity[:-1], cfg.max_new_tokens), nll_of_human_answers)
-    nll = human_nll[key]
+    nll = human_nll.get(key)
     scores = {name: (judge.score(asked_questions, gen.texts) if name == "judge"
                      else judge.score(asked, gen.texts, normalize=True)) for name, judge in judges.items()}
     per_answer = {**scores, "length": [float(len(r)) for r in gen.response_ids],
@@ -222,7 +222,7 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
             "sampler_ess": mismatch["ess"]} if mismatch else {}),
         "kl_to_reference_se": (float(np.std(question_means(kl, len(questions))) / math.sqrt(len(questions)))
                                if kl else None),
-        "human_answer_perplexity": float(math.exp(min(nll, 50.0))),
+        "human_answer_perplexity": None if nll is None else float(math.exp(min(nll, 50.0))),
         "length_tokens": float(np.mean([len(r) for r in gen.response_ids])),
         "length_words": float(np.mean([words(t) for t in gen.texts])),
         "question_overlap": float(np.mean([question_overlap(t, q.get("question") or q["prompt"])
@@ -284,6 +284,6 @@ def print_table(report: dict) -> None:
         table.add_row(name, *[f"{m[f'reward_{j}']:+.3f}" for j in judges],
                       *[f"{m[f'win_rate_{j}_vs_{base}']:.2f}" for j in judges],
                       *[gain_text(m, j, base) for j in judges],
-                      "-" if kl is None else f"{kl:.2f}", f"{m['human_answer_perplexity']:.1f}",
+                      "-" if kl is None else f"{kl:.2f}", "-" if m["human_answer_perplexity"] is None else f"{m['human_answer_perplexity']:.1f}",
                       f"{m['length_tokens']:.1f}", f"{m['distinct_2']:.3f}")
     console.print(table)

@@ -351,7 +351,7 @@ def eval_table(ev: dict | None) -> str:
         cells = [name, *[f"{m[f'reward_{j}']:.3f} ± {m[f'reward_{j}_std']:.2f}" for j in judges],
                  *[f"{m[f'win_rate_{j}_vs_{base}']:.2f}" for j in judges],
                  *[gain_text(m, j, base, missing="") for j in judges], "" if kl is None else f"{kl:.2f}",
-                 f"{m['human_answer_perplexity']:.1f}", f"{m['length_tokens']:.1f}", f"{m['ended']:.2f}",
+                 "-" if m.get("human_answer_perplexity") is None else f"{m['human_answer_perplexity']:.1f}", f"{m['length_tokens']:.1f}", f"{m['ended']:.2f}",
                  f"{m['distinct_2']:.3f}"]
         rows.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
     return (f"<p>{ev['questions']} held-out questions, temperature {ev['sampling']['temperature']}, "

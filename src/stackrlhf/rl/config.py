@@ -10,16 +10,23 @@ from stackrlhf.config import DTYPE_CHOICES, REPORT_TO_CHOICES
 @dataclass(frozen=True)
 class Algorithm:
     """One on-policy method of the trainer: its advantage estimator (a name in
-    :data:`stackrlhf.rl.estimators.ESTIMATORS`), whether it trains a critic, whether it samples k answers a prompt."""
+    :data:`stackrlhf.rl.estimators.ESTIMATORS`), whether it trains a critic, whether it samples k answers a prompt,
+    what the RM's score becomes before the KL penalty (``score`` itself, or ``quantile``: the log of its rank
+    quantile among the prompt's k answers) and the update's loss (``clipped``: PPO's surrogate on the advantages;
+    ``bonbon``: SFT on each prompt's best answer + IPO on best against worst, :mod:`stackrlhf.rl.bonbon`)."""
     estimator: str
     critic: bool
     grouped: bool
+    reward: str = "score"
+    loss: str = "clipped"
 
 
 ALGORITHMS = {
     "ppo": Algorithm("gae", critic=True, grouped=False),
     "rloo": Algorithm("rloo", critic=False, grouped=True),
     "raft": Algorithm("raft", critic=False, grouped=True),
+    "vbon": Algorithm("rloo", critic=False, grouped=True, reward="quantile"),
+    "bonbon": Algorithm("bonbon", critic=False, grouped=True, loss="bonbon"),
 }
 
 
@@ -36,8 +43,11 @@ class PPOConfig:
     algorithm: str = field(default="ppo", metadata={"choices": tuple(ALGORITHMS), "help":
         "ppo: GAE advantages from a value head; rloo: k answers per prompt, each one's advantage its sequence "
         "reward minus the mean of the other k - 1 (no value head); raft: k answers per prompt, the clipped "
-        "update raises the likelihood of the best one (reward-ranked fine-tuning, no value head)."})
-    rloo_k: int = field(default=2, metadata={"help": "RLOO and RAFT: answers sampled per prompt (>= 2)."})
+        "update raises the likelihood of the best one (reward-ranked fine-tuning, no value head); vbon: RLOO on the "
+        "reward log(rank / k) of each answer among its prompt's k (variational best-of-n: only the RM's order "
+        "counts); bonbon: best-of-k distillation, SFT on each prompt's best answer + IPO pulling best against worst "
+        "to best-of-k's own log-ratio gap (no advantages, no value head)."})
+    rloo_k: int = field(default=2, metadata={"help": "RLOO, RAFT, vbon, bonbon: answers sampled per prompt (>= 2)."})
     steps: int = field(default=100, metadata={"help": "PPO iterations (rollout + update)."})
     prompts_per_step: int = field(default=32, metadata={"aliases": ("batch_size",), "help":
         "Prompts per rollout (per process); RLOO and RAFT answer each rloo_k times."})
@@ -69,6 +79,14 @@ class PPOConfig:
         "length of the step / this answer's length), so an answer pays beta * mean length * its mean KL per token "
         "whatever its own length."})
     init_kl_coef: float = field(default=0.05, metadata={"help": "Initial beta."})
+    min_kl_coef: float = field(default=0.01, metadata={"help": "The adaptive controller never takes beta below "
+                                                   "this: without a floor, a run whose KL stays under target_kl "
+                                                   "lowers beta by 20% a step toward zero, and the KL then follows "
+                                                   "the update's noise."})
+    kl_budget: float = field(default=0.0, metadata={"help": "Stop the run at the first step whose rollout's mean KL "
+                                                    "to the reference exceeds this, without updating on it (0: "
+                                                    "off). Best-of-k's own KL, log k - (k-1)/k, is bonbon's natural "
+                                                    "budget."})
     adaptive_kl: bool = field(default=True, metadata={"help": "Adapt beta toward target_kl (Ziegler et al.)."})
     target_kl: float = field(default=6.0, metadata={"help": "Target KL per response for the adaptive controller."})
     kl_horizon: int = field(default=0, metadata={"help": "Horizon of the adaptive controller in episodes (0: one "
@@ -83,6 +101,8 @@ class PPOConfig:
     value_warmup_steps: int = field(default=1, metadata={"help": "PPO: the first N steps train only the value head "
                                                          "(the policy waits for a critic that is not cold)."})
     whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages per rollout."})
+    bonbon_alpha: float = field(default=0.05, metadata={"help": "bonbon: weight of the SFT term on the best answer "
+                                                        "(1 - this: the IPO term, divided by its target squared)."})
     max_approx_kl: float = field(default=0.0, metadata={
         "help": "Stop a step's update after the first minibatch whose approximate KL to the rollout policy exceeds "
                 "this (0: off)."})
@@ -135,6 +155,10 @@ class PPOConfig:
             raise ValueError(f"--rloo-k must be at least 2 with {self.algorithm}: it compares each prompt's answers")
         if not 0 < self.min_new_tokens <= self.max_new_tokens:
             raise ValueError("need 0 < min_new_tokens <= max_new_tokens")
+        if not 0 <= self.bonbon_alpha <= 1:
+            raise ValueError("--bonbon-alpha must be in [0, 1]")
+        if self.kl_budget < 0 or self.min_kl_coef < 0:
+            raise ValueError("--kl-budget and --min-kl-coef must be >= 0")
         if self.is_cap < 1:
             raise ValueError("--is-cap must be at least 1 (a cap below 1 would down-weight every token)")
         if self.lora and self.num_layers_unfrozen >= 0:

@@ -12,6 +12,10 @@ that names one). Every estimator reads the same step and returns (advantages per
 | ``gae`` | GAE(gamma, lambda) over tokens, whitened per token over the rollout (PPO) | the value head |
 | ``rloo`` | sequence reward minus the mean of the prompt's other k - 1, scaled per sequence (RLOO) | none |
 | ``raft`` | 1 on every token of the prompt's best answer, 0 elsewhere (reward-ranked fine-tuning) | none |
+| ``bonbon`` | +1 on the prompt's best answer by RM score, -1 on its worst, 0 elsewhere: the roles of the best-of-k distillation loss (:mod:`stackrlhf.rl.bonbon`) | none |
+
+An algorithm may also change the reward the estimator reads (``vbon``: RLOO on log rank-quantile rewards,
+:func:`stackrlhf.rl.rloo.quantile_rewards`) or the loss the update minimises (``bonbon``).
 
 A new method is a function here and a row in both tables.
 """
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from stackrlhf.rl.bonbon import best_and_worst
 from stackrlhf.rl.raft import best_of_group
 from stackrlhf.rl.rloo import normalise_sequence_advantages, rloo_advantages
 
@@ -62,6 +67,7 @@ class Step:
     gamma: float = 1.0
     lam: float = 0.95
     whiten: bool = True
+    scores: torch.Tensor | None = None  # [B] the RM's scores (bonbon ranks by them, not by score - KL)
 
 
 def gae_estimate(step: Step) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,8 +88,14 @@ def raft_estimate(step: Step) -> tuple[torch.Tensor, torch.Tensor]:
     return best_of_group(step.rewards.sum(1), step.k)[:, None] * step.mask, step.values
 
 
+def bonbon_roles(step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = step.scores if step.scores is not None else step.rewards.sum(1)
+    return best_and_worst(scores, step.k)[:, None] * step.mask, step.values
+
+
 ESTIMATORS: dict[str, Callable[[Step], tuple[torch.Tensor, torch.Tensor]]] = {
     "gae": gae_estimate,
     "rloo": rloo_estimate,
     "raft": raft_estimate,
+    "bonbon": bonbon_roles,
 }

@@ -20,6 +20,7 @@ One iteration, top to bottom (:meth:`PPOTrainer.step`):
 
 from __future__ import annotations
 
+import math
 import random
 import time
 import warnings
@@ -45,6 +46,8 @@ from stackrlhf.models.precision import autocast, upcast_trainable
 from stackrlhf.rl.common import (MetricsWriter, gather_rng_states, make_accelerator, pass_batch, resume_latest,
                                  save_checkpoint, seed_everything, write_run_artifacts)
 from stackrlhf.rl.config import ALGORITHMS, PPOConfig
+from stackrlhf.rl.bonbon import bonbon_loss
+from stackrlhf.rl.rloo import quantile_rewards
 from stackrlhf.rl.estimators import ESTIMATORS, Step, gae, masked_mean, masked_whiten  # noqa: F401 (re-exported)
 from stackrlhf.console import console
 
@@ -128,14 +131,14 @@ def clipped_policy_loss(advantages: torch.Tensor, ratio: torch.Tensor, cliprange
 
 
 class AdaptiveKLController:
-    """Ziegler et al.: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon."""
+    """Ziegler et al.: beta *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon, never below ``floor``."""
 
-    def __init__(self, beta: float, target: float, horizon: int):
-        self.value, self.target, self.horizon = beta, target, horizon
+    def __init__(self, beta: float, target: float, horizon: int, floor: float = 0.0):
+        self.value, self.target, self.horizon, self.floor = beta, target, horizon, floor
 
     def update(self, kl: float, n: int) -> None:
         error = float(np.clip(kl / self.target - 1, -0.2, 0.2))
-        self.value *= 1 + error * n / self.horizon
+        self.value = max(self.value * (1 + error * n / self.horizon), self.floor)
 
 
 class FixedKLController:
@@ -217,7 +220,7 @@ class PPOTrainer:
                                                  weight_decay=0.0)
         self.scorer = scorer if scorer is not None else self._load_rm()
         horizon = cfg.kl_horizon or self.rollouts_per_step * self.accelerator.num_processes
-        self.kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, horizon) if cfg.adaptive_kl
+        self.kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, horizon, cfg.min_kl_coef) if cfg.adaptive_kl
                        else FixedKLController(cfg.init_kl_coef))
         if prompts is None:
             prompts = load_split(cfg.data, "rl", "train")
@@ -226,6 +229,7 @@ class PPOTrainer:
             raise StackRLHFError(f"{cfg.data or 'the prompts given'}: {len(self.prompts)} prompts, fewer than "
                                  f"prompts_per_step={cfg.prompts_per_step}")
         self.step_index = 0
+        self.over_budget = False  # a rollout's KL to the reference exceeded kl_budget: the run stops
         self.history: list[dict] = []
         self.warned_negative_kl = False
         self.writer = MetricsWriter(self.out, cfg.report_to, self.accelerator.is_main_process, cfg)
@@ -314,6 +318,9 @@ class PPOTrainer:
         finished = torch.tensor(rollout.finished, device=device)
         if cfg.missing_eos_penalty:
             scores = torch.where(finished, scores, scores - cfg.missing_eos_penalty)
+        # vbon: the reward is the log rank quantile of the score among the prompt's k answers (scores stay logged)
+        reward_scores = (quantile_rewards(scores, self.answers_per_prompt) if self.algorithm.reward == "quantile"
+                         else scores)
 
         # 3. one forward pass without grad: old log-probs, values, reference log-probs
         batch = pack_sequences(rollout.prompt_ids, rollout.response_ids, self.tok.pad_token_id, device)
@@ -345,13 +352,20 @@ class PPOTrainer:
         rewards = kl_penalty(kl_per_token(old_logp, ref_logp, "k1"), mask, self.kl_ctl.value, cfg.kl_penalty,
                              mean_length)
         last = mask.sum(1).long() - 1
-        rewards[torch.arange(len(last)), last] += scores
+        rewards[torch.arange(len(last)), last] += reward_scores
 
         # 5. advantages, by the algorithm's estimator
-        advantages, returns = self.advantages(rewards, old_values, mask)
+        advantages, returns = self.advantages(rewards, old_values, mask, scores)
 
-        # 6. PPO epochs over minibatches
-        stats = self.update(batch, old_logp, old_values, advantages, returns, mask, trunk, is_weights)
+        # 6. PPO epochs over minibatches (bonbon: its loss over best/worst pairs); none once over the KL budget
+        rollout_kl = float(self.accelerator.gather(kl.sum(1)).mean())
+        if cfg.kl_budget and rollout_kl > cfg.kl_budget:
+            self.over_budget = True
+            stats = {"policy/epochs": 0, "policy/minibatches": 0}
+        elif self.algorithm.loss == "bonbon":
+            stats = self.bonbon_update(batch, ref_logp, advantages, mask, trunk)
+        else:
+            stats = self.update(batch, old_logp, old_values, advantages, returns, mask, trunk, is_weights)
 
         # 7. KL controller, bookkeeping: means over every process, so beta stays the same on all of them
         episodes = self.gather_episodes({
@@ -418,11 +432,52 @@ class PPOTrainer:
             return None
         return len(transformer_blocks(policy.lm)) - policy.hydra.k
 
-    def advantages(self, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
+    def advantages(self, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                   scores: torch.Tensor | None = None):
         """(advantages, returns) by the algorithm's estimator (:mod:`stackrlhf.rl.estimators`)."""
         cfg = self.cfg
         return self.estimate(Step(rewards, values, mask, k=self.answers_per_prompt, gamma=cfg.gamma, lam=cfg.lam,
-                                  whiten=cfg.whiten_advantages))
+                                  whiten=cfg.whiten_advantages, scores=scores))
+
+    def bonbon_update(self, batch, ref_logp, roles, mask, trunk: tuple | None = None) -> dict:
+        """Best-of-k distillation (:mod:`stackrlhf.rl.bonbon`): epochs over minibatches of each prompt's (best,
+        worst) pair, ``roles`` +1 / -1 on their tokens (0 on the other answers, which take no part). Not weighted
+        by the int8 sampler's importance weights: the samples only pick the targets, whose loss is supervised."""
+        cfg = self.cfg
+        role = roles.sum(1)  # +-length on the best/worst rows, 0 elsewhere
+        k = self.answers_per_prompt
+        groups = len(role) // k
+        best = (role.view(groups, k) > 0).float().argmax(1) + torch.arange(groups) * k
+        worst = (role.view(groups, k) < 0).float().argmax(1) + torch.arange(groups) * k
+        pairs = torch.stack([best, worst], 1)  # [P, 2]
+        n = len(roles)
+        per_minibatch = max(1, cfg.mini_batch_size // 2)
+        totals: dict[str, list[float]] = {"loss/policy": [], "loss/ipo": [], "loss/sft": [], "bonbon/gap": []}
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(groups)
+            for start in range(0, groups, per_minibatch):
+                idx = pairs[order[start:start + per_minibatch]].reshape(-1)  # best, worst, best, worst, ...
+                if trunk is not None:
+                    logits, _, _ = self.model(None, None, None, keep=batch["keep"], trunk=select_rows(trunk, idx, n))
+                else:
+                    logits, _, _ = self.model(batch["input_ids"][idx], batch["attention_mask"][idx],
+                                              batch["position_ids"][idx], keep=batch["keep"])
+                logp = logprobs_of(self.response_part(logits, batch), batch["responses"][idx], cfg.temperature)
+                loss, ipo, sft, gap = bonbon_loss(logp, ref_logp[idx], mask[idx], k, cfg.bonbon_alpha)
+                if not torch.isfinite(loss):
+                    raise StackRLHFError(f"step {self.step_index}: the bonbon loss is NaN/inf; stopping (the last "
+                                         f"checkpoint in {self.out / 'checkpoints'} is good). Lower the learning rate.")
+                self.optimizer.zero_grad()
+                self.accelerator.backward(loss)
+                if cfg.max_grad_norm:
+                    self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                for name, value in (("loss/policy", loss), ("loss/ipo", ipo), ("loss/sft", sft), ("bonbon/gap", gap)):
+                    totals[name].append(float(value))
+        out = {name: float(np.mean(v)) for name, v in totals.items()}
+        out["policy/epochs"] = cfg.ppo_epochs
+        out["policy/minibatches"] = cfg.ppo_epochs * math.ceil(groups / per_minibatch)
+        return out
 
     @staticmethod
     def response_part(x: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -548,7 +603,7 @@ class PPOTrainer:
         bar = tqdm(total=cfg.steps, initial=self.step_index, desc=cfg.algorithm, disable=not cfg.progress)
         start = time.perf_counter()
         episodes = 0
-        while self.step_index < cfg.steps:
+        while self.step_index < cfg.steps and not self.over_budget:
             metrics = self.step()
             samples = metrics.pop("_samples")
             episodes += self.rollouts_per_step * self.accelerator.num_processes
@@ -585,6 +640,7 @@ class PPOTrainer:
                    "reward_last": history[-1]["reward/score_mean"] if history else None,
                    "kl_last": history[-1]["kl/mean"] if history else None,
                    "beta_last": self.kl_ctl.value, "reference": self.policy.mode, "algorithm": self.cfg.algorithm,
+                   "stopped_at_kl_budget": self.over_budget,
                    "int8_trunk_blocks": self.int8_trunk_blocks,
                    "sampler_precision": "float32" if self.sampler_maxima is None else "int8",
                    "length": history_length_analysis(history)}

@@ -30,3 +30,17 @@ def normalise_sequence_advantages(advantages: torch.Tensor) -> torch.Tensor:
     token-level whitening would shift every token by the token-weighted mean, breaking the per-prompt zero sum
     and tying each answer's advantage to its length."""
     return advantages / (advantages.std() + 1e-8) if len(advantages) > 1 else advantages
+
+
+def quantile_rewards(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """log of each answer's rank quantile among its prompt's k answers (rows prompt-major): log(rank / k), rank 1
+    for the lowest score and k for the highest (0), ties sharing their mean rank. The reward of variational
+    best-of-n (Amini et al. 2024) and BOND (Sessa et al. 2024): log F(r), F the prompt's empirical reward CDF, so
+    only the order of the RM's scores counts, never their scale, and the optimum at beta = 1 / (k - 1) is best-of-k."""
+    if k < 2:
+        raise ValueError("quantile rewards need k >= 2 answers per prompt")
+    grouped = scores.view(-1, k)
+    below = (grouped[:, None, :] < grouped[:, :, None]).sum(-1).float()  # answers scored lower than each
+    equal = (grouped[:, None, :] == grouped[:, :, None]).sum(-1).float()  # itself included
+    rank = below + (equal + 1) / 2
+    return torch.log(rank / k).reshape(-1)
