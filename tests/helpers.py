@@ -179,3 +179,16 @@ def write_llama_gguf(model, tok, path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def randomised_q_heads(model, std: float = 0.02):
+    """An ILQL model whose Q heads' (and their targets') output layers are random, as a trained model's are:
+    a fresh model's start at zero and shift no token against another."""
+    import torch
+
+    with torch.no_grad():
+        for heads in (model.heads.q_heads, model.heads.target_q_heads):
+            for head in heads:
+                head.out.weight.normal_(0.0, std)
+                head.out.bias.normal_(0.0, std)
+    return model

@@ -229,3 +229,27 @@ def test_residualized_length_trend_is_removed_from_scores(planted, tmp_path):
     after = spearman([words(a) for _, a in answers], again.score([q for q, _ in answers], [a for _, a in answers]))
     assert abs(after) < 0.2 and after < before - 0.2
     rm.length_slope = 0.0  # leave the shared fixture as it was
+
+
+def test_the_length_correction_is_fitted_within_questions():
+    """A reward that follows length only between questions (questions with long answers score higher) and not
+    within one is left alone; a reward that prefers the longer of a question's answers loses that trend, and
+    does not turn to preferring the shorter one."""
+    from types import SimpleNamespace
+
+    from stackrlhf.train.reward import residualize_length
+
+    def answer(n):
+        return " ".join(["word"] * n)
+
+    between = {("short q", answer(5)): 0.0, ("short q", answer(8)): 0.0,
+               ("long q", answer(60)): 2.0, ("long q", answer(90)): 2.0}
+    rm = SimpleNamespace()
+    corrected = residualize_length(rm, between)
+    assert rm.length_slope == pytest.approx(0.0, abs=1e-9) and corrected == between
+    within = {("a", answer(5)): 0.0, ("a", answer(20)): 1.0, ("b", answer(50)): 3.0, ("b", answer(200)): 4.0}
+    corrected = residualize_length(rm, within)
+    assert rm.length_slope > 0
+    for q in ("a", "b"):  # the longer answer of each question no longer scores higher, nor lower
+        short, long_ = sorted((k for k in corrected if k[0] == q), key=lambda k: len(k[1]))
+        assert corrected[long_] == pytest.approx(corrected[short], abs=0.35)

@@ -116,3 +116,22 @@ def test_bad_input(tiny_lm, site_data, tmp_path):
     assert result.exit_code != 0 and "reward/train" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(cli, ["dpo", "--data", str(site_data), "--out", str(tmp_path / "o3")])
     assert result.exit_code != 0 and "--model is required" in result.output
+
+
+def test_dpo_measures_its_kl_at_the_temperature_eval_and_rl_use(tiny_lm, site_data, tmp_path, monkeypatch):
+    """DPO's KL to the reference is measured on answers sampled at 0.7, as eval's and the RL stages' are, so
+    the KL columns of every stage compare; any other temperature is an explicit choice."""
+    from stackrlhf.evaluate.config import EvalConfig
+    from stackrlhf.rl.config import PPOConfig
+    from stackrlhf.train import dpo as dpo_module
+
+    seen = []
+    monkeypatch.setattr(dpo_module, "sample_kl", lambda mine, ref, prompts, sampling, **kw: seen.append(
+        sampling.temperature) or [0.5, 0.7])
+    model, tok = load_causal_lm(str(tiny_lm), "float32")
+    cfg = DPOConfig(model=str(tiny_lm), data=[str(site_data)], out=str(tmp_path / "d"), **{**FAST, "kl_prompts": 2})
+    assert dpo_module.kl_to_reference(model, tok, cfg)["kl_to_reference"] == pytest.approx(0.6)
+    assert EvalConfig.temperature == PPOConfig.temperature == 0.7 and seen == [0.7]
+    dpo_module.kl_to_reference(model, tok, DPOConfig(model=str(tiny_lm), data=[str(site_data)],
+                                                     out=str(tmp_path / "e"), kl_temperature=1.0, **FAST))
+    assert seen[-1] == 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from stackrlhf.models.loading import load_causal_lm
 from stackrlhf.models.reward import RewardModel, default_backbone, load_backbone
 from stackrlhf.models.ilql import ILQLModel
 from stackrlhf.data.load import load_pairs, load_split
-from helpers import site_dump
+from helpers import randomised_q_heads, site_dump
 
 
 def test_small_metrics():
@@ -125,12 +126,16 @@ def test_eval_judges_plain_and_ilql_models(tiny_lm, site_data, judges, tmp_path)
     ilql_dir = tmp_path / "ilql"
     lm, tok = load_causal_lm(str(tiny_lm))
     torch.manual_seed(3)
-    model = ILQLModel.create(lm)
+    model = randomised_q_heads(ILQLModel.create(lm))  # as a trained model's: a shift that differs by token
     model.save_pretrained(ilql_dir)
     tok.save_pretrained(str(ilql_dir))
+    topk_dir = tmp_path / "ilql-topk"  # the same model, saved to decode with top-k 3 (as `ilql` saves its --top-k)
+    shutil.copytree(ilql_dir, topk_dir)
+    (topk_dir / "ilql.json").write_text(json.dumps({"beta": 0.0, "top_k": 3}))
     out = tmp_path / "eval"
     result = CliRunner().invoke(cli, [
         "eval", "--model", f"sft={tiny_lm}", "--model", f"ilql0={ilql_dir}@0", "--model", f"ilql={ilql_dir}@5",
+        "--model", f"topk={topk_dir}@0",
         "--model", f"bon4=bon:4@{tiny_lm}",
         "--reward", str(judges[0]), "--gold-reward", str(judges[1]), "--data", str(site_data), "--out", str(out),
         "--questions", "6", "--max-new-tokens", "10", "--no-progress"])
@@ -145,6 +150,9 @@ def test_eval_judges_plain_and_ilql_models(tiny_lm, site_data, judges, tmp_path)
     assert ilql0["kl_to_reference"] == pytest.approx(0.0, abs=1e-4)
     # beta = 5 shifts decoding: other answers, a positive KL
     assert ilql["kl_to_reference"] > 0.1
+    # top-k 3 at beta 0: the answers come from the truncated LM, KL E[-log (mass of the top 3)] a token, not 0
+    topk = report["models"]["topk"]
+    assert topk["top_k"] == 3 and topk["kl_to_reference"] > 0.05 * topk["length_tokens"]
     assert 0.0 <= ilql["win_rate_gold_vs_sft"] <= 1.0 and ilql["human_answer_perplexity"] > 1.0
     # best-of-4 from the reference itself: the analytic KL; the proxy's pick of 4 outscores one sample (fixed seeds)
     bon = report["models"]["bon4"]
@@ -153,7 +161,7 @@ def test_eval_judges_plain_and_ilql_models(tiny_lm, site_data, judges, tmp_path)
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6
     assert all(r["question_link"].startswith(f"https://{site_dump().name}/") and r["license"] for r in rows)
-    assert set(rows[0]["answers"]) == {"sft", "ilql0", "ilql", "bon4"} and "proxy" in rows[0]["answers"]["ilql"]
+    assert set(rows[0]["answers"]) == {"sft", "ilql0", "ilql", "topk", "bon4"} and "proxy" in rows[0]["answers"]["ilql"]
 
 
 def test_eval_skips_the_passes_whose_answer_it_knows(tiny_lm, site_data, judges, tmp_path, monkeypatch):

@@ -181,6 +181,48 @@ def test_export_pairs_train_beside_the_votes_and_stats_by_model(app_db, site_dat
     assert cli_stats.exit_code == 0 and "ann: 2 labels" in cli_stats.output
 
 
+def test_a_k_way_label_exports_every_pair_it_says_and_counts_once_in_the_rm(tmp_path):
+    """Four answers, the second picked, the others rated 6, 8, 8: `all` gives the pick against each of the three
+    and the 8s against the 6 (5 pairs), `one` the pick against the lowest-rated; the RM spreads a label's weight
+    over its pairs, so a label counts as much as one vote pair whatever K."""
+    from stackrlhf.train.config import RMConfig
+    from stackrlhf.train.reward import PairDataset, label_groups, label_loss_weight
+
+    db = f"sqlite:///{tmp_path / 'k.db'}"
+    store = FeedbackStore(db)
+    four = [{"text": f"Answer {c} about lager.", "model": "sft"} for c in "abcd"]
+    store.add_task(question(0), four, split="rl")
+    token = store.add_annotator("ann")
+    client = TestClient(create_app(db))
+    auth = {"authorization": f"Bearer {token}"}
+    task = client.get("/api/next", headers=auth).json()
+    form = rating_form(task, str(uuid.uuid4()), u=(3, 5, 4, 4), a=(3, 5, 4, 4), best=1)
+    assert client.post(f"/task/{task['task']}", data=form, headers=auth).status_code == 201
+    text = {cid: c["text"] for cid, c in zip(task["candidates"], four)}  # queue order = positions
+    for mode, expected in (("all", {("b", "a"), ("b", "c"), ("b", "d"), ("c", "a"), ("d", "a")}),
+                           ("one", {("b", "a")})):
+        out = tmp_path / mode
+        result = CliRunner().invoke(cli, ["feedback", "export", "--db", db, "--out", str(out), "--label-pairs", mode])
+        assert result.exit_code == 0, result.output
+        rows = load_split(out, "reward", "train").to_list()
+        got = {(r["chosen"].split()[1], r["rejected"].split()[1]) for r in rows}
+        assert got == expected and len(rows) == len(expected)
+        assert all(r["score_j"] > r["score_k"] for r in rows)
+    assert set(text.values()) == {c["text"] for c in four}
+    pairs = load_split(tmp_path / "all", "reward", "train")
+    assert label_groups(pairs) == [5] * 5
+    weights = [item["weight"] for item in PairDataset(_ByteTok(), pairs, RMConfig(data=["x"], out="y")).items]
+    assert sum(weights) == pytest.approx(1.0) and label_loss_weight(pairs, -1) == 1.0
+
+
+class _ByteTok:
+    """Enough of a tokenizer for PairDataset: bytes as ids."""
+    cls_token_id, sep_token_id, pad_token_id = 1, 2, 0
+
+    def __call__(self, text, add_special_tokens=False, **kw):
+        return {"input_ids": list(text.encode())[:200]}
+
+
 def test_export_leaves_out_evaluation_questions_unless_asked(tmp_path):
     """Labels on questions of the evaluation split must not train the reward model that `eval` then judges with:
     the export makes no pairs of them (and says how many it left out) unless --include-evaluation."""

@@ -14,6 +14,7 @@ from stackrlhf.cli import cli
 from stackrlhf.errors import StackRLHFError
 from stackrlhf.rl.config import ILQLConfig
 from stackrlhf.models.ilql import ILQLHeads, ILQLModel
+from helpers import randomised_q_heads
 from stackrlhf.rl.ilql import ILQLTrainer, ScoredSample, answer_ids, collate
 from randomwalks import evaluate, generate_random_walks, walk_model, walk_tokenizer
 
@@ -143,7 +144,7 @@ def test_beta_shifts_decoding_by_the_advantage(tiny_lm):
     from stackrlhf.models.ilql import ILQLLogitsProcessor
 
     lm, tok = load_causal_lm(str(tiny_lm))
-    model = ILQLModel.create(lm).eval()
+    model = randomised_q_heads(ILQLModel.create(lm)).eval()
     ids = torch.tensor([tok("Question: hops?\n\nAnswer: ")["input_ids"]])
     processor = ILQLLogitsProcessor(model, beta=3.0)
     with torch.no_grad():
@@ -160,3 +161,24 @@ def test_truncated_answers_get_no_eos():
     assert answer_ids([5, 6, 7], eos=0, max_tokens=8) == [5, 6, 7, 0]  # fits: ends
     assert answer_ids(list(range(1, 11)), eos=0, max_tokens=8) == list(range(1, 9))  # cut: no EOS
     assert answer_ids(list(range(1, 8)), eos=0, max_tokens=8) == list(range(1, 8)) + [0]
+
+
+def test_an_untrained_ilql_model_decodes_as_its_lm(tiny_lm):
+    """The Q heads start at zero: before training the shift beta * (min Qtarget - V) is one number per state,
+    so the decoding distribution is the LM's at any beta (random Q heads made it a random projection, and the
+    slow Polyak targets kept it so through a short run)."""
+    from stackrlhf.models.loading import load_causal_lm
+
+    lm, tok = load_causal_lm(str(tiny_lm))
+    model = ILQLModel.create(lm).eval()
+    ids = torch.tensor([tok("Question: hops?\n\nAnswer: ")["input_ids"]])
+    with torch.no_grad():
+        h = model.hidden_states(ids, torch.ones_like(ids))
+        logits = lm.get_output_embeddings()(h)
+        for beta in (1.0, 5.0):
+            shifted = torch.log_softmax(model.shifted_logprobs(logits, h, beta), -1)
+            torch.testing.assert_close(shifted, torch.log_softmax(logits.float(), -1))
+    # and the heads are still trainable: the Q loss reaches the output layer
+    q = model.heads.q_heads[0]
+    q.gathered(h.detach(), torch.zeros(h.shape[:2], dtype=torch.long)).sum().backward()
+    assert q.out.weight.grad is not None and q.out.weight.grad.abs().sum() > 0

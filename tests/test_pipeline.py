@@ -283,3 +283,40 @@ def test_force_deletes_the_stage_and_reruns_everything_that_reads_it(tmp_path, m
     assert set(statuses(everything).values()) == {"ran"}
     assert set(statuses(pipeline.run_pipeline(config)).values()) - {"skipped"} == {"ran"}
     assert statuses(pipeline.run_pipeline(config))["sft"] == "skipped"
+
+
+def test_rl_stages_on_a_reward_model_below_chance_do_not_run_and_the_report_says_why(tmp_path, monkeypatch):
+    """The demo's proxy RM can be below chance on held-out pairs (few votes): `run` then skips PPO and RLOO
+    rather than optimise against the votes, evaluates the rest, and the report's first screen says why; a
+    section with `allow_below_chance_reward: true` runs anyway."""
+    from stackrlhf.evaluate.config import ReportConfig
+    from stackrlhf.evaluate.report import write_report
+
+    seen: dict = {}
+
+    def fake(name):
+        def stage(cfg):
+            out = Path(cfg.out)
+            seen[name] = cfg
+            if name == "report":
+                return out
+            out.mkdir(parents=True, exist_ok=True)
+            if name == "rm":
+                (out / "metrics.json").write_text(json.dumps(
+                    {"accuracy": 0.35, "accuracy_ci95": [0.25, 0.46], "eval_pairs": 80}))
+            return {"content_key": "same-bytes"} if name == "data" else {}
+        return stage
+
+    monkeypatch.setattr(pipeline, "runner", fake)
+    run = tmp_path / "run"
+    spec = {"out": str(run), "base": "some/base", "data": {"dump": ["x"]}, "sft": {}, "rm": {}, "ppo": {},
+            "rloo": {"allow_below_chance_reward": True}, "eval": {"include_base": False}, "report": {}}
+    result = pipeline.run_pipeline(write_config(tmp_path / "p.yaml", spec))
+    assert statuses(result) == {"data": "ran", "sft": "ran", "rm": "ran", "ppo": "refused", "rloo": "ran",
+                                "eval": "ran", "report": "ran"}
+    assert "0.35 [0.25, 0.46]" in result["stages"]["ppo"]["why"] and "ppo" not in seen
+    assert [m.split("=")[0] for m in seen["eval"].model] == ["sft", "rloo"]
+    assert json.loads((run / "ppo" / "refused.json").read_text())["stage"] == "ppo"
+    page = write_report(ReportConfig(run=str(run), out=str(tmp_path / "r.html"))).read_text()
+    head = page[:page.index("<h2>")]
+    assert "The ppo stage did not run" in head and "below chance" in head

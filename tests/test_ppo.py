@@ -275,7 +275,9 @@ def test_bonbon_gap_is_best_of_ks_own_log_ratio_gap():
 
     for k in (2, 4, 8):
         u = torch.rand(200_000, k, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
-        log_ratio = lambda x: math.log(k) + (k - 1) * torch.log(x)  # noqa: E731
+        def log_ratio(x, k=k):
+            return math.log(k) + (k - 1) * torch.log(x)
+
         measured = float((log_ratio(u.max(1).values) - log_ratio(u.min(1).values)).mean())
         assert measured == pytest.approx(bonbon_gap(k), rel=0.02)
         # and best-of-k's KL to p is the mean log-ratio of its own draws
@@ -390,3 +392,27 @@ def test_each_algorithm_names_its_estimator_and_the_kl_stop_is_per_minibatch(tin
     assert sorted(whole["reward/score_each"]) == pytest.approx(sorted(stopped["reward/score_each"]))
     with pytest.raises(StackRLHFError, match="--data is required"):
         PPOTrainer(replace(cfg, data=""))
+
+
+def test_a_reward_model_below_chance_is_refused_and_the_report_says_so(tiny_policy, tmp_path):
+    from stackrlhf.evaluate.config import ReportConfig
+    from stackrlhf.evaluate.report import write_report
+    from stackrlhf.evaluate.reward_report import below_chance
+
+    weak = {"accuracy": 0.35, "accuracy_ci95": [0.25, 0.46], "eval_pairs": 80, "baseline_longer_wins": 0.73}
+    fine = {"accuracy": 0.45, "accuracy_ci95": [0.35, 0.55], "eval_pairs": 80}
+    assert "below chance" in below_chance(weak) and below_chance(fine) == "" and below_chance({}) == ""
+    # the evaluation questions' pairs (never used to pick the epoch) decide when the RM was scored on them
+    assert below_chance({**weak, "test": fine}) == "" and "evaluation questions" in below_chance({**fine, "test": weak})
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "metrics.json").write_text(json.dumps(weak))
+    prompts = ["Question: is it hoppy?\n\nAnswer:"] * 4
+    cfg = dict(model=str(tiny_policy), reward=str(rm), out=str(tmp_path / "p"), prompts_per_step=4,
+               mini_batch_size=4, report_to="none", progress=False)
+    with pytest.raises(StackRLHFError, match=r"0\.35 \[0\.25, 0\.46\].*--allow-below-chance-reward"):
+        PPOTrainer(PPOConfig(**cfg), None, prompts)
+    assert not (tmp_path / "p" / "checkpoints").exists()
+    page = write_report(ReportConfig(reward=str(rm), out=str(tmp_path / "report.html"))).read_text()
+    head = page[:page.index("<h2>")]  # before the first section: the first thing a reader sees
+    assert "below chance" in head and "0.35 [0.25, 0.46]" in head

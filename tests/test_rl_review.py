@@ -144,8 +144,9 @@ def test_the_loops_rl_step_is_rloo_unless_its_settings_name_an_algorithm(site_da
         stages, _ = turn_stages(reg, LoopConfig(data=str(site_data), ppo=ppo), current, 1, tmp_path / "v1",
                                 tmp_path / "v1" / "feedback")
         rl = {s.name: s.cfg for s in stages}["rl"]
-        chosen.append((rl.algorithm, rl.rloo_k, rl.prompts_per_step))
-    assert chosen == [("rloo", 4, 8), ("rloo", 4, 2), ("ppo", 2, 32), ("raft", 3, 32)]
+        chosen.append((rl.algorithm, rl.rloo_k, rl.prompts_per_step, rl.mini_batch_size))
+    # fewer prompts a step than the default: minibatches that divide the rollout
+    assert chosen == [("rloo", 4, 16, 16), ("rloo", 4, 2, 8), ("ppo", 2, 32, 8), ("raft", 3, 32, 8)]
 
 
 def test_the_proxy_half_keeps_every_label_and_drops_the_gold_votes(site_data, tmp_path):
@@ -212,6 +213,14 @@ def test_a_k_way_choice_is_one_pair(tmp_path):
     pairs = pq.read_table(tmp_path / "export" / "reward" / "train-00000-of-00001.parquet").to_pylist()
     assert summary["pairs"] == 1 and len(pairs) == 1  # one label, one pair: not K - 1 = 3
     assert pairs[0]["chosen"] == "answer a" and pairs[0]["rejected"] == "answer c"  # against the lowest-rated
+
+
+def test_the_loop_exports_the_label_pairs_its_settings_name(tmp_path):
+    from stackrlhf.loop import LoopConfig
+
+    assert LoopConfig(data="d").label_pairs == "one"
+    with pytest.raises(ValueError, match="label_pairs 'two'"):
+        LoopConfig(data="d", label_pairs="two")
 
 
 def test_dpo_pairs_are_tokenized_exactly_as_sft_encodes_them(tiny_lm, site_data, tmp_path):

@@ -478,15 +478,18 @@ def feedback_revoke(name, db) -> None:
 @click.option("--include-evaluation", is_flag=True,
               help="Also make pairs of labels on evaluation-split questions (a reward model trained on them has "
                    "seen the questions `eval` scores).")
+@click.option("--label-pairs", type=click.Choice(["all", "one"]), default="one", show_default=True,
+              help="all: every pair a label says (the pick against each other answer, and the other answers by "
+                   "their ratings), weighted so that a label counts once; one: the pick against the lowest-rated.")
 @user_errors
-def feedback_export(db, out, include_evaluation) -> None:
+def feedback_export(db, out, include_evaluation, label_pairs) -> None:
     """Write the labels as preference pairs in the data pipeline's pair schema, plus the raw ratings.
 
     Labels on questions of the evaluation split give no pairs unless --include-evaluation."""
     from stackrlhf.feedback.export import export_feedback
     from stackrlhf.feedback.store import FeedbackStore
 
-    summary = export_feedback(FeedbackStore(db), out, include_evaluation)
+    summary = export_feedback(FeedbackStore(db), out, include_evaluation, label_pairs)
     click.echo(f"wrote {out}: {summary['pairs']} pairs, {summary['ratings']} ratings")
     if summary["pairs_left_out_evaluation"]:
         click.echo(f"left out {summary['pairs_left_out_evaluation']} labels on evaluation-split questions (their "

@@ -65,13 +65,16 @@ class LoopConfig:
     max_prompt_tokens: int = field(default=128, metadata={"help": "Longer prompts are cut in the middle: the same "
                                                           "cut for the queued answers, the RL step and the "
                                                           "evaluation (unless their sections say otherwise)."})
+    label_pairs: str = field(default="one", metadata={
+        "help": "The pairs a label gives the RM (`feedback export --label-pairs`): one (the pick against the "
+                "lowest-rated answer) or all (the whole K-way choice and the ratings, a label counting once)."})
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of the queued answers."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass of the queued answers."})
     rm: dict = field(default_factory=dict, metadata={"cli": False,  # sections of the --config file
                                                      "help": "RMConfig settings (data and out are filled in)."})
     ppo: dict = field(default_factory=dict, metadata={
         "cli": False, "help": "PPOConfig settings (model, reward, data and out are filled in). Without an "
-                              "`algorithm` the loop's RL step is RLOO with k = 4 answers to 8 prompts a step "
+                              "`algorithm` the loop's RL step is RLOO with k = 4 answers to 16 prompts a step "
                               "(LOOP_RL_DEFAULTS)."})
     eval: dict = field(default_factory=dict, metadata={
         "cli": False, "help": "EvalConfig settings (models, judges and out are filled in)."})
@@ -79,6 +82,8 @@ class LoopConfig:
     def __post_init__(self) -> None:
         if not self.data:
             raise ValueError("the loop needs --data: a `stackrlhf data build` output")
+        if self.label_pairs not in ("one", "all"):
+            raise ValueError(f"label_pairs {self.label_pairs!r}: one or all")
         if self.min_labels < 1:
             raise ValueError("min_labels must be at least 1")
         if isinstance(self.best_of, int):
@@ -176,6 +181,11 @@ def rl_settings(cfg: LoopConfig, turn: int = 1) -> dict:
     rl = {"min_new_tokens": cfg.max_new_tokens, "max_new_tokens": cfg.max_new_tokens,
           "max_prompt_tokens": cfg.max_prompt_tokens,
           **({} if "algorithm" in cfg.ppo else LOOP_RL_DEFAULTS), **cfg.ppo}
+    if "algorithm" not in cfg.ppo and "mini_batch_size" not in cfg.ppo:  # fewer prompts a step: minibatches that fit
+        from math import gcd
+
+        answers = int(rl["prompts_per_step"]) * int(rl["rloo_k"])
+        rl["mini_batch_size"] = gcd(answers, int(rl["mini_batch_size"]))
     if rl.get("algorithm") == "bonbon" and "kl_budget" not in rl:
         from stackrlhf.rl.bonbon import best_of_n_kl
 
@@ -228,7 +238,7 @@ def _train_turn(registry: Path, reg: dict, cfg: LoopConfig, current: dict, label
     n = current["version"] + 1
     vdir = registry / f"v{n}"
     feedback = vdir / "feedback"
-    summary = export_feedback(FeedbackStore(cfg.db), feedback)
+    summary = export_feedback(FeedbackStore(cfg.db), feedback, label_pairs=cfg.label_pairs)
     pairs_blob = (feedback / "reward" / shard_file("train")).read_bytes()
     keys = {"data": data_result_key(json.loads((Path(cfg.data) / "stats.json").read_text()), cfg.data),
             "feedback": hashlib.sha256(pairs_blob).hexdigest()[:16]}

@@ -292,6 +292,14 @@ def run_pipeline(config: str | Path | None = None, out: str | Path | None = None
     summary: dict[str, dict] = {}
     t_run = time.perf_counter()
     for stage in stages:
+        if (why := refused(stage)):
+            keys[stage.name] = hashlib.sha256(f"refused:{why}".encode()).hexdigest()[:16]
+            summary[stage.name] = {"status": "refused", "key": keys[stage.name], "seconds": None,
+                                   "out": str(stage.out), "why": why}
+            for later in stages:  # the evaluation leaves the stage's model out
+                if isinstance(getattr(later.cfg, "model", None), list):
+                    later.cfg.model = [m for m in later.cfg.model if not m.endswith(f"={stage.out}")]
+            continue
         done = run_stage(stage, stage_key(stage, keys, run), run / ".pipeline", stage.name in force)
         keys[stage.name] = done.pop("result_key")
         summary[stage.name] = {**done, "out": str(stage.out)}
@@ -302,6 +310,27 @@ def run_pipeline(config: str | Path | None = None, out: str | Path | None = None
     write_text_atomic(run / "pipeline.json", json.dumps(result, indent=2) + "\n")
     print_summary(result)
     return result
+
+
+def refused(stage: Stage) -> str:
+    """Why an RL stage of the pipeline does not run: its reward model is below chance on held-out pairs
+    (:func:`stackrlhf.evaluate.reward_report.below_chance`) and its section does not set
+    ``allow_below_chance_reward``. The stage's directory then holds only ``refused.json`` (the report shows it)
+    and the evaluation leaves its model out; the other stages run."""
+    from stackrlhf.evaluate.reward_report import below_chance
+
+    cfg = stage.cfg
+    if not isinstance(cfg, PPOConfig) or cfg.allow_below_chance_reward:
+        return ""
+    why = below_chance(read_json(Path(cfg.reward) / "metrics.json"))
+    if why:
+        console.print(f"[yellow]{stage.name}[/]: not run: its reward model {cfg.reward} has {why} "
+                      "(`allow_below_chance_reward: true` in its section runs it anyway)")
+        _remove(stage.out)
+        stage.out.mkdir(parents=True)
+        write_text_atomic(stage.out / "refused.json", json.dumps({"stage": stage.name, "reward": cfg.reward,
+                                                                  "why": why}, indent=2) + "\n")
+    return why
 
 
 def print_summary(result: dict) -> None:

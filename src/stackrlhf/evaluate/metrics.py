@@ -165,6 +165,10 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
     kl = None
     mismatch: dict = {}
     int8 = sampling.sampler_precision == "int8" and bool(gen.sampler_logprobs)
+    # answers drawn with top-k or top-p (ILQL's saved top-k): their distribution is the truncated, renormalised
+    # one, so the model's side of the KL is its log-prob under that rule, not under the full softmax
+    rule = model.sampling_rule(sampling)
+    truncated = bool(rule.top_k) or rule.top_p < 1
     if same_vocabulary(model.tok, reference.tok):
         if distribution_key(model) == distribution_key(reference):
             kl = [0.0] * len(gen.response_ids)
@@ -174,18 +178,20 @@ def answer_and_score(model: Answerer, questions: list[dict], sampling: SamplingC
                 weight back to the float32 model's sampling distribution (its log-prob under the sampling rule
                 minus the int8 sampler's)."""
                 got = model.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.generation_batch_size, cfg.temperature,
-                                        sampling if int8 else None)
-                logp, rule = got if int8 else (got, None)
+                                        rule if int8 or truncated else None)
+                logp, under_rule = got if int8 or truncated else (got, None)
                 ref = reference.logprobs_of(gen.prompt_ids, gen.response_ids, cfg.generation_batch_size, cfg.temperature)
-                out = {"kl": [float((a - b).sum()) for a, b in zip(logp, ref)]}
-                if rule is not None:
-                    gaps = [torch.tensor(s) - r for r, s in zip(rule, gen.sampler_logprobs)]  # log q - log p a token
+                mine = under_rule if truncated else logp
+                out = {"kl": [float((a - b).sum()) for a, b in zip(mine, ref)]}
+                if int8:
+                    gaps = [torch.tensor(s) - r for r, s in zip(under_rule, gen.sampler_logprobs)]  # log q - log p
                     out["log_w"] = [float(-g.sum()) for g in gaps]
                     out["k1_per_token"] = [float(g.mean()) if len(g) else 0.0 for g in gaps]
                 return out
 
             reference_identity = (distribution_key(reference), weights_stamp(reference.spec.path), cfg.temperature)
-            ratios = cached(answers_cache, ("kl", *identity, *reference_identity, *more), log_ratios)
+            ratios = cached(answers_cache, ("kl", *identity, *reference_identity, *more,
+                                            *(("truncated", repr(rule)) if truncated else ())), log_ratios)
             if isinstance(ratios, list):  # a cache entry written before int8 sampling
                 ratios = {"kl": ratios}
             kl = ratios["kl"]
@@ -284,6 +290,7 @@ def print_table(report: dict) -> None:
         table.add_row(name, *[f"{m[f'reward_{j}']:+.3f}" for j in judges],
                       *[f"{m[f'win_rate_{j}_vs_{base}']:.2f}" for j in judges],
                       *[gain_text(m, j, base) for j in judges],
-                      "-" if kl is None else f"{kl:.2f}", "-" if m["human_answer_perplexity"] is None else f"{m['human_answer_perplexity']:.1f}",
+                      "-" if kl is None else f"{kl:.2f}",
+                      "-" if m["human_answer_perplexity"] is None else f"{m['human_answer_perplexity']:.1f}",
                       f"{m['length_tokens']:.1f}", f"{m['distinct_2']:.3f}")
     console.print(table)

@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from stackrlhf.config import read_json, write_text_atomic  # noqa: E402
 from stackrlhf.data.attribution import http_url  # noqa: E402
 from stackrlhf.evaluate.config import ReportConfig  # noqa: E402
+from stackrlhf.evaluate.reward_report import below_chance  # noqa: E402
 from stackrlhf.stats import gain_text, history_length_analysis  # noqa: E402
 
 CSS = """
@@ -351,7 +352,8 @@ def eval_table(ev: dict | None) -> str:
         cells = [name, *[f"{m[f'reward_{j}']:.3f} ± {m[f'reward_{j}_std']:.2f}" for j in judges],
                  *[f"{m[f'win_rate_{j}_vs_{base}']:.2f}" for j in judges],
                  *[gain_text(m, j, base, missing="") for j in judges], "" if kl is None else f"{kl:.2f}",
-                 "-" if m.get("human_answer_perplexity") is None else f"{m['human_answer_perplexity']:.1f}", f"{m['length_tokens']:.1f}", f"{m['ended']:.2f}",
+                 "-" if m.get("human_answer_perplexity") is None else f"{m['human_answer_perplexity']:.1f}",
+                 f"{m['length_tokens']:.1f}", f"{m['ended']:.2f}",
                  f"{m['distinct_2']:.3f}"]
         rows.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
     return (f"<p>{ev['questions']} held-out questions, temperature {ev['sampling']['temperature']}, "
@@ -415,9 +417,13 @@ def write_report(cfg: ReportConfig) -> Path:
     ev = read_json(eval_dir / "eval.json") if eval_dir else None
     samples = _read_jsonl(eval_dir / "samples.jsonl") if eval_dir else []
     rms = {name: read_json(d / "metrics.json") for name, d in (("proxy RM", rm_dir), ("gold RM", gold_dir)) if d}
+    refusals = [read_json(run / n / "refused.json") for n in ("ppo", "rloo") if run and (run / n / "refused.json").exists()]
     body = [
         f"<h1>{_e(cfg.title)}</h1><p class='meta'>{_e(dt.datetime.now().strftime('%Y-%m-%d %H:%M'))}"
         + (f" · run {_e(run)}" if run else "") + "</p>",
+        *[_note(f"Warning: the {name} is below chance ({why}): a policy that gains on it moves against the held-out "
+                "preferences.") for name, why in ((n, below_chance(m)) for n, m in rms.items()) if why],
+        *[_note(f"The {r['stage']} stage did not run: its reward model has {r['why']}.") for r in refusals],
         "<h2>Held-out evaluation</h2>", eval_table(ev) or _note("No evaluation yet."), frontier(ev),
         "<h2>Training</h2>", rl_curves({name: _read_jsonl(d / "history.jsonl") for name, d in rl_dirs.items()},
                                        _read_jsonl(ilql_dir / "history.jsonl") if ilql_dir else []),

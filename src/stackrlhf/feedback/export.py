@@ -129,10 +129,26 @@ def author_of(candidate) -> str:
     return candidate.author if candidate.source == "human" else f"model:{candidate.model}"
 
 
-def export_feedback(store: FeedbackStore, out: str | Path, include_evaluation: bool = False) -> dict:
-    """``OUT/reward/train-00000-of-00001.parquet`` (one pair per label: the chosen answer against the lowest-rated
-    other answer; ties and skips give none) and ``OUT/ratings.parquet`` (every rating, with its task's split),
-    written to a temp folder and renamed when complete.
+def label_pairs_of(label, best, others, mode: str) -> list[tuple]:
+    """The (preferred, other) answers a label says. ``one``: the pick against the lowest-rated other answer.
+    ``all``: the pick against every other answer, and of the other answers each pair whose ratings differ, the
+    higher-rated first: the whole K-way choice and the ratings. The reward model weighs each label's pairs so
+    that they sum to one pair's weight (``stackrlhf.train.reward.label_groups``): a label counts once whatever K."""
+    ranked = sorted(others, key=lambda c: (rating_score(label, c), c.position))
+    if mode == "one":
+        return [(best, ranked[0])] if ranked else []
+    pairs = [(best, other) for other in ranked]
+    for i, low in enumerate(ranked):
+        pairs += [(high, low) for high in ranked[i + 1:] if rating_score(label, high) > rating_score(label, low)]
+    return pairs
+
+
+def export_feedback(store: FeedbackStore, out: str | Path, include_evaluation: bool = False,
+                    label_pairs: str = "one") -> dict:
+    """``OUT/reward/train-00000-of-00001.parquet`` (the pairs each label says, :func:`label_pairs_of`: ``one`` by
+    default, the chosen answer against the lowest-rated other, or ``all`` of them; ties and skips give none) and
+    ``OUT/ratings.parquet`` (every rating, with its task's split), written to a temp folder and renamed when
+    complete.
 
     Labels of tasks queued from the ``evaluation`` split give no pairs unless ``include_evaluation``: a reward
     model trained on them would have seen the questions ``eval`` scores. ``stats.json`` counts what was left out
@@ -160,10 +176,9 @@ def export_feedback(store: FeedbackStore, out: str | Path, include_evaluation: b
         if task.split == "evaluation" and not include_evaluation:
             left_out += 1
             continue
-        best = candidates[label.best_candidate_id]
-        # one pair per label: a K-way choice as K-1 pairs would count each label K-1 times in the likelihood
-        others = [c for c in task.candidates if c.id != best.id]
-        for other in sorted(others, key=lambda c: (rating_score(label, c), c.position))[:1]:
+        pick = candidates[label.best_candidate_id]
+        others = [c for c in task.candidates if c.id != pick.id]
+        for best, other in label_pairs_of(label, pick, others, label_pairs):
             pairs.append({
                 "qid": task.qid, "question": task.question, "date": label.created.isoformat(), "metadata": [
                     task.question_link], "response_j": best.text, "response_k": other.text, "prompt": task.prompt,
@@ -182,7 +197,7 @@ def export_feedback(store: FeedbackStore, out: str | Path, include_evaluation: b
         pq.write_table(pa.Table.from_pylist(pairs, schema=PAIRS), tmp / "reward" / shard_file("train"))
         pq.write_table(pa.Table.from_pylist(ratings) if ratings else pa.table({"task_id": pa.array([], pa.int64())}),
                        tmp / "ratings.parquet")
-        summary = {"pairs": len(pairs), "ratings": len(ratings), "source": store.url.split("@")[-1],
+        summary = {"pairs": len(pairs), "ratings": len(ratings), "label_pairs": label_pairs, "source": store.url.split("@")[-1],
                    "pairs_simulated": sum(p["source"].startswith("feedback-simulated:") for p in pairs),
                    "pairs_left_out_evaluation": left_out, "include_evaluation": include_evaluation}
         (tmp / "stats.json").write_text(json.dumps(summary, indent=2) + "\n")

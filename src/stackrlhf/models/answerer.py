@@ -108,6 +108,11 @@ class Answerer:
             self._int8 = quantize_for_sampling(self.lm, self.tok, "int8") or False
         return replace(sampling, sampler_precision="int8" if self._int8 else "float32")
 
+    def sampling_rule(self, sampling: SamplingConfig) -> SamplingConfig:
+        """The rule this model's answers are really drawn by under ``sampling``: ILQL decodes with the top-k it was
+        trained for unless ``sampling`` names one (a --top-k given wins)."""
+        return replace(sampling, top_k=sampling.top_k or self.top_k) if self.ilql is not None else sampling
+
     def sampler(self, sampling: SamplingConfig):
         """The int8 copy to sample with under ``sampling`` as :meth:`resolve` returned it, or None (float32)."""
         return self._int8 or None if sampling.sampler_precision == "int8" else None
@@ -119,7 +124,7 @@ class Answerer:
             return self.best_of_n(prompts, sampling, batch_size, seed)
         progress = None if streamer is not None else f"{self.spec.name}: answering"
         if self.ilql is not None:
-            sampling = replace(sampling, top_k=sampling.top_k or self.top_k)  # a --top-k given wins
+            sampling = self.sampling_rule(sampling)
             return ilql_generate(self.ilql, self.tok, prompts, sampling, self.beta, batch_size, seed, streamer,
                                  progress=progress)
         return generate(self.lm, self.tok, prompts, sampling, batch_size=batch_size, seed=seed, streamer=streamer,

@@ -42,11 +42,20 @@ class MLPHead(nn.Module):
 
 
 class ILQLHeads(nn.Module):
-    """Q heads (one or two), their target copies (never trained by gradient), and the V head."""
+    """Q heads (one or two), their target copies (never trained by gradient), and the V head.
+
+    Each Q head's output layer starts at zero, so Q(s, .) = 0 for every token until training moves it: the
+    decoding shift beta * (min Qtarget - V) is then the same for every token of a state, and an untrained (or
+    barely trained) model decodes exactly as its LM. Random output layers would make the shift a random
+    projection of the hidden state, and the target heads, Polyak copies that follow the online ones by 1 % a step,
+    would keep it for hundreds of steps."""
 
     def __init__(self, hidden: int, vocab: int, two_qs: bool = True):
         super().__init__()
         self.q_heads = nn.ModuleList(MLPHead(hidden, vocab) for _ in range(2 if two_qs else 1))
+        for head in self.q_heads:
+            nn.init.zeros_(head.out.weight)
+            nn.init.zeros_(head.out.bias)
         self.target_q_heads = copy.deepcopy(self.q_heads)
         for p in self.target_q_heads.parameters():
             p.requires_grad_(False)

@@ -66,6 +66,10 @@ class PPOConfig:
     generation_batch_size: int = field(default=0, metadata={
         "help": "Answers generated at once in a rollout (0: all of the step's; less: less memory)."})
     # reward
+    allow_below_chance_reward: bool = field(default=False, metadata={"help": "Optimise a reward model whose "
+                                            "held-out accuracy is below chance (its 95% interval under 0.5): "
+                                            "refused without this, as it moves the policy against the preferences "
+                                            "the RM was measured on."})
     score_clip: float = field(default=0.0, metadata={"help": "Clip the normalised RM score to +-this (0: off)."})
     missing_eos_penalty: float = field(default=0.0, metadata={
         "help": "Subtracted from the score of a response that never ends (0: off)."})
@@ -75,9 +79,11 @@ class PPOConfig:
         "penalty is always k1, whose expected gradient is the KL's; k3's is biased."})
     kl_penalty: str = field(default="mean", metadata={"choices": ("mean", "sum"), "help":
         "How an answer's KL enters its reward. sum: -beta * KL_t on every token (Ziegler et al.), so a longer "
-        "answer pays more and the policy learns to stop early; mean: each token's penalty scaled by (mean answer "
-        "length of the step / this answer's length), so an answer pays beta * mean length * its mean KL per token "
-        "whatever its own length."})
+        "answer pays more and the policy learns to stop early; the penalty's expected gradient is the KL's. mean: "
+        "each token's penalty scaled by (mean answer length of the step / this answer's length), so an answer pays "
+        "beta * mean length * its mean KL per token whatever its own length; that is not the gradient of a KL (it "
+        "weighs a short answer's tokens more), so beta then holds a length-normalised divergence, and the KL "
+        "reported and targeted stays the plain sum."})
     init_kl_coef: float = field(default=0.05, metadata={"help": "Initial beta."})
     min_kl_coef: float = field(default=0.01, metadata={"help": "The adaptive controller never takes beta below "
                                                    "this: without a floor, a run whose KL stays under target_kl "

@@ -12,7 +12,7 @@ that names one). Every estimator reads the same step and returns (advantages per
 | ``gae`` | GAE(gamma, lambda) over tokens, whitened per token over the rollout (PPO) | the value head |
 | ``rloo`` | sequence reward minus the mean of the prompt's other k - 1, scaled per sequence (RLOO) | none |
 | ``raft`` | 1 on every token of the prompt's best answer, 0 elsewhere (reward-ranked fine-tuning) | none |
-| ``bonbon`` | +1 on the prompt's best answer by RM score, -1 on its worst, 0 elsewhere: the roles of the best-of-k distillation loss (:mod:`stackrlhf.rl.bonbon`) | none |
+| ``bonbon`` | +1 on the best answer of the prompt by RM score, -1 on its worst, 0 elsewhere (see ``rl.bonbon``) | none |
 
 An algorithm may also change the reward the estimator reads (``vbon``: RLOO on log rank-quantile rewards,
 :func:`stackrlhf.rl.rloo.quantile_rewards`) or the loss the update minimises (``bonbon``).

@@ -49,7 +49,7 @@ from stackrlhf.rl.config import ALGORITHMS, PPOConfig
 from stackrlhf.rl.bonbon import bonbon_loss
 from stackrlhf.rl.rloo import quantile_rewards
 from stackrlhf.rl.estimators import ESTIMATORS, Step, gae, masked_mean, masked_whiten  # noqa: F401 (re-exported)
-from stackrlhf.console import console
+from stackrlhf.console import console, warn
 
 Scorer = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 # a step's rollout is a function of (seed, step) alone, the same on every process and after a resume:
@@ -111,8 +111,10 @@ def kl_penalty(kl_k1: torch.Tensor, mask: torch.Tensor, beta: float, mode: str,
                mean_length: float | None = None) -> torch.Tensor:
     """Per-token reward penalty. ``sum``: -beta * KL_t, so an answer's total penalty grows with its length and
     stopping early pays. ``mean``: -beta * KL_t * (L_mean / L_i), so answer i's total is -beta * L_mean * (its mean
-    KL per token): the same leash per token, no premium on short answers. ``mean_length`` is the step's mean answer
-    length (over every process; default: over these rows)."""
+    KL per token): the same leash per token, no premium on short answers, but not the gradient of a KL (that is
+    ``sum``'s): it regularises toward the reference by a length-normalised divergence, while ``kl/mean`` and the
+    controller's target stay the summed KL. ``mean_length`` is the step's mean answer length (over every process;
+    default: over these rows)."""
     penalty = -beta * kl_k1 * mask
     if mode == "sum":
         return penalty
@@ -270,6 +272,16 @@ class PPOTrainer:
 
         if not self.cfg.reward:
             raise StackRLHFError("--reward is required: a reward-model directory (`stackrlhf rm` output)")
+        from stackrlhf.config import read_json
+        from stackrlhf.evaluate.reward_report import below_chance
+
+        why = below_chance(read_json(Path(self.cfg.reward) / "metrics.json"))
+        if why and not self.cfg.allow_below_chance_reward:
+            raise StackRLHFError(f"--reward {self.cfg.reward}: {why}. Optimising it would move the policy against "
+                                 "those preferences: retrain it (more pairs, other --adjust settings) or pass "
+                                 "--allow-below-chance-reward")
+        if why:
+            warn(f"--reward {self.cfg.reward}: {why}; optimising it anyway (--allow-below-chance-reward)")
         rm = RewardModel.from_pretrained(self.cfg.reward, device=self.accelerator.device)
         return lambda questions, answers: rm.score(list(questions), list(answers), normalize=True)
 

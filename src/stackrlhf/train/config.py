@@ -225,6 +225,9 @@ class DPOConfig(TrainConfig):
     pairs_half: str = field(default="all", metadata={"choices": ("all", "proxy", "gold"), "help":
         "Learn from the vote pairs of one half of the questions only: `proxy` when a gold RM (trained on the "
         "`gold` half) judges the result, so it stays held out. Labelled pairs are always used."})
+    kl_temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of the KL measurement "
+                                                          "(both models' log-probs at it): 0.7, as eval's and the RL "
+                                                          "stages', so the KLs of every stage compare."})
     kl_prompts: int = field(default=32, metadata={
         "help": "Held-out questions the trained policy answers to measure its KL to the reference (0: off)."})
     learning_rate: float = field(default=5e-6, metadata={"help": "Peak learning rate."})

@@ -190,7 +190,8 @@ def dpo(cfg: DPOConfig) -> dict:
 @torch.no_grad()
 def kl_to_reference(policy, tok, cfg: DPOConfig) -> dict:
     """KL(policy || reference) per answer on held-out questions (``evaluation`` split of the first data build with
-    one), sampled at temperature 1 without top-k/top-p, so the estimate is unbiased."""
+    one), sampled at ``kl_temperature`` (as eval and the RL stages measure theirs) without top-k/top-p, so the
+    estimate is unbiased for the KL between the two tempered distributions."""
     data = next((d for d in cfg.data if list((Path(d) / "evaluation").glob("test-*.parquet"))), None)
     if data is None:
         return {}
@@ -198,7 +199,7 @@ def kl_to_reference(policy, tok, cfg: DPOConfig) -> dict:
     prompts = list(rows["prompt"])[: cfg.kl_prompts]
     ref_lm, ref_tok = load_causal_lm(cfg.reference or cfg.model, "float32", device=next(policy.parameters()).device)
     mine, ref = Answerer.from_model(policy.eval(), tok), Answerer.from_model(ref_lm.eval(), ref_tok)
-    sampling = SamplingConfig(max_new_tokens=min(128, cfg.max_length), temperature=1.0, top_p=1.0,
+    sampling = SamplingConfig(max_new_tokens=min(128, cfg.max_length), temperature=cfg.kl_temperature, top_p=1.0,
                               max_prompt_tokens=cfg.max_prompt_tokens)
     kl = sample_kl(mine, ref, prompts, sampling, batch_size=cfg.per_device_eval_batch_size, seed=cfg.seed)
     return {"kl_to_reference": float(np.mean(kl)), "kl_to_reference_se": float(np.std(kl) / math.sqrt(len(kl))),

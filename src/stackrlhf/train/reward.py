@@ -61,13 +61,31 @@ def is_label(row: dict) -> bool:
     return str(row.get("source") or "").startswith("feedback")
 
 
+def label_groups(pairs: datasets.Dataset) -> list[int]:
+    """Per pair, how many pairs its label gave (1 for a vote pair): a label is one annotator's verdict on one task
+    at one time, its pairs share (source, question, date). A label's loss weight is spread over its pairs."""
+    def key(i: int, r: dict):
+        if not is_label(r):
+            return None
+        ids = tuple(r.get(c) for c in ("source", "site", "qid", "date"))
+        return ids if ids[-1] is not None else ("pair", i)  # no label date (an older export): a pair per label
+
+    keys = [key(i, r) for i, r in enumerate(pairs)]
+    counts: dict = {}
+    for k in keys:
+        if k is not None:
+            counts[k] = counts.get(k, 0) + 1
+    return [1 if k is None else counts[k] for k in keys]
+
+
 def label_loss_weight(pairs: datasets.Dataset, setting: float) -> float:
-    """Each label pair's loss weight: ``setting``, or with -1 the vote pairs per label pair (equal total weight;
-    1 when either kind is missing)."""
+    """Each label's loss weight (spread over its pairs): ``setting``, or with -1 the vote pairs per label (equal
+    total weight; 1 when either kind is missing)."""
     if setting != -1:
         return setting
-    labels = sum(is_label(r) for r in pairs)
-    return max(1.0, (len(pairs) - labels) / labels) if labels else 1.0
+    labels = sum(1.0 / n for r, n in zip(pairs, label_groups(pairs)) if is_label(r))
+    votes = sum(not is_label(r) for r in pairs)
+    return max(1.0, votes / labels) if labels else 1.0
 
 
 class PairDataset(Dataset):
@@ -76,11 +94,13 @@ class PairDataset(Dataset):
     def __init__(self, tok, pairs: datasets.Dataset, cfg: RMConfig, label_weight: float = 1.0):
         zj, zk = pair_covariates(pairs, cfg.adjust)
         sites: dict[str, int] = {}
+        shares = label_groups(pairs)
         self.items = [
             {"chosen": encode_pair(tok, r["prompt"], r["chosen"], cfg.max_length, cfg.max_prompt_tokens),
              "rejected": encode_pair(tok, r["prompt"], r["rejected"], cfg.max_length, cfg.max_prompt_tokens),
              "margin": float((r["score_j"] or 0) - (r["score_k"] or 0)),
-             "weight": (1.0 + (cfg.debias_weight if against_bias(r) else 0.0)) * (label_weight if is_label(r) else 1.0),
+             "weight": (1.0 + (cfg.debias_weight if against_bias(r) else 0.0))
+                       * (label_weight / shares[i] if is_label(r) else 1.0),
              "z": np.concatenate([zj[i], zk[i]]).tolist(), "site": sites.setdefault(r.get("site") or "", len(sites))}
             for i, r in enumerate(pairs)]
 
@@ -332,11 +352,26 @@ def answer_scores(rm, pairs: datasets.Dataset, batch_size: int, progress: str) -
 
 
 def residualize_length(rm, scores: dict) -> dict:
-    """Set ``rm``'s length correction: the least-squares slope of its scores on log(1 + words) over the training
-    answers (and their mean log words); returns those scores with the trend removed, as ``rm.score`` now gives."""
+    """Set ``rm``'s length correction: the least-squares slope of its scores on log(1 + words) within questions
+    (both centred on their question's mean) over the training answers, and their mean log words; returns those
+    scores with the trend removed, as ``rm.score`` now gives. Within, not across, questions: a reward compares
+    answers to the same question (pairs, best-of-n, RLOO's k answers), and a slope fitted across questions
+    would take off the trend between them (questions with long answers scoring higher), which, subtracted within
+    a question, makes the reward prefer the shorter answer. Without a question of two answers: the global slope."""
     x = np.array([np.log1p(words(a)) for _, a in scores])
     y = np.array(list(scores.values()))
-    slope = float(np.polyfit(x, y, 1)[0]) if len(x) > 2 and x.std() > 0 else 0.0
+    prompts = [p for p, _ in scores]
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p, []).append(i)
+    xc, yc = x.copy(), y.copy()
+    for idx in groups.values():
+        xc[idx] -= x[idx].mean()
+        yc[idx] -= y[idx].mean()
+    if any(len(idx) > 1 for idx in groups.values()) and (xc ** 2).sum() > 0:
+        slope = float((xc * yc).sum() / (xc ** 2).sum())
+    else:
+        slope = float(np.polyfit(x, y, 1)[0]) if len(x) > 2 and x.std() > 0 else 0.0
     rm.length_slope, rm.length_center = slope, float(x.mean()) if len(x) else 0.0
     return {k: v - slope * (xi - rm.length_center) for (k, v), xi in zip(scores.items(), x)}
 
