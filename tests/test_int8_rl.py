@@ -206,3 +206,7 @@ def test_select_rows_keeps_what_is_not_per_row():
     (h,), kwargs = select_rows(((hidden,), {"position_ids": positions, "cache_position": cache, "scale": 0.5}), idx, 4)
     assert torch.equal(h, hidden[idx]) and torch.equal(kwargs["position_ids"], positions[idx])
     assert torch.equal(kwargs["cache_position"], cache) and kwargs["scale"] == 0.5
+    # a rotary table shared by the batch, (T, d) with T equal to the batch size, is not a per-row tensor
+    table, mask = torch.randn(4, 8), torch.randn(4, 1, 4, 6)
+    _, kwargs = select_rows(((hidden,), {"position_embeddings": (table, table), "attention_mask": mask}), idx, 4)
+    assert kwargs["position_embeddings"][0] is table and torch.equal(kwargs["attention_mask"], mask[idx])

@@ -23,17 +23,27 @@ def _hidden(out):
 
 
 def select_rows(captured: tuple, idx: torch.Tensor, n: int) -> tuple:
-    """Rows ``idx`` of a captured block input (args, kwargs): every tensor of two or more dimensions whose first is
-    the batch's ``n`` (hidden state, attention mask, rotary cos/sin, position ids) is indexed; anything else is
-    kept, a one-dimensional ``cache_position`` too (its length is the sequence's, which may equal ``n``)."""
+    """Rows ``idx`` of a captured block input (args, kwargs). A tensor is per row when it is laid out (batch,
+    sequence, ...) as the hidden state (n, T, d) is: first dimension ``n`` and second ``T`` (position ids, rotary
+    cos/sin of a batch), or a 4-d mask (n, heads or 1, T, keys). Anything else is kept: a 1-d ``cache_position``,
+    a batch-shared rotary table (1, T, d) or (T, d), even when T equals n."""
+    args, kwargs = captured
+    hidden = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[0] != n:
+        raise ValueError(f"a captured block input starts with the hidden state (n={n}, T, d), not "
+                         f"{None if hidden is None else tuple(hidden.shape)}")
+    T = hidden.shape[1]
+
+    def per_row(x: torch.Tensor) -> bool:
+        return x.dim() > 1 and x.shape[0] == n and (x.shape[1] == T or (x.dim() == 4 and x.shape[2] == T))
+
     def pick(x):
-        if isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[0] == n:
+        if isinstance(x, torch.Tensor) and per_row(x):
             return x[idx]
         if isinstance(x, tuple):
             return tuple(pick(y) for y in x)
         return x
 
-    args, kwargs = captured
     return tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}
 
 
