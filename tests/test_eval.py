@@ -348,3 +348,23 @@ def test_eval_with_a_judge_alone_samples_in_int8_and_weights_its_kl_back(site_da
     refused = CliRunner().invoke(cli, common + ["--out", str(tmp_path / "bon"), "--model", f"bon4=bon:4@{paths['base']}"])
     assert refused.exit_code != 0 and "give --reward" in refused.output
     assert not (tmp_path / "bon").exists()
+
+
+def test_eval_on_the_rl_prompts_takes_their_reference_answers(site_data):
+    """`--split rl` asks the RL stages' own prompts (to tell a gain that carries to new questions from one on
+    the training prompts); each question's reference answer stands as its best human answer."""
+    from stackrlhf.data.load import load_split
+    from stackrlhf.evaluate.config import EvalConfig
+    from stackrlhf.evaluate.metrics import select_questions
+
+    rl = {(r["site"], r["qid"]): r for r in load_split(site_data, "rl", "train").to_list()}
+    held_out = {(r["site"], r["qid"]) for r in load_split(site_data, "evaluation", "test").to_list()}
+    picked = select_questions(EvalConfig(model=["m=x"], judge="reference", data=str(site_data), questions=5, split="rl"))
+    assert len(picked) == 5
+    for q in picked:
+        assert (q["site"], q["qid"]) in rl and (q["site"], q["qid"]) not in held_out
+        assert q["best_answer"] == rl[(q["site"], q["qid"])]["reference_answer"] != ""
+    assert {(q["site"], q["qid"]) for q in select_questions(EvalConfig(model=["m=x"], judge="reference", data=str(site_data),
+                                                                       questions=5))} <= held_out
+    with pytest.raises(ValueError, match="--split train"):
+        EvalConfig(model=["m=x"], judge="reference", data=str(site_data), split="train")

@@ -27,6 +27,10 @@ class EvalConfig:
     baseline: str = field(default="", metadata={"help": "NAME of the model the win rates compare against."})
     out: str = field(default="outputs/eval", metadata={"help": "Output directory (eval.json, samples.jsonl)."})
     questions: int = field(default=64, metadata={"help": "Held-out questions to answer (0: all)."})
+    split: str = field(default="evaluation", metadata={
+        "help": "Where the questions come from: evaluation (held out) or rl (the RL stages' prompts, each with "
+                "its reference answer as the best human answer): a gain on rl but not on evaluation is one that "
+                "does not carry to new questions."})
     max_new_tokens: int = field(default=96, metadata={"help": "Most tokens per answer."})
     max_prompt_tokens: int = field(default=256, metadata={"help": "Longer prompts are cut in the middle."})
     temperature: float = field(default=0.7, metadata={
@@ -59,6 +63,8 @@ class EvalConfig:
             raise ValueError("--model is required (NAME=PATH, repeatable)")
         if not self.data:
             raise ValueError("--data is required: a `stackrlhf data build` output")
+        if self.split not in ("evaluation", "rl"):
+            raise ValueError(f"--split {self.split}: evaluation or rl")
         if not (self.reward or self.gold_reward or self.judge):
             raise ValueError("give something to score with: --reward (the proxy reward model), --gold-reward or "
                              "--judge")

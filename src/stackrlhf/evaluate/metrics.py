@@ -83,7 +83,8 @@ def evaluate_models(cfg: EvalConfig) -> dict:
     per_question = {name: {k: question_means(v, len(questions)) for k, v in values.items()}
                     for name, values in per_answer.items()}
     compare_with_baseline(results, per_question, list(judges), baseline)
-    report = {"questions": len(questions), "samples_per_question": cfg.samples_per_question, "baseline": baseline,
+    report = {"questions": len(questions), "split": cfg.split, "samples_per_question": cfg.samples_per_question,
+              "baseline": baseline,
               "reference": reference_path,
               "judges": {k: v for k, v in (("proxy", cfg.reward), ("gold", cfg.gold_reward), ("judge", cfg.judge)) if v},
               "sampling": asdict(sampling), "models": results, "config": asdict(cfg)}
@@ -108,8 +109,12 @@ def model_specs(cfg: EvalConfig) -> tuple[list[ModelSpec], str]:
 
 
 def select_questions(cfg: EvalConfig) -> list[dict]:
-    """``--questions`` held-out questions (all when 0), drawn with ``--seed``, in their dataset order."""
-    rows = load_split(cfg.data, "evaluation", "test")
+    """``--questions`` questions of ``--split`` (all when 0), drawn with ``--seed``, in their dataset order."""
+    if cfg.split == "rl":
+        rows = load_split(cfg.data, "rl", "train").filter(lambda r: bool(r["reference_answer"]))
+        rows = rows.map(lambda r: {"best_answer": r["reference_answer"]})
+    else:
+        rows = load_split(cfg.data, "evaluation", "test")
     order = np.random.RandomState(cfg.seed).permutation(len(rows))
     return rows.select(sorted(order[: cfg.questions] if cfg.questions else order)).to_list()
 
