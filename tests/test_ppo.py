@@ -397,7 +397,7 @@ def test_each_algorithm_names_its_estimator_and_the_kl_stop_is_per_minibatch(tin
 def test_a_reward_model_below_chance_is_refused_and_the_report_says_so(tiny_policy, tmp_path):
     from stackrlhf.evaluate.config import ReportConfig
     from stackrlhf.evaluate.report import write_report
-    from stackrlhf.evaluate.reward_report import below_chance
+    from stackrlhf.stats import below_chance
 
     weak = {"accuracy": 0.35, "accuracy_ci95": [0.25, 0.46], "eval_pairs": 80, "baseline_longer_wins": 0.73}
     fine = {"accuracy": 0.45, "accuracy_ci95": [0.35, 0.55], "eval_pairs": 80}

@@ -317,7 +317,7 @@ def refused(stage: Stage) -> str:
     (:func:`stackrlhf.evaluate.reward_report.below_chance`) and its section does not set
     ``allow_below_chance_reward``. The stage's directory then holds only ``refused.json`` (the report shows it)
     and the evaluation leaves its model out; the other stages run."""
-    from stackrlhf.evaluate.reward_report import below_chance
+    from stackrlhf.stats import below_chance
 
     cfg = stage.cfg
     if not isinstance(cfg, PPOConfig) or cfg.allow_below_chance_reward:

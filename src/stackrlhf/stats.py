@@ -212,3 +212,19 @@ def gain_text(m: dict, judge: str, base: str, missing: str = "-") -> str:
 
 def _mean(v: np.ndarray) -> float | None:
     return float(v.mean()) if len(v) else None
+
+
+def below_chance(metrics: dict | None) -> str:
+    """Why optimising this reward model would move a policy against the preferences it was measured on: the
+    upper end of the 95% interval of its held-out pairwise accuracy (the evaluation questions' pairs when it was
+    scored on them, else its eval split) is below 0.5. Empty when it is not, or when it has no held-out pairs."""
+    metrics = metrics or {}
+    for where, m in (("the evaluation questions' pairs", metrics.get("test") or {}), ("its eval pairs", metrics)):
+        ci = m.get("accuracy_ci95")
+        if ci and m.get("accuracy") is not None:
+            if ci[1] < 0.5:
+                return (f"held-out accuracy {m['accuracy']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] on {where} "
+                        f"({m.get('eval_pairs', '?')} pairs), below chance; the longer answer wins "
+                        f"{m.get('baseline_longer_wins') or float('nan'):.2f} of them")
+            return ""
+    return ""

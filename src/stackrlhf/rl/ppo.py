@@ -273,7 +273,7 @@ class PPOTrainer:
         if not self.cfg.reward:
             raise StackRLHFError("--reward is required: a reward-model directory (`stackrlhf rm` output)")
         from stackrlhf.config import read_json
-        from stackrlhf.evaluate.reward_report import below_chance
+        from stackrlhf.stats import below_chance
 
         why = below_chance(read_json(Path(self.cfg.reward) / "metrics.json"))
         if why and not self.cfg.allow_below_chance_reward:
