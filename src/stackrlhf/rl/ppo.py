@@ -451,6 +451,17 @@ class PPOTrainer:
         return self.estimate(Step(rewards, values, mask, k=self.answers_per_prompt, gamma=cfg.gamma, lam=cfg.lam,
                                   whiten=cfg.whiten_advantages, scores=scores))
 
+    def backward(self, loss: torch.Tensor, what: str) -> None:
+        """Gradients of ``loss`` into the trained parameters, clipped to ``max_grad_norm``; a NaN/inf loss stops
+        the run before any weight moves."""
+        if not torch.isfinite(loss):
+            raise StackRLHFError(f"step {self.step_index}: the {what} loss is NaN/inf; stopping (the last "
+                                 f"checkpoint in {self.out / 'checkpoints'} is good). Lower the learning rate.")
+        self.optimizer.zero_grad()
+        self.accelerator.backward(loss)
+        if self.cfg.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(), self.cfg.max_grad_norm)
+
     def bonbon_update(self, batch, ref_logp, roles, mask, trunk: tuple | None = None) -> dict:
         """Best-of-k distillation (:mod:`stackrlhf.rl.bonbon`): epochs over minibatches of each prompt's (best,
         worst) pair, ``roles`` +1 / -1 on their tokens (0 on the other answers, which take no part). Not weighted
@@ -476,13 +487,7 @@ class PPOTrainer:
                                               batch["position_ids"][idx], keep=batch["keep"])
                 logp = logprobs_of(self.response_part(logits, batch), batch["responses"][idx], cfg.temperature)
                 loss, ipo, sft, gap = bonbon_loss(logp, ref_logp[idx], mask[idx], k, cfg.bonbon_alpha)
-                if not torch.isfinite(loss):
-                    raise StackRLHFError(f"step {self.step_index}: the bonbon loss is NaN/inf; stopping (the last "
-                                         f"checkpoint in {self.out / 'checkpoints'} is good). Lower the learning rate.")
-                self.optimizer.zero_grad()
-                self.accelerator.backward(loss)
-                if cfg.max_grad_norm:
-                    self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(), cfg.max_grad_norm)
+                self.backward(loss, "bonbon")
                 self.optimizer.step()
                 for name, value in (("loss/policy", loss), ("loss/ipo", ipo), ("loss/sft", sft), ("bonbon/gap", gap)):
                     totals[name].append(float(value))
@@ -546,13 +551,7 @@ class PPOTrainer:
                     loss = 0.0 * pg_loss + cfg.vf_coef * vf_loss
                 else:
                     loss = pg_loss + cfg.vf_coef * vf_loss
-                if not torch.isfinite(loss):
-                    raise StackRLHFError(f"step {self.step_index}: the PPO loss is NaN/inf; stopping (the last "
-                                         f"checkpoint in {self.out / 'checkpoints'} is good). Lower the learning rate.")
-                self.optimizer.zero_grad()
-                self.accelerator.backward(loss)
-                if cfg.max_grad_norm:
-                    self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(), cfg.max_grad_norm)
+                self.backward(loss, "PPO")
                 # while warming up only the value head steps (the policy's optimizer would still decay its weights)
                 (self.value_optimizer if warming else self.optimizer).step()
                 minibatches += 1
