@@ -490,7 +490,7 @@ class PPOTrainer:
                 self.backward(loss, "bonbon")
                 self.optimizer.step()
                 for name, value in (("loss/policy", loss), ("loss/ipo", ipo), ("loss/sft", sft), ("bonbon/gap", gap)):
-                    totals[name].append(float(value))
+                    totals[name].append(float(value.detach()))
         out = {name: float(np.mean(v)) for name, v in totals.items()}
         out["policy/epochs"] = cfg.ppo_epochs
         out["policy/minibatches"] = cfg.ppo_epochs * math.ceil(groups / per_minibatch)
