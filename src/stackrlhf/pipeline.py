@@ -314,7 +314,7 @@ def run_pipeline(config: str | Path | None = None, out: str | Path | None = None
 
 def refused(stage: Stage) -> str:
     """Why an RL stage of the pipeline does not run: its reward model is below chance on held-out pairs
-    (:func:`stackrlhf.evaluate.reward_report.below_chance`) and its section does not set
+    (:func:`stackrlhf.stats.below_chance`) and its section does not set
     ``allow_below_chance_reward``. The stage's directory then holds only ``refused.json`` (the report shows it)
     and the evaluation leaves its model out; the other stages run."""
     from stackrlhf.stats import below_chance

@@ -24,8 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from stackrlhf.config import read_json, write_text_atomic  # noqa: E402
 from stackrlhf.data.attribution import http_url  # noqa: E402
 from stackrlhf.evaluate.config import ReportConfig  # noqa: E402
-from stackrlhf.stats import below_chance  # noqa: E402
-from stackrlhf.stats import gain_text, history_length_analysis  # noqa: E402
+from stackrlhf.stats import below_chance, gain_text, history_length_analysis  # noqa: E402
 
 CSS = """
 body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}

@@ -14,6 +14,7 @@ baselines votes are known to follow: the longer answer wins, the earlier answer 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -71,10 +72,7 @@ def label_groups(pairs: datasets.Dataset) -> list[int]:
         return ids if ids[-1] is not None else ("pair", i)  # no label date (an older export): a pair per label
 
     keys = [key(i, r) for i, r in enumerate(pairs)]
-    counts: dict = {}
-    for k in keys:
-        if k is not None:
-            counts[k] = counts.get(k, 0) + 1
+    counts = Counter(keys)
     return [1 if k is None else counts[k] for k in keys]
 
 
