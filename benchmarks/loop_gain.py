@@ -76,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ppo-epochs", type=int, default=1, help="Passes of the update over each step's answers.")
     p.add_argument("--ppo-mini-batch-size", type=int, default=16, help="Answers per optimiser step.")
     p.add_argument("--bonbon-alpha", type=float, default=0.05, help="bonbon: weight of the SFT term.")
+    p.add_argument("--picks-coef", type=float, default=0.0, help="The RL step also imitates the annotators' picks "
+                                                                 "so far, at this weight (the loop's picks_coef).")
+    p.add_argument("--label-pairs", default="one", choices=("one", "all"),
+                   help="The pairs each label gives the RM (the loop's label_pairs).")
     # a turn's RM learns from about 100 labels: 2 epochs at 5e-5 (12 steps) left it a coin (train loss 0.692, agreement
     # with the judge 0.55); 6 at 1e-4 learns them (0.641, 0.60), measured on turn 1's labels of 2026-12-02
     p.add_argument("--rm-epochs", type=float, default=6.0, help="RM epochs per turn.")
@@ -119,7 +123,8 @@ def loop_settings(args, data: str, out: Path) -> Path:
         "questions": args.questions, "answers_per_question": args.answers_per_question,
         # the queue, the RL step and the evaluation see the same inputs: 48-token answers to prompts cut at 128
         "min_labels": max(1, args.questions * args.replication // 2), "max_new_tokens": 48, "max_prompt_tokens": 128,
-        "temperature": args.temperature, "top_p": 1.0,
+        "temperature": args.temperature, "top_p": 1.0, "label_pairs": args.label_pairs,
+        "picks_coef": args.picks_coef,
         "rm": {"num_train_epochs": args.rm_epochs, "max_length": 160, "max_prompt_tokens": 64,
                "learning_rate": args.rm_learning_rate, "report_to": "none", "seed": args.seed},
         # the methods sampling-matched: --ppo-answers (64) answers a step (grouped: 64 / k prompts, k answers each)

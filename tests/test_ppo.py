@@ -416,3 +416,35 @@ def test_a_reward_model_below_chance_is_refused_and_the_report_says_so(tiny_poli
     page = write_report(ReportConfig(reward=str(rm), out=str(tmp_path / "report.html"))).read_text()
     head = page[:page.index("<h2>")]  # before the first section: the first thing a reader sees
     assert "below chance" in head and "0.35 [0.25, 0.46]" in head
+
+
+def test_sft_data_adds_the_preferred_answers_nll_and_nothing_else_moves_the_weights(tiny_policy, site_data, tmp_path):
+    """--sft-data: under a reward that ranks nothing, RLOO's advantages are zero, so the supervised term is the only
+    gradient: the policy's NLL of the preferred answers falls; without it no trained weight moves."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prompts = list(load_split(site_data, "rl", "train")["prompt"])[:6]
+    picks = tmp_path / "picks"
+    (picks / "reward").mkdir(parents=True)
+    pq.write_table(pa.table({"prompt": prompts + prompts[:2], "chosen": ["eee eee eee eee"] * 8,
+                             "rejected": ["no"] * 8}), picks / "reward" / "train-00000-of-00001.parquet")
+
+    def run(name, **kw):
+        trainer = PPOTrainer(config(tiny_policy, site_data, tmp_path / name, algorithm="rloo", rloo_k=2,
+                                    prompts_per_step=4, mini_batch_size=4, ppo_epochs=1, learning_rate=3e-3, **kw),
+                             scorer=lambda q, a: [0.5] * len(a))
+        before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}
+        history = [trainer.step() for _ in range(3)]
+        moved = max(float((p.detach() - before[n]).abs().max()) for n, p in trainer.policy.named_parameters() if n in before)
+        return trainer, history, moved
+
+    _, history, moved = run("plain")
+    assert moved == 0.0 and "loss/sft_data" not in history[-1]
+    trainer, history, moved = run("mixed", sft_data=str(picks), sft_coef=1.0, sft_batch=4)
+    assert len(trainer.demonstrations[0]) == 6  # each (prompt, answer) once
+    assert moved > 0
+    nll = [h["loss/sft_data"] for h in history]
+    assert nll[-1] < 0.8 * nll[0], nll
+    with pytest.raises(ValueError, match="go together"):
+        config(tiny_policy, site_data, tmp_path / "x", sft_data=str(picks))

@@ -294,3 +294,18 @@ def test_copying_the_question_pays_less_with_the_down_weighted_relevance(site_da
     sim, rel = judge.similarity(rows, copies), judge.relevance(rows, copies)
     assert all(abs(d - (s + RELEVANCE_WEIGHT * r)) < 1e-5 for d, s, r in zip(down, sim, rel))
     assert sum(full) > sum(down)  # a copy of the question gains less from relevance than it did
+
+
+def test_the_loops_picks_coef_has_the_rl_step_imitate_the_exported_labels(site_data, tmp_path):
+    from stackrlhf.loop import LoopConfig, turn_stages
+
+    reg = {"versions": [{"model": str(tmp_path / "v0")}]}
+    current = {"model": str(tmp_path / "v0"), "version": 0}
+    feedback = tmp_path / "v1" / "feedback"
+    for coef in (0.0, 0.25):
+        stages, _ = turn_stages(reg, LoopConfig(data=str(site_data), picks_coef=coef), current, 1, tmp_path / "v1",
+                                feedback)
+        rl = {s.name: s for s in stages}["rl"]
+        assert (rl.cfg.sft_data, rl.cfg.sft_coef) == ((str(feedback), 0.25) if coef else ("", 0.0))
+        # a turn with new labels reruns the RL step when it imitates them
+        assert ("feedback" in rl.parents) == bool(coef)

@@ -369,7 +369,8 @@ def run_cmd(config, out, force, until) -> None:
 @user_errors
 def loop_cmd(ctx, registry, policy, old_policy, reward, config_file, **settings) -> None:
     """One turn of the feedback loop: queue the policy's answers; once labelled, retrain the RM on votes + human
-    labels, run PPO, evaluate, and register a new version. `stackrlhf loop status` lists the versions.
+    labels, run the RL step (RLOO unless the config's ppo section names another algorithm), evaluate, and
+    register a new version. `stackrlhf loop status` lists the versions.
 
     The first turn saves its settings (these options, and --config's rm:, ppo:, eval: sections) in
     REGISTRY/loop.yaml; later turns need only --registry, and a setting given again replaces the saved one.

@@ -68,6 +68,10 @@ class LoopConfig:
     label_pairs: str = field(default="one", metadata={
         "help": "The pairs a label gives the RM (`feedback export --label-pairs`): one (the pick against the "
                 "lowest-rated answer) or all (the whole K-way choice and the ratings, a label counting once)."})
+    picks_coef: float = field(default=0.0, metadata={
+        "help": "The RL step also imitates the annotators' picks (the chosen answer of every label so far), "
+                "this weight x their per-token NLL added to each optimiser step's loss (PPOConfig.sft_coef; "
+                "0: off)."})
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of the queued answers."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass of the queued answers."})
     rm: dict = field(default_factory=dict, metadata={"cli": False,  # sections of the --config file
@@ -84,6 +88,8 @@ class LoopConfig:
             raise ValueError("the loop needs --data: a `stackrlhf data build` output")
         if self.label_pairs not in ("one", "all"):
             raise ValueError(f"label_pairs {self.label_pairs!r}: one or all")
+        if self.picks_coef < 0:
+            raise ValueError("picks_coef must be >= 0")
         if self.min_labels < 1:
             raise ValueError("min_labels must be at least 1")
         if isinstance(self.best_of, int):
@@ -203,6 +209,8 @@ def turn_stages(reg: dict, cfg: LoopConfig, current: dict, n: int, vdir: Path, f
     turn samples only its new version."""
     v0 = reg["versions"][0]["model"]
     rl = rl_settings(cfg, n)
+    if cfg.picks_coef:  # the annotators' picks so far, imitated beside the RL loss
+        rl |= {"sft_data": str(feedback), "sft_coef": cfg.picks_coef}
     policy = vdir / rl.get("algorithm", "ppo")
     models = [f"v0={v0}"] + ([f"v{n - 1}={current['model']}"] if n > 1 else []) + [f"v{n}={policy}"]
     models += [f"bon{k}=bon:{k}@{v0}" for k in cfg.best_of]
@@ -216,7 +224,7 @@ def turn_stages(reg: dict, cfg: LoopConfig, current: dict, n: int, vdir: Path, f
         Stage("rl", config_from_dict(PPOConfig, {**rl, "seed": int(cfg.ppo.get("seed", 0)) + n,
                                                  "model": current["model"], "reference": v0, "reward": str(vdir / "rm"),
                                                  "data": cfg.data, "out": str(policy)}, "loop ppo settings"),
-              ["data", "rm"], policy, [current["model"]]),
+              ["data", "rm"] + (["feedback"] if cfg.picks_coef else []), policy, [current["model"]]),
         # every version is compared with v0 (win rates, KL), beside best-of-n from v0 under this turn's RM
         Stage("eval", config_from_dict(EvalConfig, {"answer_cache": str(vdir.parent / "eval-cache"),
                                                     "max_new_tokens": cfg.max_new_tokens,

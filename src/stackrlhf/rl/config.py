@@ -109,6 +109,14 @@ class PPOConfig:
     whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages per rollout."})
     bonbon_alpha: float = field(default=0.05, metadata={"help": "bonbon: weight of the SFT term on the best answer "
                                                         "(1 - this: the IPO term, divided by its target squared)."})
+    sft_data: str = field(default="", metadata={"help": "Answers the policy also imitates: a `feedback export` "
+                                                "output or a data build, whose pairs' preferred answers (`chosen`, "
+                                                "to their `prompt`) are the targets. Each optimiser step adds "
+                                                "sft_coef x the per-token NLL of sft_batch of them (InstructGPT's "
+                                                "supervised mix; the loop's picks_coef feeds it the annotators' "
+                                                "picks). One process only."})
+    sft_coef: float = field(default=0.0, metadata={"help": "Weight of the --sft-data term (0: off)."})
+    sft_batch: int = field(default=4, metadata={"help": "--sft-data answers per optimiser step, drawn afresh."})
     max_approx_kl: float = field(default=0.0, metadata={
         "help": "Stop a step's update after the first minibatch whose approximate KL to the rollout policy exceeds "
                 "this (0: off)."})
@@ -163,6 +171,10 @@ class PPOConfig:
             raise ValueError("need 0 < min_new_tokens <= max_new_tokens")
         if not 0 <= self.bonbon_alpha <= 1:
             raise ValueError("--bonbon-alpha must be in [0, 1]")
+        if self.sft_coef < 0 or self.sft_batch < 1:
+            raise ValueError("--sft-coef must be >= 0 and --sft-batch >= 1")
+        if bool(self.sft_data) != (self.sft_coef > 0):
+            raise ValueError("--sft-data and --sft-coef go together: the answers to imitate, and a weight above 0")
         if self.kl_budget < 0 or self.min_kl_coef < 0:
             raise ValueError("--kl-budget and --min-kl-coef must be >= 0")
         if self.is_cap < 1:

@@ -38,7 +38,7 @@ from stackrlhf.stats import history_length_analysis, words
 from stackrlhf.models.engine import sampling_logprobs, supports
 from stackrlhf.models.freezing import apply_lora, describe_trainable, transformer_blocks
 from stackrlhf.models.answerer import same_vocabulary
-from stackrlhf.models.generation import SamplingConfig, generate, pack_sequences
+from stackrlhf.models.generation import SamplingConfig, encode_prompts, generate, pack_sequences
 from stackrlhf.models.quant import calibration_maxima, int8_usable, quantize_llama, quantize_trunk, trunk_blocks
 from stackrlhf.models.policy import PolicyWithValue, select_rows, trunk_from_rollout
 from stackrlhf.models.loading import load_causal_lm, resolve_dtype
@@ -230,11 +230,47 @@ class PPOTrainer:
         if len(self.prompts) < cfg.prompts_per_step:
             raise StackRLHFError(f"{cfg.data or 'the prompts given'}: {len(self.prompts)} prompts, fewer than "
                                  f"prompts_per_step={cfg.prompts_per_step}")
+        self.demonstrations = self._load_demonstrations() if cfg.sft_data else None
         self.step_index = 0
         self.over_budget = False  # a rollout's KL to the reference exceeded kl_budget: the run stops
         self.history: list[dict] = []
         self.warned_negative_kl = False
         self.writer = MetricsWriter(self.out, cfg.report_to, self.accelerator.is_main_process, cfg)
+
+    def _load_demonstrations(self) -> tuple[list[list[int]], list[list[int]]]:
+        """--sft-data's (prompt, preferred answer) pairs, each once, as token ids: the prompt as the rollout asks it
+        (cut at max_prompt_tokens), the answer cut at max_new_tokens."""
+        cfg = self.cfg
+        if self.accelerator.num_processes > 1:
+            raise StackRLHFError("--sft-data runs in one process: its forward pass is not DDP-synchronised")
+        rows = load_split(cfg.sft_data, "reward", "train")
+        pairs = list(dict.fromkeys(zip(rows["prompt"], rows["chosen"])))
+        answers = [self.tok(a, add_special_tokens=False)["input_ids"][:cfg.max_new_tokens] for _, a in pairs]
+        kept = [(p, a) for (p, _), a in zip(pairs, answers) if a]
+        if not kept:
+            raise StackRLHFError(f"--sft-data {cfg.sft_data}: no preferred answer to imitate (no labelled pairs yet?)")
+        prompts = encode_prompts(self.tok, [p for p, _ in kept], cfg.max_prompt_tokens)
+        console.print(f"imitating {len(kept)} answers of {cfg.sft_data} (x {cfg.sft_coef} per token)")
+        return prompts, [a for _, a in kept]
+
+    def sft_loss(self, generator: torch.Generator) -> torch.Tensor:
+        """The per-token NLL, at the sampling temperature, of ``sft_batch`` --sft-data answers drawn with
+        ``generator`` (a full forward: their frozen trunk is not cached)."""
+        prompt_ids, answer_ids = self.demonstrations
+        rows = torch.randperm(len(prompt_ids), generator=generator)[:self.cfg.sft_batch].tolist()
+        batch = pack_sequences([prompt_ids[i] for i in rows], [answer_ids[i] for i in rows], self.tok.pad_token_id,
+                               self.accelerator.device)
+        logits, _, _ = self.model(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
+                                  keep=batch["keep"])
+        logp = logprobs_of(self.response_part(logits, batch), batch["responses"], self.cfg.temperature)
+        mask = batch["response_mask"]
+        return -(logp * mask).sum() / mask.sum().clamp(min=1)
+
+    def sft_generator(self) -> torch.Generator | None:
+        """The draws of this step's --sft-data answers: seeded by the step, so a resumed run draws the same."""
+        if self.demonstrations is None:
+            return None
+        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step_index)
 
     def _quantize_trunk(self, lm) -> int:
         """Quantise the frozen trunk as --trunk-precision says; returns how many blocks run in int8 (a model trained
@@ -475,7 +511,9 @@ class PPOTrainer:
         pairs = torch.stack([best, worst], 1)  # [P, 2]
         n = len(roles)
         per_minibatch = max(1, cfg.mini_batch_size // 2)
-        totals: dict[str, list[float]] = {"loss/policy": [], "loss/ipo": [], "loss/sft": [], "bonbon/gap": []}
+        totals: dict[str, list[float]] = {"loss/policy": [], "loss/ipo": [], "loss/sft": [], "bonbon/gap": [],
+                                          "loss/sft_data": []}
+        draws = self.sft_generator()
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(groups)
             for start in range(0, groups, per_minibatch):
@@ -487,11 +525,15 @@ class PPOTrainer:
                                               batch["position_ids"][idx], keep=batch["keep"])
                 logp = logprobs_of(self.response_part(logits, batch), batch["responses"][idx], cfg.temperature)
                 loss, ipo, sft, gap = bonbon_loss(logp, ref_logp[idx], mask[idx], k, cfg.bonbon_alpha)
+                if draws is not None:
+                    imitation = self.sft_loss(draws)
+                    loss = loss + cfg.sft_coef * imitation
+                    totals["loss/sft_data"].append(float(imitation.detach()))
                 self.backward(loss, "bonbon")
                 self.optimizer.step()
                 for name, value in (("loss/policy", loss), ("loss/ipo", ipo), ("loss/sft", sft), ("bonbon/gap", gap)):
                     totals[name].append(float(value.detach()))
-        out = {name: float(np.mean(v)) for name, v in totals.items()}
+        out = {name: float(np.mean(v)) for name, v in totals.items() if v}
         out["policy/epochs"] = cfg.ppo_epochs
         out["policy/minibatches"] = cfg.ppo_epochs * math.ceil(groups / per_minibatch)
         return out
@@ -510,8 +552,9 @@ class PPOTrainer:
         cfg = self.cfg
         n = len(old_logp)
         totals: dict[str, list[float]] = {k: [] for k in ("loss/policy", "loss/value", "policy/clipfrac",
-                                                           "policy/approx_kl", "value/clipfrac")}
+                                                           "policy/approx_kl", "value/clipfrac", "loss/sft_data")}
         critic = self.algorithm.critic
+        draws = self.sft_generator()
         epochs_done, minibatches, stop = 0, 0, False
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(n)
@@ -551,6 +594,10 @@ class PPOTrainer:
                     loss = 0.0 * pg_loss + cfg.vf_coef * vf_loss
                 else:
                     loss = pg_loss + cfg.vf_coef * vf_loss
+                if draws is not None and not warming:  # the supervised mix (--sft-data)
+                    imitation = self.sft_loss(draws)
+                    loss = loss + cfg.sft_coef * imitation
+                    totals["loss/sft_data"].append(float(imitation.detach()))
                 self.backward(loss, "PPO")
                 # while warming up only the value head steps (the policy's optimizer would still decay its weights)
                 (self.value_optimizer if warming else self.optimizer).step()
