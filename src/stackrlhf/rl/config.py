@@ -109,12 +109,11 @@ class PPOConfig:
     whiten_advantages: bool = field(default=True, metadata={"help": "Normalise advantages per rollout."})
     bonbon_alpha: float = field(default=0.05, metadata={"help": "bonbon: weight of the SFT term on the best answer "
                                                         "(1 - this: the IPO term, divided by its target squared)."})
-    sft_data: str = field(default="", metadata={"help": "Answers the policy also imitates: a `feedback export` "
-                                                "output or a data build, whose pairs' preferred answers (`chosen`, "
-                                                "to their `prompt`) are the targets. Each optimiser step adds "
-                                                "sft_coef x the per-token NLL of sft_batch of them (InstructGPT's "
-                                                "supervised mix; the loop's picks_coef feeds it the annotators' "
-                                                "picks). One process only."})
+    sft_data: str = field(default="", metadata={
+        "help": "Answers the policy also imitates: a `feedback export` output or a data build, whose pairs' preferred "
+                "answers (`chosen`, to their `prompt`) are the targets. Each optimiser step adds sft_coef x the "
+                "per-token NLL of sft_batch of them (InstructGPT's supervised mix; the loop's picks_coef feeds it "
+                "the annotators' picks). One process only."})
     sft_coef: float = field(default=0.0, metadata={"help": "Weight of the --sft-data term (0: off)."})
     sft_batch: int = field(default=4, metadata={"help": "--sft-data answers per optimiser step, drawn afresh."})
     max_approx_kl: float = field(default=0.0, metadata={
