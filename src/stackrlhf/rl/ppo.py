@@ -245,7 +245,8 @@ class PPOTrainer:
             raise StackRLHFError("--sft-data runs in one process: its forward pass is not DDP-synchronised")
         rows = load_split(cfg.sft_data, "reward", "train")
         pairs = list(dict.fromkeys(zip(rows["prompt"], rows["chosen"])))
-        answers = [self.tok(a, add_special_tokens=False)["input_ids"][:cfg.max_new_tokens] for _, a in pairs]
+        answers = [ids[:cfg.max_new_tokens]
+                   for ids in self.tok([a for _, a in pairs], add_special_tokens=False)["input_ids"]]
         kept = [(p, a) for (p, _), a in zip(pairs, answers) if a]
         if not kept:
             raise StackRLHFError(f"--sft-data {cfg.sft_data}: no preferred answer to imitate (no labelled pairs yet?)")
@@ -265,6 +266,15 @@ class PPOTrainer:
         logp = logprobs_of(self.response_part(logits, batch), batch["responses"], self.cfg.temperature)
         mask = batch["response_mask"]
         return -(logp * mask).sum() / mask.sum().clamp(min=1)
+
+    def with_sft(self, loss: torch.Tensor, draws: torch.Generator | None, totals: dict) -> torch.Tensor:
+        """``loss`` plus the supervised mix (--sft-data: sft_coef x :meth:`sft_loss`), its NLL logged in
+        ``totals``; ``loss`` itself when there is no mix (``draws`` None)."""
+        if draws is None:
+            return loss
+        imitation = self.sft_loss(draws)
+        totals["loss/sft_data"].append(float(imitation.detach()))
+        return loss + self.cfg.sft_coef * imitation
 
     def sft_generator(self) -> torch.Generator | None:
         """The draws of this step's --sft-data answers: seeded by the step, so a resumed run draws the same."""
@@ -525,10 +535,7 @@ class PPOTrainer:
                                               batch["position_ids"][idx], keep=batch["keep"])
                 logp = logprobs_of(self.response_part(logits, batch), batch["responses"][idx], cfg.temperature)
                 loss, ipo, sft, gap = bonbon_loss(logp, ref_logp[idx], mask[idx], k, cfg.bonbon_alpha)
-                if draws is not None:
-                    imitation = self.sft_loss(draws)
-                    loss = loss + cfg.sft_coef * imitation
-                    totals["loss/sft_data"].append(float(imitation.detach()))
+                loss = self.with_sft(loss, draws, totals)
                 self.backward(loss, "bonbon")
                 self.optimizer.step()
                 for name, value in (("loss/policy", loss), ("loss/ipo", ipo), ("loss/sft", sft), ("bonbon/gap", gap)):
@@ -594,10 +601,7 @@ class PPOTrainer:
                     loss = 0.0 * pg_loss + cfg.vf_coef * vf_loss
                 else:
                     loss = pg_loss + cfg.vf_coef * vf_loss
-                if draws is not None and not warming:  # the supervised mix (--sft-data)
-                    imitation = self.sft_loss(draws)
-                    loss = loss + cfg.sft_coef * imitation
-                    totals["loss/sft_data"].append(float(imitation.detach()))
+                loss = loss if warming else self.with_sft(loss, draws, totals)
                 self.backward(loss, "PPO")
                 # while warming up only the value head steps (the policy's optimizer would still decay its weights)
                 (self.value_optimizer if warming else self.optimizer).step()
